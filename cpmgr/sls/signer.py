@@ -1,0 +1,191 @@
+"""SLS request signing, v1 (hmac-sha1) and v4 (SLS4-HMAC-SHA256): pure functions.
+
+See SLS-API.md section 3. The caller passes the query parameters exactly as they will be sent
+(strings), the headers it will send, and the body; the result is the Authorization value.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Literal
+from urllib.parse import quote
+
+SignatureVersion = Literal["v1", "v4"]
+
+API_VERSION = "0.6.0"
+V4_ALGORITHM = "SLS4-HMAC-SHA256"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """An access key pair and optional STS token. `repr` never shows the secret or token."""
+
+    access_key_id: str
+    access_key_secret: str = field(repr=False)
+    security_token: str = field(default="", repr=False)
+
+
+def _is_log_header(lowered_name: str) -> bool:
+    if lowered_name.startswith("x-log-meta-"):
+        return False
+    return lowered_name.startswith(("x-log-", "x-acs-"))
+
+
+def _header(headers: Mapping[str, str], name: str) -> str:
+    wanted = name.lower()
+    for key, value in headers.items():
+        if key.lower() == wanted:
+            return value
+    return ""
+
+
+def v1_string_to_sign(
+    method: str, path: str, params: Mapping[str, str], headers: Mapping[str, str]
+) -> str:
+    """The v1 string-to-sign. `x-log-date` is left out: the SDKs add it after signing."""
+    log_headers = sorted(
+        (key.lower(), value)
+        for key, value in headers.items()
+        if _is_log_header(key.lower()) and key.lower() != "x-log-date"
+    )
+    canonical_headers = "".join(f"{name}:{value}\n" for name, value in log_headers)
+    resource = path
+    if params:
+        resource += "?" + "&".join(f"{key}={params[key]}" for key in sorted(params))
+    return "\n".join(
+        [
+            method.upper(),
+            _header(headers, "Content-MD5"),
+            _header(headers, "Content-Type"),
+            _header(headers, "Date"),
+            canonical_headers + resource,
+        ]
+    )
+
+
+def sign_v1(
+    creds: Credentials,
+    method: str,
+    path: str,
+    params: Mapping[str, str],
+    headers: Mapping[str, str],
+) -> str:
+    """The Authorization header value for a v1-signed request."""
+    message = v1_string_to_sign(method, path, params, headers).encode()
+    digest = hmac.new(creds.access_key_secret.encode(), message, hashlib.sha1).digest()
+    return f"LOG {creds.access_key_id}:{base64.b64encode(digest).decode()}"
+
+
+def _rfc3986(value: str) -> str:
+    return quote(value, safe="-_.~")
+
+
+def _v4_canonical_headers(headers: Mapping[str, str]) -> tuple[str, str]:
+    selected = sorted(
+        (key.lower(), value.strip())
+        for key, value in headers.items()
+        if key.lower() in ("content-type", "host") or _is_log_header(key.lower())
+    )
+    block = "".join(f"{name}:{value}\n" for name, value in selected)
+    return block, ";".join(name for name, _ in selected)
+
+
+def v4_canonical_request(
+    method: str, path: str, params: Mapping[str, str], headers: Mapping[str, str]
+) -> str:
+    """The v4 canonical request; the payload hash is taken from `x-log-content-sha256`."""
+    query = "&".join(
+        f"{_rfc3986(key)}={_rfc3986(params[key])}" if params[key] else _rfc3986(key)
+        for key in sorted(params)
+    )
+    header_block, signed_headers = _v4_canonical_headers(headers)
+    payload_hash = _header(headers, "x-log-content-sha256") or EMPTY_SHA256
+    return "\n".join(
+        [method.upper(), _rfc3986_path(path), query, header_block, signed_headers, payload_hash]
+    )
+
+
+def _rfc3986_path(path: str) -> str:
+    return quote(path, safe="/-_.~")
+
+
+def _hmac256(key: bytes, message: str) -> bytes:
+    return hmac.new(key, message.encode(), hashlib.sha256).digest()
+
+
+def v4_signing_key(secret: str, day: str, region: str) -> bytes:
+    key = _hmac256(("aliyun_v4" + secret).encode(), day)
+    for part in (region, "sls", "aliyun_v4_request"):
+        key = _hmac256(key, part)
+    return key
+
+
+def sign_v4(
+    creds: Credentials,
+    method: str,
+    path: str,
+    params: Mapping[str, str],
+    headers: Mapping[str, str],
+    *,
+    region: str,
+) -> str:
+    """The Authorization header value for a v4-signed request; needs `x-log-date` set."""
+    log_date = _header(headers, "x-log-date")
+    day = log_date[:8]
+    scope = f"{day}/{region}/sls/aliyun_v4_request"
+    canonical = v4_canonical_request(method, path, params, headers)
+    string_to_sign = "\n".join(
+        [V4_ALGORITHM, log_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+    signature = hmac.new(
+        v4_signing_key(creds.access_key_secret, day, region),
+        string_to_sign.encode(),
+        hashlib.sha256,
+    ).hexdigest()
+    return f"{V4_ALGORITHM} Credential={creds.access_key_id}/{scope},Signature={signature}"
+
+
+def signed_headers(
+    creds: Credentials,
+    method: str,
+    path: str,
+    params: Mapping[str, str],
+    *,
+    host: str,
+    body: bytes,
+    now: datetime,
+    version: SignatureVersion = "v1",
+    region: str | None = None,
+    content_type: str = "application/json",
+) -> dict[str, str]:
+    """Every header a signed SLS request carries, Authorization included.
+
+    `Host` is included because v4 signs it; the caller must send exactly these headers.
+    """
+    headers: dict[str, str] = {"Host": host, "x-log-apiversion": API_VERSION}
+    if body:
+        headers["Content-Type"] = content_type
+    else:
+        headers["x-log-bodyrawsize"] = "0"
+    if creds.security_token:
+        headers["x-acs-security-token"] = creds.security_token
+    if version == "v4":
+        if not region:
+            raise ValueError("signature v4 needs a region")
+        headers["x-log-date"] = now.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+        headers["x-log-content-sha256"] = hashlib.sha256(body).hexdigest()
+        headers["Authorization"] = sign_v4(creds, method, path, params, headers, region=region)
+        return headers
+    headers["x-log-signaturemethod"] = "hmac-sha1"
+    headers["Date"] = format_datetime(now.astimezone(UTC), usegmt=True)
+    if body:
+        headers["Content-MD5"] = hashlib.md5(body).hexdigest().upper()
+    headers["Authorization"] = sign_v1(creds, method, path, params, headers)
+    return headers
