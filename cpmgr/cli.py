@@ -1,24 +1,59 @@
-"""Command line: argv -> config -> the daemon or a socket client; typed errors -> exit codes."""
+"""Command line: argv -> config -> daemon, emulator or socket client; errors -> exit codes."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from cpmgr import __version__
+from cpmgr.config import load_config, render_effective
+from cpmgr.errors import ConfigError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(render_effective(cfg))
+    return EXIT_OK
+
+
+def _add_config_command(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str
+) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("-c", "--config", required=True, metavar="PATH", help="YAML config file")
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cpmgr", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="cpmgr", description="Consumer-group checkpoint manager for Alibaba Cloud SLS."
+    )
     parser.add_argument("--version", action="version", version=f"cpmgr {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    check = _add_config_command(
+        subparsers, "check-config", "validate a config file and print the effective config"
+    )
+    check.set_defaults(handler=_check_config)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
+    handler: Command | None = getattr(args, "handler", None)
+    if handler is None:
         parser.print_help(sys.stderr)
-        return 2
-    return 0
+        return EXIT_USAGE
+    return handler(args)

@@ -1,0 +1,576 @@
+"""Configuration: YAML in, frozen dataclasses out; every problem named by its dotted path."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+import yaml
+
+from cpmgr.errors import ConfigError
+from cpmgr.sls.signer import Credentials
+
+SignatureVersion = Literal["v1", "v4"]
+FsyncPolicy = Literal["always", "batch", "never"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+DEFAULT_SOCKET_PATH = "/run/cpmgr/cpmgr.sock"
+SECRET_MASK = "***"
+ENV_KEY_ID = "ALIBABA_CLOUD_ACCESS_KEY_ID"
+ENV_KEY_SECRET = "ALIBABA_CLOUD_ACCESS_KEY_SECRET"
+ENV_TOKEN = "ALIBABA_CLOUD_SECURITY_TOKEN"
+
+
+@dataclass(frozen=True)
+class SocketConfig:
+    path: str = DEFAULT_SOCKET_PATH
+    mode: int = 0o660
+    allowed_uids: tuple[int, ...] = ()
+    max_line_bytes: int = 1_048_576
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:9464"
+    shard_metrics: bool = False
+
+
+@dataclass(frozen=True)
+class SLSConfig:
+    endpoint: str
+    access_key_id: str = ""
+    access_key_secret: str = field(default="", repr=False)
+    security_token: str = field(default="", repr=False)
+    credentials_file: str | None = None
+    signature_version: SignatureVersion = "v1"
+    region: str | None = None
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials(self.access_key_id, self.access_key_secret, self.security_token)
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    max_attempts: int = 5
+    initial_backoff: float = 0.2
+    max_backoff: float = 10.0
+
+
+@dataclass(frozen=True)
+class CommitConfig:
+    interval: float = 5.0
+    max_in_flight: int = 32
+    request_timeout: float = 5.0
+    retry: RetryConfig = RetryConfig()
+    shutdown_timeout: float = 20.0
+    wait_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: str | None = None
+    fsync: FsyncPolicy = "batch"
+    fsync_interval: float = 0.1
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: LogLevel = "info"
+    format: LogFormat = "text"
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    name: str
+    project: str
+    logstore: str
+    consumer_group: str
+    consumer: str | None = None
+    force_success: bool = True
+    interval: float | None = None
+    endpoint: str | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    socket: SocketConfig = SocketConfig()
+    http: HttpConfig = HttpConfig()
+    sls: SLSConfig
+    commit: CommitConfig = CommitConfig()
+    state: StateConfig = StateConfig()
+    log: LogConfig = LogConfig()
+    groups: tuple[GroupConfig, ...]
+
+    def group(self, name: str) -> GroupConfig | None:
+        return next((g for g in self.groups if g.name == name), None)
+
+    def interval_for(self, group: GroupConfig) -> float:
+        return group.interval if group.interval is not None else self.commit.interval
+
+
+# --------------------------------------------------------------------------------------------
+# ${VAR} and ${VAR:-default}, applied to string values after YAML parsing.
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _substitute(value: str, env: Mapping[str, str], path: str, problems: list[str]) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        problems.append(f"{path}: environment variable {name} is not set")
+        return ""
+
+    return _ENV_REF.sub(replace, value)
+
+
+def _expand(node: object, env: Mapping[str, str], path: str, problems: list[str]) -> object:
+    if isinstance(node, str):
+        return _substitute(node, env, path, problems)
+    if isinstance(node, dict):
+        return {k: _expand(v, env, _join(path, str(k)), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, env, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+    return node
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --------------------------------------------------------------------------------------------
+# Scalar parsers: each returns the value or raises ValueError with a short reason.
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or `<number><unit>` (ms, s, m, h); must be > 0."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration like 5s, 250ms or 2m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError("must be a duration like 5s, 250ms or 2m")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("must be greater than 0")
+    return seconds
+
+
+def parse_mode(value: object) -> int:
+    """A permission mode: an octal string ("0660") or an int (YAML reads 0660 as octal)."""
+    if isinstance(value, bool):
+        raise ValueError('must be an octal mode like "0660"')
+    if isinstance(value, int):
+        mode = value
+    elif isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{1,4}", value.strip()):
+        mode = int(value.strip().replace("o", ""), 8)
+    else:
+        raise ValueError('must be an octal mode like "0660"')
+    if not 0 <= mode <= 0o777:
+        raise ValueError("must be between 0000 and 0777")
+    return mode
+
+
+def parse_listen(value: object) -> str:
+    """`host:port` (IPv6 as `[::1]:port`), or "" to disable."""
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str):
+        raise ValueError('must be host:port or ""')
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError('must be host:port (port 0-65535) or ""')
+    return value
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def parse_endpoint(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty host[:port], optionally with http:// or https://")
+    text = value.strip()
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme not in ("http", "https"):
+        raise ValueError("scheme must be http or https")
+    host = (rest if sep else text).rstrip("/")
+    if not host or "/" in host or " " in host:
+        raise ValueError("must be host[:port] with no path")
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# A reader for one mapping: typed getters that record problems instead of raising, and a
+# check for keys nobody asked for.
+
+T = TypeVar("T")
+
+
+class _Section:
+    def __init__(self, node: object, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        self.seen: set[str] = set()
+        if node is None:
+            node = {}
+        if not isinstance(node, dict):
+            problems.append(f"{path or '<top>'}: must be a mapping")
+            node = {}
+        self.node: dict[Any, Any] = node
+
+    def where(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.where(key)}: {message}")
+
+    def has(self, key: str) -> bool:
+        return self.node.get(key) is not None
+
+    def raw(self, key: str) -> object:
+        self.seen.add(key)
+        return self.node.get(key)
+
+    def get(self, key: str, parse: Callable[[object], T], default: T) -> T:
+        value = self.raw(key)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except ValueError as exc:
+            self.problem(key, str(exc))
+            return default
+
+    def required(self, key: str, parse: Callable[[object], str]) -> str:
+        if not self.has(key):
+            self.seen.add(key)
+            self.problem(key, "required")
+            return ""
+        return self.get(key, parse, "")
+
+    def section(self, key: str) -> _Section:
+        return _Section(self.raw(key), self.where(key), self.problems)
+
+    def finish(self) -> None:
+        for key in self.node:
+            if key not in self.seen:
+                self.problems.append(f"{self.where(str(key))}: unknown key")
+
+
+def _string(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _non_empty(value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
+    return value
+
+
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("must be an integer >= 1")
+    return value
+
+
+def _min_int(minimum: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"must be an integer >= {minimum}")
+        return value
+
+    return parse
+
+
+def _uids(value: object) -> tuple[int, ...]:
+    if not isinstance(value, list) or any(
+        isinstance(u, bool) or not isinstance(u, int) or u < 0 for u in value
+    ):
+        raise ValueError("must be a list of user ids (integers >= 0)")
+    return tuple(value)
+
+
+def _choice(*options: str) -> Callable[[object], Any]:
+    def parse(value: object) -> str:
+        text = value.strip().lower() if isinstance(value, str) else None
+        if text not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return text
+
+    return parse
+
+
+def _optional_string(value: object) -> str | None:
+    text = _string(value)
+    return text or None
+
+
+# --------------------------------------------------------------------------------------------
+# Sections.
+
+
+def _read_socket(s: _Section) -> SocketConfig:
+    d = SocketConfig()
+    cfg = SocketConfig(
+        path=s.get("path", _non_empty, d.path),
+        mode=s.get("mode", parse_mode, d.mode),
+        allowed_uids=s.get("allowed_uids", _uids, d.allowed_uids),
+        max_line_bytes=s.get("max_line_bytes", _min_int(256), d.max_line_bytes),
+    )
+    if len(cfg.path.encode()) > 107:
+        s.problem("path", "too long for a Unix socket (at most 107 bytes)")
+    s.finish()
+    return cfg
+
+
+def _read_http(s: _Section) -> HttpConfig:
+    d = HttpConfig()
+    listen = d.listen if "listen" not in s.node else s.get("listen", parse_listen, d.listen)
+    cfg = HttpConfig(listen=listen, shard_metrics=s.get("shard_metrics", _boolean, False))
+    s.finish()
+    return cfg
+
+
+def _credential(s: _Section, key: str, env_name: str, env: Mapping[str, str]) -> str:
+    value = s.get(key, _string, "")
+    return value or env.get(env_name, "")
+
+
+def _read_sls(s: _Section, env: Mapping[str, str]) -> SLSConfig:
+    cfg = SLSConfig(
+        endpoint=s.required("endpoint", parse_endpoint),
+        access_key_id=_credential(s, "access_key_id", ENV_KEY_ID, env),
+        access_key_secret=_credential(s, "access_key_secret", ENV_KEY_SECRET, env),
+        security_token=_credential(s, "security_token", ENV_TOKEN, env),
+        credentials_file=s.get("credentials_file", _optional_string, None),
+        signature_version=s.get("signature_version", _choice("v1", "v4"), "v1"),
+        region=s.get("region", _optional_string, None),
+    )
+    if cfg.credentials_file:
+        try:
+            load_credentials_file(cfg.credentials_file)
+        except ValueError as exc:
+            s.problem("credentials_file", str(exc))
+    elif not cfg.access_key_id or not cfg.access_key_secret:
+        s.problems.append(
+            f"{s.where('access_key_id')}: no credentials: set sls.access_key_id and "
+            f"sls.access_key_secret, {ENV_KEY_ID} and {ENV_KEY_SECRET}, or sls.credentials_file"
+        )
+    s.finish()
+    return cfg
+
+
+def _read_retry(s: _Section) -> RetryConfig:
+    d = RetryConfig()
+    cfg = RetryConfig(
+        max_attempts=s.get("max_attempts", _positive_int, d.max_attempts),
+        initial_backoff=s.get("initial_backoff", parse_duration, d.initial_backoff),
+        max_backoff=s.get("max_backoff", parse_duration, d.max_backoff),
+    )
+    if cfg.initial_backoff > cfg.max_backoff:
+        s.problem("initial_backoff", "must not exceed max_backoff")
+    s.finish()
+    return cfg
+
+
+def _read_commit(s: _Section) -> CommitConfig:
+    d = CommitConfig()
+    cfg = CommitConfig(
+        interval=s.get("interval", parse_duration, d.interval),
+        max_in_flight=s.get("max_in_flight", _positive_int, d.max_in_flight),
+        request_timeout=s.get("request_timeout", parse_duration, d.request_timeout),
+        retry=_read_retry(s.section("retry")),
+        shutdown_timeout=s.get("shutdown_timeout", parse_duration, d.shutdown_timeout),
+        wait_timeout=s.get("wait_timeout", parse_duration, d.wait_timeout),
+    )
+    s.finish()
+    return cfg
+
+
+def _read_state(s: _Section) -> StateConfig:
+    d = StateConfig()
+    cfg = StateConfig(
+        dir=s.get("dir", _optional_string, None),
+        fsync=s.get("fsync", _choice("always", "batch", "never"), d.fsync),
+        fsync_interval=s.get("fsync_interval", parse_duration, d.fsync_interval),
+    )
+    s.finish()
+    return cfg
+
+
+def _read_log(s: _Section) -> LogConfig:
+    cfg = LogConfig(
+        level=s.get("level", _choice("debug", "info", "warning", "error", "critical"), "info"),
+        format=s.get("format", _choice("text", "json"), "text"),
+    )
+    s.finish()
+    return cfg
+
+
+def _read_group(s: _Section) -> GroupConfig:
+    cfg = GroupConfig(
+        name=s.required("name", _non_empty),
+        project=s.required("project", _non_empty),
+        logstore=s.required("logstore", _non_empty),
+        consumer_group=s.required("consumer_group", _non_empty),
+        consumer=s.get("consumer", _optional_string, None),
+        force_success=s.get("force_success", _boolean, True),
+        interval=s.get("interval", parse_duration, None),
+        endpoint=s.get("endpoint", parse_endpoint, None),
+        region=s.get("region", _optional_string, None),
+    )
+    if not cfg.force_success and not cfg.consumer:
+        s.problem("force_success", "false needs a consumer (SLS refuses it otherwise)")
+    s.finish()
+    return cfg
+
+
+def _read_groups(node: object, problems: list[str]) -> tuple[GroupConfig, ...]:
+    if not isinstance(node, list) or not node:
+        problems.append("groups: required: a non-empty list of consumer groups")
+        return ()
+    groups = tuple(_read_group(_Section(g, f"groups[{i}]", problems)) for i, g in enumerate(node))
+    seen: set[str] = set()
+    for i, group in enumerate(groups):
+        if group.name and group.name in seen:
+            problems.append(f"groups[{i}].name: duplicate group name {group.name!r}")
+        seen.add(group.name)
+    return groups
+
+
+def _check_regions(cfg: Config, problems: list[str]) -> None:
+    if cfg.sls.signature_version != "v4" or cfg.sls.region:
+        return
+    for i, group in enumerate(cfg.groups):
+        if not group.region:
+            problems.append(f"groups[{i}].region: signature v4 needs sls.region or a group region")
+
+
+def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
+    """Validate parsed YAML; raise ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    top = _Section(_expand(data, env, "", problems), "", problems)
+    sls = _read_sls(top.section("sls"), env)
+    cfg = Config(
+        socket=_read_socket(top.section("socket")),
+        http=_read_http(top.section("http")),
+        sls=sls,
+        commit=_read_commit(top.section("commit")),
+        state=_read_state(top.section("state")),
+        log=_read_log(top.section("log")),
+        groups=_read_groups(top.raw("groups"), problems),
+    )
+    top.finish()
+    _check_regions(cfg, problems)
+    if problems:
+        raise ConfigError(_unique(problems))
+    return cfg
+
+
+def _unique(problems: list[str]) -> list[str]:
+    return list(dict.fromkeys(problems))
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a YAML config file; raise ConfigError listing every problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: invalid YAML: {_yaml_reason(exc)}"]) from exc
+    return parse_config(data, env)
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    # str(exc) can quote the offending line, which may hold a secret: keep the position only.
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or "cannot parse"
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
+# --------------------------------------------------------------------------------------------
+# Credentials file (STS rotation): JSON with AccessKeyId/AccessKeySecret/SecurityToken.
+
+_CREDENTIAL_KEYS = {
+    "access_key_id": ("AccessKeyId", "access_key_id"),
+    "access_key_secret": ("AccessKeySecret", "access_key_secret"),
+    "security_token": ("SecurityToken", "security_token"),
+}
+
+
+def load_credentials_file(path: str | Path) -> Credentials:
+    """Credentials from a JSON file; ValueError (without any secret) if it is unusable."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    values = {name: _first(data, keys) for name, keys in _CREDENTIAL_KEYS.items()}
+    if not values["access_key_id"] or not values["access_key_secret"]:
+        raise ValueError(f"{path} needs AccessKeyId and AccessKeySecret")
+    return Credentials(**values)
+
+
+def _first(data: dict[str, Any], keys: tuple[str, ...]) -> str:
+    for key in keys:
+        value = data.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+# --------------------------------------------------------------------------------------------
+# The effective config, for `cpmgr check-config`.
+
+_SECRET_FIELDS = frozenset({"access_key_secret", "security_token"})
+
+
+def _plain(obj: object, key: str = "") -> object:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name), f.name) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_plain(item) for item in obj]
+    if key in _SECRET_FIELDS and obj:
+        return SECRET_MASK
+    if key == "mode" and isinstance(obj, int):
+        return f"{obj:04o}"
+    return obj
+
+
+def render_effective(cfg: Config) -> str:
+    """The effective config as YAML, secrets shown as ***."""
+    data = cast(dict[str, Any], _plain(cfg))
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
