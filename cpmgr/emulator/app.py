@@ -1,0 +1,805 @@
+"""The emulator's HTTP side: SLS consumer-group API routes, signatures, faults, admin endpoints.
+
+`running_emulator(...)` runs it in-process on 127.0.0.1 port 0 for tests; `cpmgr emulator`
+(see `add_emulator_arguments` / `run_emulator_from_args`) runs it in the foreground.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import socket
+import ssl
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+from aiohttp import web
+
+from cpmgr.emulator.faults import FaultInjector, FaultSettings
+from cpmgr.emulator.state import (
+    DEFAULT_GROUP_TIMEOUT,
+    ApiError,
+    Clock,
+    EmulatorState,
+    OwnershipErrors,
+    parameter_invalid,
+)
+from cpmgr.errors import ConfigError
+from cpmgr.sls.signer import EMPTY_SHA256, V4_ALGORITHM, Credentials, sign_v1, sign_v4
+
+log = logging.getLogger(__name__)
+
+Sleep = Callable[[float], Awaitable[None]]
+
+MAX_BODY_BYTES = 1024 * 1024
+REQUEST_TIME_WINDOW_SECONDS = 15 * 60
+SHUTDOWN_TIMEOUT_SECONDS = 5.0
+_V4_AUTHORIZATION = re.compile(
+    V4_ALGORITHM + r" Credential=(?P<key_id>[^/,]+)/(?P<day>\d{8})/(?P<region>[^/,]+)"
+    r"/sls/aliyun_v4_request,\s*Signature=(?P<signature>[0-9a-fA-F]+)"
+)
+_INTEGER = re.compile(r"-?\d{1,18}")
+_ADMIN_PREFIX = "/_emulator/"
+
+
+# --- signature verification (SLS-API.md 3.6) --------------------------------------------------
+
+
+def _header(headers: Mapping[str, str], name: str) -> str:
+    wanted = name.lower()
+    for key, value in headers.items():
+        if key.lower() == wanted:
+            return value
+    return ""
+
+
+def _secret(keys: Mapping[str, str], key_id: str) -> str:
+    secret = keys.get(key_id)
+    if secret is None:
+        raise ApiError(401, "Unauthorized", f"AccessKeyId not found: {key_id}")
+    return secret
+
+
+def _check_request_time(moment: datetime, now: float, shown: str) -> None:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if abs(moment.timestamp() - now) > REQUEST_TIME_WINDOW_SECONDS:
+        server_time = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        raise ApiError(
+            400,
+            "RequestTimeExpired",
+            f"Request time {shown} has been expired while server time is {server_time}",
+        )
+
+
+def _signature_mismatch(detail: str) -> ApiError:
+    return ApiError(401, "SignatureNotMatch", detail)
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    """What a signature covers: method, decoded path and query, headers as received, body."""
+
+    method: str
+    path: str
+    params: Mapping[str, str]
+    headers: Mapping[str, str]
+    body: bytes
+
+    def header(self, name: str) -> str:
+        return _header(self.headers, name)
+
+
+def _verify_v1(keys: Mapping[str, str], request: SignedRequest, now: float) -> None:
+    key_id, _, signature = request.header("Authorization")[len("LOG ") :].partition(":")
+    secret = _secret(keys, key_id)
+    # Some proxies strip Date, which is why the SDKs also send x-log-date.
+    date = request.header("Date") or request.header("x-log-date")
+    if not date:
+        raise ApiError(400, "MissingDate", "the Date header is missing")
+    try:
+        moment = parsedate_to_datetime(date)
+    except (TypeError, ValueError) as exc:
+        raise ApiError(400, "InvalidDateFormat", f"invalid Date header: {date}") from exc
+    _check_request_time(moment, now, date)
+    content_md5 = request.header("Content-MD5")
+    if content_md5 and content_md5.upper() != hashlib.md5(request.body).hexdigest().upper():
+        raise _signature_mismatch("Content-MD5 does not match the body")
+    signing_headers = {**request.headers, "Date": date}
+    expected = sign_v1(
+        Credentials(key_id, secret), request.method, request.path, request.params, signing_headers
+    )
+    if not hmac.compare_digest(expected.partition(":")[2].encode(), signature.encode()):
+        raise _signature_mismatch(f"signature {signature} not match")
+
+
+def _verify_v4(keys: Mapping[str, str], request: SignedRequest, now: float) -> None:
+    match = _V4_AUTHORIZATION.fullmatch(request.header("Authorization"))
+    if match is None:
+        raise _signature_mismatch("malformed SLS4-HMAC-SHA256 Authorization header")
+    secret = _secret(keys, match["key_id"])
+    log_date = request.header("x-log-date")
+    if not log_date:
+        raise ApiError(400, "MissingDate", "the x-log-date header is missing")
+    try:
+        moment = datetime.strptime(log_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError as exc:
+        raise ApiError(400, "InvalidDateFormat", f"invalid x-log-date: {log_date}") from exc
+    _check_request_time(moment, now, log_date)
+    content_sha256 = request.header("x-log-content-sha256") or EMPTY_SHA256
+    if content_sha256.lower() != hashlib.sha256(request.body).hexdigest():
+        raise _signature_mismatch("x-log-content-sha256 does not match the body")
+    expected = sign_v4(
+        Credentials(match["key_id"], secret),
+        request.method,
+        request.path,
+        request.params,
+        request.headers,
+        region=match["region"],
+    )
+    expected_signature = expected.rpartition("Signature=")[2]
+    if not hmac.compare_digest(expected_signature.encode(), match["signature"].lower().encode()):
+        raise _signature_mismatch(f"signature {match['signature']} not match")
+
+
+def verify_signature(keys: Mapping[str, str], request: SignedRequest, *, now: float) -> None:
+    """Check a request's v1 or v4 signature and its clock skew; raise the SLS ApiError if bad.
+
+    `keys` maps AccessKeyId to secret; `now` is the server's wall-clock time.
+    """
+    authorization = request.header("Authorization")
+    if authorization.startswith("LOG "):
+        _verify_v1(keys, request, now)
+    elif authorization.startswith(V4_ALGORITHM + " "):
+        _verify_v4(keys, request, now)
+    else:
+        raise ApiError(401, "Unauthorized", "missing or unsupported Authorization header")
+
+
+# --- request parsing ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlsCall:
+    """One SLS API request, addressed and read, ready for its handler."""
+
+    project: str
+    logstore: str
+    group: str
+    params: Mapping[str, str]
+    body: bytes
+
+    @property
+    def group_key(self) -> str | None:
+        return f"{self.project}/{self.logstore}/{self.group}" if self.group else None
+
+
+def project_from_host(host: str | None) -> str:
+    """The project is the first label of the Host header (SLS-API.md section 1)."""
+    # An IP literal such as 127.0.0.1 yields "127", which no logstore is declared under.
+    hostname = (host or "").rsplit(":", 1)[0]
+    project, dot, _ = hostname.partition(".")
+    if not dot or not project:
+        raise ApiError(404, "ProjectNotExist", f"no project in the Host header {host!r}")
+    return project
+
+
+def _json_body(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, "PostBodyInvalid", "the request body is not valid JSON") from exc
+
+
+def _json_object(body: bytes) -> dict[str, object]:
+    data = _json_body(body)
+    if not isinstance(data, dict):
+        raise ApiError(400, "PostBodyInvalid", "the request body must be a JSON object")
+    return data
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_field(data: Mapping[str, object], name: str) -> int:
+    value = data.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise parameter_invalid(f"{name} must be an integer")
+    return value
+
+
+def _optional_int_field(data: Mapping[str, object], name: str) -> int | None:
+    return None if data.get(name) is None else _int_field(data, name)
+
+
+def _bool_field(data: Mapping[str, object], name: str) -> bool | None:
+    value = data.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    raise parameter_invalid(f"{name} must be a boolean")
+
+
+def _str_field(data: Mapping[str, object], name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str):
+        raise parameter_invalid(f"{name} must be a string")
+    return value
+
+
+def _force_success(params: Mapping[str, str]) -> bool:
+    """`forceSuccess`, case-insensitive: PY sends `True`/`False`, the others lowercase."""
+    value = params.get("forceSuccess", "false").lower()
+    if value not in ("true", "false"):
+        raise parameter_invalid(f"forceSuccess must be true or false, not {value!r}")
+    return value == "true"
+
+
+# --- SLS API handlers -----------------------------------------------------------------------
+
+Handler = Callable[[EmulatorState, SlsCall], web.Response]
+
+
+def _ok(payload: object = None) -> web.Response:
+    # Exactly 200 with an empty body: the SDKs accept no other success status.
+    if payload is None:
+        return web.Response(status=200)
+    return web.json_response(payload)
+
+
+def _list_groups(state: EmulatorState, call: SlsCall) -> web.Response:
+    return _ok(state.list_groups(call.project, call.logstore))
+
+
+def _create_group(state: EmulatorState, call: SlsCall) -> web.Response:
+    data = _json_object(call.body)
+    state.create_group(
+        call.project,
+        call.logstore,
+        _str_field(data, "consumerGroup"),
+        timeout=_int_field(data, "timeout"),
+        order=bool(_bool_field(data, "order")),
+    )
+    return _ok()
+
+
+def _update_group(state: EmulatorState, call: SlsCall) -> web.Response:
+    data = _json_object(call.body)
+    timeout = _optional_int_field(data, "timeout")
+    order = _bool_field(data, "order")
+    if timeout is None and order is None:
+        raise parameter_invalid("give timeout, order or both")
+    state.update_group(call.project, call.logstore, call.group, timeout=timeout, order=order)
+    return _ok()
+
+
+def _delete_group(state: EmulatorState, call: SlsCall) -> web.Response:
+    state.delete_group(call.project, call.logstore, call.group)
+    return _ok()
+
+
+def _heartbeat(state: EmulatorState, call: SlsCall) -> web.Response:
+    consumer = call.params.get("consumer", "")
+    if not consumer:
+        raise parameter_invalid("consumer is required")
+    data = _json_body(call.body)
+    shards = [] if data is None else data
+    if not isinstance(shards, list) or not all(_is_int(shard) for shard in shards):
+        raise parameter_invalid("the heartbeat body must be a JSON array of shard ids")
+    return _ok(state.heartbeat(call.project, call.logstore, call.group, consumer, shards))
+
+
+def _update_checkpoint(state: EmulatorState, call: SlsCall) -> web.Response:
+    force_success = _force_success(call.params)
+    data = _json_object(call.body)
+    state.update_checkpoint(
+        call.project,
+        call.logstore,
+        call.group,
+        shard=_int_field(data, "shard"),
+        checkpoint=_str_field(data, "checkpoint"),
+        consumer=call.params.get("consumer", ""),
+        force_success=force_success,
+    )
+    return _ok()
+
+
+def _get_checkpoint(state: EmulatorState, call: SlsCall) -> web.Response:
+    raw = call.params.get("shard")
+    if raw is not None and not _INTEGER.fullmatch(raw):
+        raise parameter_invalid(f"shard must be an integer, not {raw!r}")
+    shard = None if raw is None else int(raw)
+    return _ok(state.get_checkpoints(call.project, call.logstore, call.group, shard))
+
+
+def _list_shards(state: EmulatorState, call: SlsCall) -> web.Response:
+    return _ok(state.list_shards(call.project, call.logstore))
+
+
+# (resource, method, type query parameter) -> (API name, handler)
+_API_TABLE: dict[tuple[str, str, str], tuple[str, Handler]] = {
+    ("groups", "GET", ""): ("ListConsumerGroup", _list_groups),
+    ("groups", "POST", ""): ("CreateConsumerGroup", _create_group),
+    ("group", "PUT", ""): ("UpdateConsumerGroup", _update_group),
+    ("group", "DELETE", ""): ("DeleteConsumerGroup", _delete_group),
+    ("group", "GET", ""): ("GetCheckPoint", _get_checkpoint),
+    ("group", "POST", "heartbeat"): ("ConsumerGroupHeartBeat", _heartbeat),
+    ("group", "POST", "checkpoint"): ("UpdateCheckPoint", _update_checkpoint),
+    ("shards", "GET", ""): ("ListShards", _list_shards),
+}
+
+
+def _resolve(resource: str, method: str, params: Mapping[str, str]) -> tuple[str, Handler]:
+    kind = params.get("type", "") if (resource, method) == ("group", "POST") else ""
+    found = _API_TABLE.get((resource, method, kind))
+    if found is not None:
+        return found
+    if (resource, method) == ("group", "POST"):
+        raise parameter_invalid(f"type must be heartbeat or checkpoint, not {kind!r}")
+    raise ApiError(405, "InvalidMethod", f"method {method} is not supported on this resource")
+
+
+# --- the aiohttp application -----------------------------------------------------------------
+
+
+def _request_id() -> str:
+    return os.urandom(12).hex().upper()
+
+
+def _error_response(error: ApiError) -> web.Response:
+    return web.json_response(
+        {"errorCode": error.code, "errorMessage": error.message}, status=error.status
+    )
+
+
+def _from_http_exception(exc: web.HTTPException, request: web.Request) -> ApiError:
+    if exc.status == 413:
+        return ApiError(413, "PostBodyTooLarge", f"the body exceeds {MAX_BODY_BYTES} bytes")
+    if exc.status in (404, 405):
+        message = f"unknown API: {request.method} {request.path}"
+        return ApiError(exc.status, "InvalidMethod", message)
+    if exc.status >= 500:
+        return ApiError(500, "InternalServerError", "internal server error")
+    return parameter_invalid(exc.reason)
+
+
+def _abort_connection(request: web.Request) -> None:
+    """Drop the connection without an answer, with a TCP reset where the platform allows."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+class EmulatorApp:
+    """Routes, middleware and handlers over one state, one fault injector and the keys."""
+
+    def __init__(
+        self,
+        state: EmulatorState,
+        faults: FaultInjector,
+        *,
+        keys: Mapping[str, str],
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.state = state
+        self.faults = faults
+        self.keys = dict(keys)
+        self._sleep = sleep
+
+    def build(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._middleware])
+        for resource, path in (
+            ("groups", "/logstores/{logstore}/consumergroups"),
+            ("group", "/logstores/{logstore}/consumergroups/{group}"),
+            ("shards", "/logstores/{logstore}/shards"),
+        ):
+            app.router.add_route("*", path, self._sls_handler(resource))
+        app.router.add_get("/_emulator/state", self._get_state)
+        app.router.add_get("/_emulator/faults", self._get_faults)
+        app.router.add_post("/_emulator/faults", self._post_faults)
+        app.router.add_post("/_emulator/logstores", self._post_logstore)
+        return app
+
+    @web.middleware
+    async def _middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """SLS-style answers for every failure, and a request id on every answer."""
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = _error_response(exc)
+        except web.HTTPException as exc:
+            error = _from_http_exception(exc, request)
+            if not request.path.startswith(_ADMIN_PREFIX):
+                self.state.count_request("Unknown", error.code)
+            response = _error_response(error)
+        except Exception:
+            log.exception("unexpected error serving %s %s", request.method, request.path)
+            response = _error_response(ApiError(500, "InternalServerError", "internal error"))
+        response.headers["x-log-requestid"] = _request_id()
+        return response
+
+    def _sls_handler(self, resource: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def handle(request: web.Request) -> web.Response:
+            return await self._serve(request, resource)
+
+        return handle
+
+    async def _serve(self, request: web.Request, resource: str) -> web.Response:
+        """Resolve, read, inject faults, authenticate, then run the handler; count the outcome."""
+        api, code = "Unknown", "InternalServerError"
+        try:
+            params = dict(request.query)
+            api, handler = _resolve(resource, request.method, params)
+            call = SlsCall(
+                project=project_from_host(request.headers.get("Host")),
+                logstore=request.match_info["logstore"],
+                group=request.match_info.get("group", ""),
+                params=params,
+                body=await self._read_body(request),
+            )
+            if await self._inject_fault(call):
+                code = "Reset"
+                _abort_connection(request)
+                return web.Response(status=200)  # never sent: the connection is gone
+            self._authenticate(request, call)
+            response = handler(self.state, call)
+            code = "OK"
+            return response
+        except ApiError as exc:
+            code = exc.code
+            raise
+        finally:
+            self.state.count_request(api, code)
+
+    async def _inject_fault(self, call: SlsCall) -> bool:
+        """Wait the drawn latency; raise the drawn error, or answer True for a reset.
+
+        Runs before the handler, so a failed request never changes the state.
+        """
+        decision = self.faults.decide(call.group_key)
+        if decision.delay_seconds > 0:
+            await self._sleep(decision.delay_seconds)
+        fault = decision.fault
+        if fault is None:
+            return False
+        if fault.kind == "reset":
+            return True
+        raise ApiError(fault.status, fault.code, fault.message)
+
+    @staticmethod
+    async def _read_body(request: web.Request) -> bytes:
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            message = f"the body exceeds {MAX_BODY_BYTES} bytes"
+            raise ApiError(413, "PostBodyTooLarge", message) from exc
+
+    def _authenticate(self, request: web.Request, call: SlsCall) -> None:
+        if not self.keys:
+            return  # no keys configured: any signature, or none, is accepted
+        signed = SignedRequest(
+            request.method, request.path, call.params, request.headers, call.body
+        )
+        verify_signature(self.keys, signed, now=self.state.wall_clock())
+
+    # --- admin endpoints (unsigned, never faulted, not counted) ---------------------------
+
+    async def _get_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.state.snapshot())
+
+    async def _get_faults(self, request: web.Request) -> web.Response:
+        return web.json_response(self.faults.settings.as_json())
+
+    async def _post_faults(self, request: web.Request) -> web.Response:
+        try:
+            settings = self.faults.update(_json_object(await self._read_body(request)))
+        except ApiError as exc:
+            raise parameter_invalid(exc.message) from exc
+        except ConfigError as exc:
+            raise parameter_invalid("; ".join(exc.problems)) from exc
+        log.info("fault settings now %s", settings.as_json())
+        return web.json_response(settings.as_json())
+
+    async def _post_logstore(self, request: web.Request) -> web.Response:
+        data = _json_object(await self._read_body(request))
+        store = self.state.add_logstore(
+            _str_field(data, "project"), _str_field(data, "logstore"), _int_field(data, "shards")
+        )
+        return web.json_response(
+            {"project": store.project, "logstore": store.name, "shards": store.shard_count}
+        )
+
+
+# --- options, startup and the handle ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogstoreSpec:
+    project: str
+    logstore: str
+    shards: int
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    project: str
+    logstore: str
+    group: str
+    timeout: int = DEFAULT_GROUP_TIMEOUT
+
+
+@dataclass(frozen=True)
+class EmulatorOptions:
+    """Everything `cpmgr emulator` can be told (CONTRACT.md section 6)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    access_key_id: str | None = None
+    access_key_secret: str | None = None
+    logstores: tuple[LogstoreSpec, ...] = ()
+    consumer_groups: tuple[GroupSpec, ...] = ()
+    seed: int = 0
+    faults: FaultSettings = field(default_factory=FaultSettings)
+    state_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def problems(self) -> list[str]:
+        """Cross-option problems; single values are checked when parsed."""
+        found: list[str] = []
+        if (self.access_key_id is None) != (self.access_key_secret is None):
+            found.append("--access-key-id and --access-key-secret must be given together")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            found.append("--tls-cert and --tls-key must be given together")
+        declared = {(spec.project, spec.logstore) for spec in self.logstores}
+        for group in self.consumer_groups:
+            if (group.project, group.logstore) not in declared and self.state_file is None:
+                found.append(
+                    f"--consumer-group {group.project}/{group.logstore}/{group.group}: "
+                    "its logstore is not declared with --logstore"
+                )
+        return found
+
+
+def _is_decimal(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def parse_logstore(text: str) -> LogstoreSpec:
+    """`PROJECT/LOGSTORE:SHARD_COUNT`."""
+    path, _, count = text.rpartition(":")
+    parts = path.split("/")
+    if len(parts) != 2 or not all(parts) or not _is_decimal(count) or int(count) < 1:
+        raise ValueError(f"{text!r}: expected PROJECT/LOGSTORE:SHARD_COUNT (count >= 1)")
+    return LogstoreSpec(parts[0], parts[1], int(count))
+
+
+def parse_group(text: str) -> GroupSpec:
+    """`PROJECT/LOGSTORE/GROUP`."""
+    parts = text.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"{text!r}: expected PROJECT/LOGSTORE/GROUP")
+    return GroupSpec(parts[0], parts[1], parts[2])
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[IPV6]:PORT`; port 0 picks a free port."""
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or not _is_decimal(port) or int(port) > 65535:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+def parse_latency(text: str) -> tuple[float, float]:
+    """`MIN:MAX` milliseconds, or a single value for a fixed latency."""
+    low, _, high = text.partition(":")
+    try:
+        values = (float(low), float(high or low))
+    except ValueError as exc:
+        raise ValueError(f"{text!r}: expected MIN:MAX milliseconds") from exc
+    return values
+
+
+def _ssl_context(options: EmulatorOptions) -> ssl.SSLContext | None:
+    if options.tls_cert is None or options.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(options.tls_cert, options.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError([f"--tls-cert/--tls-key: cannot load: {exc}"]) from exc
+    return context
+
+
+def build_state(
+    options: EmulatorOptions,
+    *,
+    wall_clock: Clock = time.time,
+    monotonic: Clock = time.monotonic,
+    ownership_errors: OwnershipErrors | None = None,
+) -> EmulatorState:
+    """The initial state: declared logstores, the state file, then declared groups."""
+    state = EmulatorState(
+        wall_clock=wall_clock, monotonic=monotonic, ownership_errors=ownership_errors
+    )
+    for store in options.logstores:
+        state.add_logstore(store.project, store.logstore, store.shards)
+    if options.state_file is not None:
+        state.load_file(options.state_file)
+    for spec in options.consumer_groups:
+        name = f"{spec.project}/{spec.logstore}/{spec.group}"
+        try:
+            if spec.group not in state.logstore(spec.project, spec.logstore).groups:
+                state.create_group(spec.project, spec.logstore, spec.group, timeout=spec.timeout)
+        except ApiError as exc:
+            raise ConfigError([f"--consumer-group {name}: {exc.message}"]) from exc
+    return state
+
+
+class EmulatorHandle:
+    """A running emulator: its address, live state and faults, and `close()`."""
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        emulator: EmulatorApp,
+        *,
+        host: str,
+        port: int,
+        tls: bool,
+        state_file: Path | None,
+    ) -> None:
+        self._runner = runner
+        self._closed = False
+        self._state_file = state_file
+        self.app = emulator
+        self.state = emulator.state
+        self.faults = emulator.faults
+        self.host = host
+        self.port = port
+        bracketed = f"[{host}]" if ":" in host else host
+        self.endpoint = f"{bracketed}:{port}"
+        self.url = f"{'https' if tls else 'http'}://{self.endpoint}"
+
+    async def close(self) -> None:
+        """Stop serving and, with a state file, save the state; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._runner.cleanup()
+        finally:
+            if self._state_file is not None:
+                self.state.save_file(self._state_file)
+
+
+async def start_emulator(
+    options: EmulatorOptions,
+    *,
+    wall_clock: Clock = time.time,
+    monotonic: Clock = time.monotonic,
+    sleep: Sleep = asyncio.sleep,
+    ownership_errors: OwnershipErrors | None = None,
+) -> EmulatorHandle:
+    """Build the state and start serving; raises ConfigError or OSError (address in use)."""
+    problems = options.problems()
+    if problems:
+        raise ConfigError(problems)
+    state = build_state(
+        options, wall_clock=wall_clock, monotonic=monotonic, ownership_errors=ownership_errors
+    )
+    keys = {}
+    if options.access_key_id is not None and options.access_key_secret is not None:
+        keys[options.access_key_id] = options.access_key_secret
+    emulator = EmulatorApp(
+        state, FaultInjector(options.faults, seed=options.seed), keys=keys, sleep=sleep
+    )
+    ssl_context = _ssl_context(options)
+    runner = web.AppRunner(
+        emulator.build(),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, options.host, options.port, ssl_context=ssl_context)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    port = int(runner.addresses[0][1])
+    return EmulatorHandle(
+        runner,
+        emulator,
+        host=options.host,
+        port=port,
+        tls=ssl_context is not None,
+        state_file=options.state_file,
+    )
+
+
+def _logstore_spec(value: str | LogstoreSpec) -> LogstoreSpec:
+    return value if isinstance(value, LogstoreSpec) else parse_logstore(value)
+
+
+def _group_spec(value: str | GroupSpec) -> GroupSpec:
+    return value if isinstance(value, GroupSpec) else parse_group(value)
+
+
+@contextlib.asynccontextmanager
+async def running_emulator(
+    *,
+    logstores: Iterable[str | LogstoreSpec] = (),
+    consumer_groups: Iterable[str | GroupSpec] = (),
+    access_key_id: str | None = None,
+    access_key_secret: str | None = None,
+    seed: int = 0,
+    error_rate: float = 0.0,
+    throttle_rate: float = 0.0,
+    reset_rate: float = 0.0,
+    latency_ms: tuple[float, float] = (0.0, 0.0),
+    force: Mapping[str, tuple[int, str]] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    state_file: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    wall_clock: Clock = time.time,
+    monotonic: Clock = time.monotonic,
+    sleep: Sleep = asyncio.sleep,
+    ownership_errors: OwnershipErrors | None = None,
+) -> AsyncIterator[EmulatorHandle]:
+    """Run an emulator for the duration of an `async with`; yields its handle.
+
+    Logstores and groups use the CLI syntax (`"project/logstore:4"`, `"project/logstore/group"`).
+    """
+    options = EmulatorOptions(
+        host=host,
+        port=port,
+        access_key_id=access_key_id,
+        access_key_secret=access_key_secret,
+        logstores=tuple(_logstore_spec(value) for value in logstores),
+        consumer_groups=tuple(_group_spec(value) for value in consumer_groups),
+        seed=seed,
+        faults=FaultSettings(
+            error_rate=error_rate,
+            throttle_rate=throttle_rate,
+            reset_rate=reset_rate,
+            latency_ms=latency_ms,
+            force=dict(force or {}),
+        ),
+        state_file=Path(state_file) if state_file is not None else None,
+        tls_cert=Path(tls_cert) if tls_cert is not None else None,
+        tls_key=Path(tls_key) if tls_key is not None else None,
+    )
+    handle = await start_emulator(
+        options,
+        wall_clock=wall_clock,
+        monotonic=monotonic,
+        sleep=sleep,
+        ownership_errors=ownership_errors,
+    )
+    try:
+        yield handle
+    finally:
+        await handle.close()

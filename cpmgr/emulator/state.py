@@ -1,0 +1,482 @@
+"""The emulator's data: logstores, consumer groups, heartbeats, checkpoints and their history.
+
+Pure bookkeeping with injected clocks (no I/O but the optional state file); every refusal is
+an `ApiError` carrying the SLS status and errorCode the HTTP layer answers with.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpmgr.errors import ConfigError, CpmgrError
+
+Clock = Callable[[], float]
+
+DEFAULT_GROUP_TIMEOUT = 60
+HASH_SPACE = 1 << 128
+# SLS naming rule for consumer groups: 2-128 chars of [a-z0-9_-], alphanumeric at both ends.
+_GROUP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,126}[a-z0-9]$")
+STATE_FILE_VERSION = 1
+
+
+class ApiError(CpmgrError):
+    """An SLS error answer: HTTP status, errorCode and errorMessage."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code} (HTTP {status}): {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def parameter_invalid(message: str) -> ApiError:
+    return ApiError(400, "ParameterInvalid", message)
+
+
+@dataclass(frozen=True)
+class OwnershipErrors:
+    """How UpdateCheckPoint refuses a consumer that does not hold the shard.
+
+    The live spelling and status are unverified (SLS-API.md section 7), so they are settable.
+    """
+
+    consumer_not_exist: tuple[int, str] = (404, "ConsumerNotExist")
+    consumer_not_match: tuple[int, str] = (400, "ConsumerNotMatch")
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    checkpoint: str
+    update_time_us: int
+    consumer: str
+
+
+@dataclass
+class ConsumerGroup:
+    """One consumer group: its settings, live consumers, shard owners and checkpoints."""
+
+    name: str
+    timeout: int
+    order: bool = False
+    # consumer name -> monotonic time of its last heartbeat
+    consumers: dict[str, float] = field(default_factory=dict)
+    # shard -> the consumer holding it (also while the shard is being transferred away)
+    owners: dict[int, str] = field(default_factory=dict)
+    checkpoints: dict[int, StoredCheckpoint] = field(default_factory=dict)
+
+    def held_by(self, consumer: str) -> list[int]:
+        return sorted(shard for shard, owner in self.owners.items() if owner == consumer)
+
+
+@dataclass
+class Logstore:
+    project: str
+    name: str
+    shard_count: int
+    create_time: int
+    groups: dict[str, ConsumerGroup] = field(default_factory=dict)
+
+
+def checkpoint_key(project: str, logstore: str, group: str, shard: int) -> str:
+    """The "PROJECT/LOGSTORE/GROUP/SHARD" key used by the state endpoint and the history."""
+    return f"{project}/{logstore}/{group}/{shard}"
+
+
+def is_valid_checkpoint(value: str) -> bool:
+    """Standard base64 with padding, non-empty, and canonical (it re-encodes to itself)."""
+    if not value:
+        return False
+    try:
+        decoded = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return base64.b64encode(decoded).decode() == value
+
+
+def validate_group_name(name: str) -> None:
+    if not _GROUP_NAME.match(name):
+        raise parameter_invalid(
+            f"invalid consumer group name {name!r}: 2-128 characters of a-z, 0-9, '_' and '-', "
+            "starting and ending with a letter or digit"
+        )
+
+
+def shard_quotas(consumers: list[str], owners: dict[int, str], shard_count: int) -> dict[str, int]:
+    """How many shards each consumer should hold: counts differ by at most one.
+
+    The larger shares go to the consumers holding most now (then by name), so a balanced
+    group never moves a shard.
+    """
+    if not consumers:
+        return {}
+    base, extra = divmod(shard_count, len(consumers))
+    load = Counter(owners.values())
+    ranked = sorted(consumers, key=lambda name: (-load[name], name))
+    return {name: base + (1 if index < extra else 0) for index, name in enumerate(ranked)}
+
+
+def transferring_shards(group: ConsumerGroup, shard_count: int) -> set[int]:
+    """Shards whose holder has more than its quota: it must give them up before they move."""
+    consumers = sorted(group.consumers)
+    quotas = shard_quotas(consumers, group.owners, shard_count)
+    moving: set[int] = set()
+    for name in consumers:
+        # Keep the lowest shard ids, release the rest: deterministic and easy to reason about.
+        moving.update(group.held_by(name)[quotas[name] :])
+    return moving
+
+
+def assign_free_shards(group: ConsumerGroup, shard_count: int) -> None:
+    """Give every unowned shard to the consumers furthest below their quota."""
+    consumers = sorted(group.consumers)
+    if not consumers:
+        return
+    quotas = shard_quotas(consumers, group.owners, shard_count)
+    moving = transferring_shards(group, shard_count)
+    kept = Counter(owner for shard, owner in group.owners.items() if shard not in moving)
+    for shard in range(shard_count):
+        if shard in group.owners:
+            continue
+        needy = [name for name in consumers if kept[name] < quotas[name]]
+        if not needy:
+            return
+        taker = min(needy, key=lambda name: (kept[name] - quotas[name], name))
+        group.owners[shard] = taker
+        kept[taker] += 1
+
+
+class EmulatorState:
+    """Everything the emulated SLS knows, plus request counts for introspection."""
+
+    def __init__(
+        self,
+        *,
+        wall_clock: Clock = time.time,
+        monotonic: Clock = time.monotonic,
+        ownership_errors: OwnershipErrors | None = None,
+    ) -> None:
+        self.wall_clock = wall_clock
+        self.monotonic = monotonic
+        self.ownership_errors = ownership_errors or OwnershipErrors()
+        self.logstores: dict[tuple[str, str], Logstore] = {}
+        self.history: dict[str, list[str]] = defaultdict(list)
+        self.requests: dict[str, Counter[str]] = defaultdict(Counter)
+
+    # --- declarations -------------------------------------------------------------------
+
+    def add_logstore(self, project: str, logstore: str, shard_count: int) -> Logstore:
+        """Declare a logstore; declaring it again with the same shard count is a no-op."""
+        if shard_count < 1:
+            raise parameter_invalid("a logstore needs at least one shard")
+        existing = self.logstores.get((project, logstore))
+        if existing is not None:
+            if existing.shard_count != shard_count:
+                raise ApiError(
+                    400,
+                    "LogStoreAlreadyExist",
+                    f"logstore {project}/{logstore} already has {existing.shard_count} shards",
+                )
+            return existing
+        created = Logstore(project, logstore, shard_count, int(self.wall_clock()))
+        self.logstores[(project, logstore)] = created
+        return created
+
+    def logstore(self, project: str, logstore: str) -> Logstore:
+        found = self.logstores.get((project, logstore))
+        if found is not None:
+            return found
+        if not any(known == project for known, _ in self.logstores):
+            raise ApiError(404, "ProjectNotExist", f"The Project does not exist : {project}")
+        raise ApiError(404, "LogStoreNotExist", f"logstore {logstore} does not exist")
+
+    def group(self, project: str, logstore: str, group: str) -> ConsumerGroup:
+        found = self.logstore(project, logstore).groups.get(group)
+        if found is None:
+            raise ApiError(404, "ConsumerGroupNotExist", f"consumer group {group} does not exist")
+        return found
+
+    # --- consumer groups ----------------------------------------------------------------
+
+    def create_group(
+        self, project: str, logstore: str, name: str, *, timeout: int, order: bool = False
+    ) -> ConsumerGroup:
+        store = self.logstore(project, logstore)
+        validate_group_name(name)
+        if timeout < 1:
+            raise parameter_invalid("timeout must be a positive number of seconds")
+        if name in store.groups:
+            raise ApiError(400, "ConsumerGroupAlreadyExist", "consumer group already exist")
+        created = ConsumerGroup(name, timeout, order)
+        store.groups[name] = created
+        return created
+
+    def update_group(
+        self, project: str, logstore: str, name: str, *, timeout: int | None, order: bool | None
+    ) -> None:
+        group = self.group(project, logstore, name)
+        if timeout is not None:
+            if timeout < 1:
+                raise parameter_invalid("timeout must be a positive number of seconds")
+            group.timeout = timeout
+        if order is not None:
+            group.order = order
+
+    def delete_group(self, project: str, logstore: str, name: str) -> None:
+        """Remove the group with its consumers and checkpoints (the history is kept)."""
+        self.group(project, logstore, name)
+        del self.logstore(project, logstore).groups[name]
+
+    def list_groups(self, project: str, logstore: str) -> list[dict[str, object]]:
+        groups = self.logstore(project, logstore).groups.values()
+        return [
+            {"name": group.name, "timeout": group.timeout, "order": group.order}
+            for group in sorted(groups, key=lambda group: group.name)
+        ]
+
+    # --- heartbeats -----------------------------------------------------------------------
+
+    def _expire(self, group: ConsumerGroup) -> None:
+        """Drop consumers silent for longer than the group timeout; their shards become free."""
+        now = self.monotonic()
+        expired = [name for name, seen in group.consumers.items() if now - seen > group.timeout]
+        for name in expired:
+            del group.consumers[name]
+        for shard, owner in list(group.owners.items()):
+            if owner not in group.consumers:
+                del group.owners[shard]
+
+    def heartbeat(
+        self, project: str, logstore: str, group_name: str, consumer: str, shards: Iterable[int]
+    ) -> list[int]:
+        """Record a heartbeat; answer the shards this consumer should hold now (SLS-API.md 2.4).
+
+        Shards being moved away from the consumer are left out of the answer; they become
+        free once the consumer stops reporting them (or expires), then go to the consumers
+        below their quota.
+        """
+        store = self.logstore(project, logstore)
+        group = self.group(project, logstore, group_name)
+        reported = set(shards)
+        self._expire(group)
+        if consumer not in group.consumers and reported:
+            raise ApiError(
+                400,
+                "NotExistConsumerWithBody",
+                "non-exist consumer with non-empty body of heartbeat message",
+            )
+        group.consumers[consumer] = self.monotonic()
+        for shard in transferring_shards(group, store.shard_count):
+            if group.owners[shard] == consumer and shard not in reported:
+                del group.owners[shard]
+        assign_free_shards(group, store.shard_count)
+        moving = transferring_shards(group, store.shard_count)
+        return [shard for shard in group.held_by(consumer) if shard not in moving]
+
+    def assignments(self, project: str, logstore: str, group_name: str) -> dict[str, list[int]]:
+        """Every live consumer of the group and the shards it holds (transfers included)."""
+        group = self.group(project, logstore, group_name)
+        self._expire(group)
+        return {name: group.held_by(name) for name in sorted(group.consumers)}
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def update_checkpoint(
+        self,
+        project: str,
+        logstore: str,
+        group_name: str,
+        *,
+        shard: int,
+        checkpoint: str,
+        consumer: str,
+        force_success: bool,
+    ) -> None:
+        """Store a checkpoint following SLS-API.md 2.5; every success is appended to the history."""
+        store = self.logstore(project, logstore)
+        group = self.group(project, logstore, group_name)
+        if not consumer and not force_success:
+            raise parameter_invalid("forceSuccess must be true when no consumer is given")
+        if not is_valid_checkpoint(checkpoint):
+            raise ApiError(400, "InvalidShardCheckPoint", "shard checkpoint not encoded by base64")
+        if not 0 <= shard < store.shard_count:
+            raise ApiError(404, "ShardNotExist", f"shard {shard} not exist")
+        if consumer and not force_success:
+            self._check_owner(group, shard, consumer)
+        update_time = int(self.wall_clock() * 1_000_000)
+        group.checkpoints[shard] = StoredCheckpoint(checkpoint, update_time, consumer)
+        self.history[checkpoint_key(project, logstore, group_name, shard)].append(checkpoint)
+
+    def _check_owner(self, group: ConsumerGroup, shard: int, consumer: str) -> None:
+        self._expire(group)
+        if consumer not in group.consumers:
+            status, code = self.ownership_errors.consumer_not_exist
+            raise ApiError(status, code, f"consumer {consumer} does not exist")
+        if group.owners.get(shard) != consumer:
+            status, code = self.ownership_errors.consumer_not_match
+            raise ApiError(status, code, f"consumer {consumer} does not hold shard {shard}")
+
+    def get_checkpoints(
+        self, project: str, logstore: str, group_name: str, shard: int | None
+    ) -> list[dict[str, object]]:
+        """GetCheckPoint: one entry per shard ("" when never committed); [] for an unknown shard."""
+        store = self.logstore(project, logstore)
+        group = self.group(project, logstore, group_name)
+        if shard is None:
+            shards: Iterable[int] = range(store.shard_count)
+        elif 0 <= shard < store.shard_count:
+            shards = [shard]
+        else:
+            shards = []
+        return [_checkpoint_entry(number, group.checkpoints.get(number)) for number in shards]
+
+    def list_shards(self, project: str, logstore: str) -> list[dict[str, object]]:
+        store = self.logstore(project, logstore)
+        return [
+            {
+                "shardID": shard,
+                "status": "readwrite",
+                "inclusiveBeginKey": _hash_key(shard * HASH_SPACE // store.shard_count),
+                "exclusiveEndKey": _hash_key((shard + 1) * HASH_SPACE // store.shard_count),
+                "createTime": store.create_time,
+            }
+            for shard in range(store.shard_count)
+        ]
+
+    # --- introspection --------------------------------------------------------------------
+
+    def count_request(self, api: str, code: str) -> None:
+        self.requests[api][code] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """The body of GET /_emulator/state."""
+        checkpoints: dict[str, str] = {}
+        consumers: dict[str, dict[str, list[int]]] = {}
+        for (project, logstore), store in sorted(self.logstores.items()):
+            for name, group in sorted(store.groups.items()):
+                for shard, stored in sorted(group.checkpoints.items()):
+                    checkpoints[checkpoint_key(project, logstore, name, shard)] = stored.checkpoint
+                consumers[f"{project}/{logstore}/{name}"] = self.assignments(
+                    project, logstore, name
+                )
+        return {
+            "checkpoints": checkpoints,
+            "history": {key: list(values) for key, values in sorted(self.history.items())},
+            "requests": {api: dict(codes) for api, codes in sorted(self.requests.items())},
+            "consumers": consumers,
+        }
+
+    # --- persistence ----------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, object]:
+        """Logstores, groups, checkpoints and history (not consumers: they must heartbeat again)."""
+        stores: list[dict[str, object]] = []
+        for store in self.logstores.values():
+            groups = [_group_json(group) for group in store.groups.values()]
+            stores.append(
+                {
+                    "project": store.project,
+                    "logstore": store.name,
+                    "shards": store.shard_count,
+                    "createTime": store.create_time,
+                    "groups": groups,
+                }
+            )
+        return {"version": STATE_FILE_VERSION, "logstores": stores, "history": dict(self.history)}
+
+    def load_json(self, data: object) -> None:
+        """Restore what `to_json` wrote; a logstore already declared keeps its declared shards."""
+        try:
+            _load_state(self, data)
+        except (KeyError, TypeError, ValueError, AttributeError, ApiError) as exc:
+            raise ConfigError([f"state file: unreadable content ({exc})"]) from exc
+
+    def save_file(self, path: Path) -> None:
+        """Write the state atomically (temporary file, fsync, rename)."""
+        temporary = path.with_name(path.name + ".tmp")
+        with temporary.open("w", encoding="utf-8") as handle:
+            json.dump(self.to_json(), handle, indent=1, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+
+    def load_file(self, path: Path) -> None:
+        """Load a state file written by `save_file`; a missing file means a first start."""
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise ConfigError([f"state file {path}: {exc.strerror}"]) from exc
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError([f"state file {path}: not JSON ({exc})"]) from exc
+        self.load_json(data)
+
+
+def _hash_key(value: int) -> str:
+    return f"{min(value, HASH_SPACE - 1):032x}"
+
+
+def _checkpoint_entry(shard: int, stored: StoredCheckpoint | None) -> dict[str, object]:
+    if stored is None:
+        return {"shard": shard, "checkpoint": "", "updateTime": 0, "consumer": ""}
+    return {
+        "shard": shard,
+        "checkpoint": stored.checkpoint,
+        "updateTime": stored.update_time_us,
+        "consumer": stored.consumer,
+    }
+
+
+def _group_json(group: ConsumerGroup) -> dict[str, object]:
+    return {
+        "name": group.name,
+        "timeout": group.timeout,
+        "order": group.order,
+        "checkpoints": {
+            str(shard): {
+                "checkpoint": stored.checkpoint,
+                "updateTime": stored.update_time_us,
+                "consumer": stored.consumer,
+            }
+            for shard, stored in group.checkpoints.items()
+        },
+    }
+
+
+def _load_state(state: EmulatorState, data: object) -> None:
+    if not isinstance(data, dict) or data.get("version") != STATE_FILE_VERSION:
+        raise ValueError(f"expected an object with version {STATE_FILE_VERSION}")
+    for entry in data["logstores"]:
+        project, name = str(entry["project"]), str(entry["logstore"])
+        store = state.logstores.get((project, name))
+        if store is None:
+            store = state.add_logstore(project, name, int(entry["shards"]))
+            store.create_time = int(entry["createTime"])
+        for group_data in entry["groups"]:
+            group_name = str(group_data["name"])
+            group = store.groups.get(group_name)
+            if group is None:
+                timeout = int(group_data["timeout"])
+                group = state.create_group(project, name, group_name, timeout=timeout)
+            group.order = bool(group_data["order"])
+            for shard, stored in group_data["checkpoints"].items():
+                if int(shard) < store.shard_count:
+                    group.checkpoints[int(shard)] = StoredCheckpoint(
+                        str(stored["checkpoint"]),
+                        int(stored["updateTime"]),
+                        str(stored["consumer"]),
+                    )
+    for key, values in data["history"].items():
+        state.history[str(key)] = [str(value) for value in values]

@@ -1,0 +1,261 @@
+"""The official aliyun-log-python-sdk, unchanged but for `_isRowIp = True`, against the emulator.
+
+Faults stay off here: the SDK retries 5xx ten times with one-second sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Literal
+
+import pytest
+from aliyun.log import LogClient, LogException
+from aliyun.log.auth import AUTH_VERSION_1, AUTH_VERSION_4
+from aliyun.log.consumer.consumer_client import ConsumerClient
+
+from cpmgr.emulator import running_emulator
+from cpmgr.emulator.app import EmulatorHandle
+
+P, L, G = "sdk-project", "sdk-logstore", "sdk-group"
+KEY_ID, SECRET = "sdk-key-id", "sdk-key-secret"
+CP1 = "MTUyNDE1NTM3OTM3MzkwODQ5Ng=="
+CP2 = "MTUyNDE1NTM3OTM3MzkwODQ5Nw=="
+Version = Literal["v1", "v4"]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 5000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+ClientFactory = Callable[..., LogClient]
+
+
+@pytest.fixture
+def monotonic() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def emulator(monotonic: FakeClock) -> AsyncIterator[EmulatorHandle]:
+    async with running_emulator(
+        logstores=[f"{P}/{L}:4"],
+        consumer_groups=[f"{P}/{L}/{G}"],
+        access_key_id=KEY_ID,
+        access_key_secret=SECRET,
+        monotonic=monotonic,
+    ) as handle:
+        yield handle
+
+
+@pytest.fixture
+def make_client() -> Iterator[ClientFactory]:
+    """Builds SDK clients for an emulator and closes their HTTP sessions afterwards."""
+    clients: list[LogClient] = []
+
+    def build(
+        handle: EmulatorHandle,
+        *,
+        key_id: str = KEY_ID,
+        secret: str = SECRET,
+        version: Version = "v1",
+    ) -> LogClient:
+        auth_version = AUTH_VERSION_4 if version == "v4" else AUTH_VERSION_1
+        client = LogClient(
+            handle.endpoint, key_id, secret, auth_version=auth_version, region="cn-hangzhou"
+        )
+        client._isRowIp = True  # the approved way to reach an address with a port
+        clients.append(client)
+        return client
+
+    yield build
+    for client in clients:
+        client._session.close()
+
+
+async def call(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking SDK call off the event loop that serves the emulator."""
+    return await asyncio.to_thread(function, *args, **kwargs)
+
+
+async def sdk_error(function: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, str]:
+    with pytest.raises(LogException) as caught:
+        await call(function, *args, **kwargs)
+    return caught.value.get_resp_status(), caught.value.get_error_code()
+
+
+async def test_group_lifecycle(emulator: EmulatorHandle, make_client: ClientFactory) -> None:
+    client = make_client(emulator)
+    await call(client.create_consumer_group, P, L, "orders", 30, in_order=True)
+    assert await sdk_error(client.create_consumer_group, P, L, "orders", 30) == (
+        400,
+        "ConsumerGroupAlreadyExist",
+    )
+    listed = await call(client.list_consumer_group, P, L)
+    groups = listed.get_consumer_groups()
+    assert [(g.get_consumer_group_name(), g.get_timeout(), g.is_in_order()) for g in groups] == [
+        ("orders", 30, True),
+        (G, 60, False),
+    ]
+
+    await call(client.update_consumer_group, P, L, "orders", timeout=45, in_order=False)
+    listed = await call(client.list_consumer_group, P, L)
+    assert listed.get_consumer_groups()[0].get_timeout() == 45
+    assert listed.get_consumer_groups()[0].is_in_order() is False
+
+    await call(client.delete_consumer_group, P, L, "orders")
+    listed = await call(client.list_consumer_group, P, L)
+    assert [g.get_consumer_group_name() for g in listed.get_consumer_groups()] == [G]
+    assert await sdk_error(client.delete_consumer_group, P, L, "orders") == (
+        404,
+        "ConsumerGroupNotExist",
+    )
+
+
+async def test_two_consumers_balance_then_one_expires(
+    emulator: EmulatorHandle, make_client: ClientFactory, monotonic: FakeClock
+) -> None:
+    client = make_client(emulator)
+
+    async def beat(consumer: str, shards: list[int]) -> list[int]:
+        response = await call(client.heart_beat, P, L, G, consumer, shards)
+        return list(response.get_shards())
+
+    assert await beat("c1", []) == [0, 1, 2, 3]
+    assert await beat("c2", []) == []  # shards 2 and 3 are first released by c1
+    assert await beat("c1", [0, 1, 2, 3]) == [0, 1]
+    assert await beat("c1", [0, 1]) == [0, 1]
+    assert await beat("c2", []) == [2, 3]
+    assert await beat("c2", [2, 3]) == [2, 3]
+
+    monotonic.advance(40)
+    assert await beat("c1", [0, 1]) == [0, 1]
+    monotonic.advance(25)  # c2 silent for 65 s, beyond the group's 60 s timeout
+    assert await beat("c1", [0, 1]) == [0, 1, 2, 3]
+    assert await sdk_error(client.heart_beat, P, L, G, "c2", [2, 3]) == (
+        400,
+        "NotExistConsumerWithBody",
+    )
+
+
+@pytest.mark.parametrize("version", ["v1", "v4"])
+async def test_checkpoints_update_and_read_back(
+    emulator: EmulatorHandle, make_client: ClientFactory, version: Version
+) -> None:
+    client = make_client(emulator, version=version)
+    before = time.time()
+    await call(client.update_check_point, P, L, G, 1, CP1, consumer="c1")
+    await call(client.update_check_point, P, L, G, 1, CP2)  # consumer "" with forceSuccess=True
+
+    one = (await call(client.get_check_point, P, L, G, 1)).get_consumer_group_check_points()
+    assert len(one) == 1
+    assert (one[0]["shard"], one[0]["checkpoint"], one[0]["consumer"]) == (1, CP2, "")
+    assert before * 1e6 <= one[0]["updateTime"] <= time.time() * 1e6
+
+    every = (await call(client.get_check_point, P, L, G)).get_consumer_group_check_points()
+    assert [(entry["shard"], entry["checkpoint"]) for entry in every] == [
+        (0, ""),
+        (1, CP2),
+        (2, ""),
+        (3, ""),
+    ]
+    unknown = await call(client.get_check_point, P, L, G, 7)
+    assert unknown.get_count() == 0
+    assert emulator.state.snapshot()["history"] == {f"{P}/{L}/{G}/1": [CP1, CP2]}
+
+
+async def test_list_shards(emulator: EmulatorHandle, make_client: ClientFactory) -> None:
+    shards = (await call(make_client(emulator).list_shards, P, L)).get_shards_info()
+    assert [shard["shardID"] for shard in shards] == [0, 1, 2, 3]
+
+
+async def test_error_codes_seen_by_the_sdk(
+    emulator: EmulatorHandle, make_client: ClientFactory
+) -> None:
+    client = make_client(emulator)
+    update = client.update_check_point
+    assert await sdk_error(update, P, L, G, 0, "not base64!") == (400, "InvalidShardCheckPoint")
+    assert await sdk_error(update, P, L, "no-such-group", 0, CP1) == (404, "ConsumerGroupNotExist")
+    assert await sdk_error(update, P, L, G, 9, CP1) == (404, "ShardNotExist")
+    assert await sdk_error(update, P, "no-such-logstore", G, 0, CP1) == (404, "LogStoreNotExist")
+    assert await sdk_error(update, "no-such-project", L, G, 0, CP1) == (404, "ProjectNotExist")
+    assert await sdk_error(update, P, L, G, 0, CP1, consumer="", force_success=False) == (
+        400,
+        "ParameterInvalid",
+    )
+    assert emulator.state.snapshot()["history"] == {}
+
+
+@pytest.mark.parametrize("version", ["v1", "v4"])
+async def test_bad_credentials_seen_by_the_sdk(
+    emulator: EmulatorHandle, make_client: ClientFactory, version: Version
+) -> None:
+    wrong_secret = make_client(emulator, secret="wrong", version=version)
+    assert await sdk_error(wrong_secret.get_check_point, P, L, G, 0) == (401, "SignatureNotMatch")
+    unknown_key = make_client(emulator, key_id="nobody", version=version)
+    assert await sdk_error(unknown_key.get_check_point, P, L, G, 0) == (401, "Unauthorized")
+
+
+async def test_ownership_is_enforced_without_force_success(
+    emulator: EmulatorHandle, make_client: ClientFactory
+) -> None:
+    client = make_client(emulator)
+    strict: dict[str, Any] = {"force_success": False}
+    update = client.update_check_point
+    assert await sdk_error(update, P, L, G, 0, CP1, consumer="ghost", **strict) == (
+        404,
+        "ConsumerNotExist",
+    )
+    await call(client.heart_beat, P, L, G, "owner", [])
+    await call(client.heart_beat, P, L, G, "other", [])
+    await call(update, P, L, G, 0, CP1, consumer="owner", **strict)
+    assert await sdk_error(update, P, L, G, 0, CP2, consumer="other", **strict) == (
+        400,
+        "ConsumerNotMatch",
+    )
+    await call(update, P, L, G, 0, CP2, consumer="other")  # forceSuccess=True overrides
+    assert emulator.state.snapshot()["history"] == {f"{P}/{L}/{G}/0": [CP1, CP2]}
+
+
+async def test_client_clock_off_by_more_than_15_minutes(make_client: ClientFactory) -> None:
+    async with running_emulator(
+        logstores=[f"{P}/{L}:1"],
+        consumer_groups=[f"{P}/{L}/{G}"],
+        access_key_id=KEY_ID,
+        access_key_secret=SECRET,
+        wall_clock=lambda: time.time() + 16 * 60,
+    ) as handle:
+        for version in ("v1", "v4"):
+            client = make_client(handle, version=version)
+            assert await sdk_error(client.get_check_point, P, L, G, 0) == (
+                400,
+                "RequestTimeExpired",
+            )
+
+
+async def test_sdk_consumer_library_client_flow(emulator: EmulatorHandle) -> None:
+    """The SDK's own consumer-group client: create if missing, join, read, commit, read."""
+    consumer = ConsumerClient(emulator.endpoint, KEY_ID, SECRET, P, L, "library-group", "worker-1")
+    consumer.mclient._isRowIp = True
+    try:
+        await call(consumer.ensure_consumer_group_created, 40, False)
+        await call(consumer.ensure_consumer_group_created, 50, False)  # exists: updated
+        assert (await call(consumer.get_consumer_group)).get_timeout() == 50
+
+        held: list[int] = []
+        assert await call(consumer.heartbeat, [], held) is True
+        assert held == [0, 1, 2, 3]
+        # a never-committed shard reads as one entry with an empty checkpoint, not as an error
+        assert (await call(consumer.get_check_point, 2))["checkpoint"] == ""
+        await call(consumer.update_check_point, 2, "worker-1", CP1)
+        assert (await call(consumer.get_check_point, 2))["checkpoint"] == CP1
+    finally:
+        consumer.mclient._session.close()
