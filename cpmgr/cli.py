@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from cpmgr import __version__
 from cpmgr.config import load_config, render_effective
+from cpmgr.emulator import add_emulator_arguments, run_emulator_from_args
 from cpmgr.errors import ConfigError
 
 EXIT_OK = 0
@@ -46,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         subparsers, "check-config", "validate a config file and print the effective config"
     )
     check.set_defaults(handler=_check_config)
+    emulator = subparsers.add_parser(
+        "emulator",
+        help="run the local SLS-compatible consumer-group API",
+        description="The local SLS-compatible consumer-group API, for development and tests.",
+    )
+    add_emulator_arguments(emulator)
+    emulator.set_defaults(handler=run_emulator_from_args)
     return parser
 
 

@@ -1,0 +1,410 @@
+"""The committer against a real in-process emulator, through the real SLS client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from cpmgr.committer import (
+    CommitOutcome,
+    Committer,
+    ConcurrencyLimiter,
+    NullObserver,
+    backoff_delay,
+)
+from cpmgr.config import Config, parse_config
+from cpmgr.emulator import EmulatorHandle, running_emulator
+from cpmgr.sls.client import RemoteCheckpoint, SLSClient
+from cpmgr.sls.signer import Credentials
+from cpmgr.store import CheckpointStore
+
+PROJECT = "test-project"
+KEY_ID, KEY_SECRET = "test-id", "test-secret"
+
+
+def cursor(number: int) -> str:
+    return base64.b64encode(str(number).encode()).decode()
+
+
+def make_config(*, groups: dict[str, str], **commit: Any) -> Config:
+    """`groups` maps alias -> "logstore/consumer_group" in PROJECT."""
+    return parse_config(
+        {
+            "sls": {"endpoint": "127.0.0.1:1", "access_key_id": KEY_ID, "access_key_secret": "x"},
+            "commit": {
+                "interval": "1h",
+                "retry": {"max_attempts": 5, "initial_backoff": "1ms", "max_backoff": "20ms"},
+                **commit,
+            },
+            "groups": [
+                {
+                    "name": alias,
+                    "project": PROJECT,
+                    "logstore": where.split("/")[0],
+                    "consumer_group": where.split("/")[1],
+                }
+                for alias, where in groups.items()
+            ],
+        },
+        {},
+    )
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class RecordingObserver(NullObserver):
+    cycles: int = 0
+    cycle_done: asyncio.Event = field(default_factory=asyncio.Event)
+    attempts: Counter[str] = field(default_factory=Counter)
+
+    def attempt_finished(self, group: str, code: str, seconds: float) -> None:
+        self.attempts[code] += 1
+
+    def cycle_finished(self, seconds: float, shards: int) -> None:
+        self.cycles += 1
+        self.cycle_done.set()
+
+
+@dataclass
+class Env:
+    emulator: EmulatorHandle
+    store: CheckpointStore
+    committer: Committer
+    observer: RecordingObserver
+    client: SLSClient
+    creds: list[Credentials]
+
+    def remote(self, logstore_group: str, shard: int) -> str | None:
+        key = f"{PROJECT}/{logstore_group}/{shard}"
+        value: str | None = self.emulator.state.snapshot()["checkpoints"].get(key)
+        return value
+
+    def history(self, logstore_group: str, shard: int) -> list[str]:
+        return list(self.emulator.state.history.get(f"{PROJECT}/{logstore_group}/{shard}", []))
+
+    def update_calls(self) -> dict[str, int]:
+        requests: dict[str, dict[str, int]] = self.emulator.state.snapshot()["requests"]
+        return requests.get("UpdateCheckPoint", {})
+
+
+@asynccontextmanager
+async def committer_env(
+    config: Config,
+    *,
+    logstores: tuple[str, ...] = (f"{PROJECT}/ls:16",),
+    clock: Callable[[], float] | None = None,
+    seed: int = 7,
+    **emulator_options: Any,
+) -> AsyncIterator[Env]:
+    groups = tuple(f"{PROJECT}/{g.logstore}/{g.consumer_group}" for g in config.groups)
+    async with running_emulator(
+        logstores=logstores,
+        consumer_groups=groups,
+        access_key_id=KEY_ID,
+        access_key_secret=KEY_SECRET,
+        seed=seed,
+        **emulator_options,
+    ) as emulator:
+        creds = [Credentials(KEY_ID, KEY_SECRET)]
+        client = SLSClient(
+            endpoint=emulator.url,
+            credentials=lambda: creds[0],
+            request_timeout=config.commit.request_timeout,
+            connection_limit=config.commit.max_in_flight,
+        )
+        store = CheckpointStore([g.name for g in config.groups])
+        observer = RecordingObserver()
+        extra: dict[str, Any] = {"clock": clock} if clock is not None else {}
+        committer = Committer(
+            config=config,
+            store=store,
+            client=client,
+            observer=observer,
+            rng=random.Random(seed),
+            **extra,
+        )
+        async with client:
+            try:
+                yield Env(emulator, store, committer, observer, client, creds)
+            finally:
+                await committer.close()
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+
+def test_backoff_is_full_jitter_exponential_and_capped() -> None:
+    rng = random.Random(1)
+    for attempt, ceiling in [(1, 0.2), (2, 0.4), (3, 0.8), (10, 10.0)]:
+        delays = [backoff_delay(attempt, initial=0.2, maximum=10.0, rng=rng) for _ in range(500)]
+        assert all(0.0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling * 0.9  # the whole range is used (full jitter)
+
+
+def test_limiter_halves_on_throttling_and_recovers() -> None:
+    clock = FakeClock()
+    limiter = ConcurrencyLimiter(32, cooldown=1.0, clock=clock)
+    assert limiter.throttled() and limiter.current == 16
+    assert not limiter.throttled()  # a burst of throttled answers counts once per cooldown
+    clock.now += 1.5
+    assert limiter.throttled() and limiter.current == 8
+    for _ in range(500):
+        limiter.succeeded()
+    assert limiter.current == 32
+
+
+async def test_limiter_bounds_concurrency() -> None:
+    limiter = ConcurrencyLimiter(3)
+    running = peak = 0
+    gate = asyncio.Event()
+    three_running = asyncio.Event()
+
+    async def work() -> None:
+        nonlocal running, peak
+        await limiter.acquire()
+        running += 1
+        peak = max(peak, running)
+        if running == 3:
+            three_running.set()
+        await gate.wait()
+        running -= 1
+        limiter.release()
+
+    tasks = [asyncio.create_task(work()) for _ in range(10)]
+    await three_running.wait()
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert peak == 3 and limiter.in_use == 0
+
+
+# ---------------------------------------------------------------------------- integration
+
+
+async def test_coalescing_one_call_per_shard_per_cycle() -> None:
+    clock = FakeClock()
+    config = make_config(groups={"orders": "ls/cg"}, interval="5s")
+    async with committer_env(config, clock=clock) as env:
+        for n in range(5000):
+            env.store.accept("orders", n % 10, cursor(1000 + n))
+        assert env.committer.run_due_cycles() == 0  # the interval has not elapsed
+        clock.now += 5.0
+        assert env.committer.run_due_cycles() == 10
+        await env.observer.cycle_done.wait()
+        assert env.update_calls() == {"OK": 10}
+        for shard in range(10):
+            assert env.remote("ls/cg", shard) == cursor(1000 + 4990 + shard)
+        assert env.store.pending_count("orders") == 0
+
+
+async def test_timer_commits_without_being_asked() -> None:
+    config = make_config(groups={"orders": "ls/cg"}, interval="20ms")
+    async with committer_env(config) as env:
+        env.store.accept("orders", 1, cursor(5))
+        await env.committer.start()
+        await env.observer.cycle_done.wait()
+        assert env.remote("ls/cg", 1) == cursor(5)
+
+
+async def test_exact_final_checkpoints_under_faults_never_backwards() -> None:
+    config = make_config(
+        groups={"orders": "ls/cg"}, interval="10ms", request_timeout="300ms", max_in_flight=16
+    )
+    async with committer_env(
+        config,
+        logstores=(f"{PROJECT}/ls:100",),
+        error_rate=0.3,
+        reset_rate=0.05,
+        throttle_rate=0.1,
+        latency_ms=(0.0, 5.0),
+    ) as env:
+        await env.committer.start()
+        latest: dict[int, int] = {}
+        rng = random.Random(3)
+        for round_ in range(20):
+            for shard in range(100):
+                latest[shard] = round_ * 1000 + rng.randrange(1000)
+                env.store.accept("orders", shard, cursor(latest[shard]))
+            await asyncio.sleep(0.005)  # let the timer and the traffic interleave
+        for _ in range(20):
+            result = await env.committer.flush(timeout=30)
+            if result.ok:
+                break
+        assert result.ok
+        calls = env.update_calls()
+        assert {"InternalServerError", "ServerBusy", "WriteQuotaExceed"} <= set(calls)
+        for shard, value in latest.items():
+            assert env.remote("ls/cg", shard) == cursor(value)
+            numbers = [int(base64.b64decode(v)) for v in env.history("ls/cg", shard)]
+            assert numbers == sorted(numbers), f"shard {shard} went backwards: {numbers}"
+        assert env.store.pending_count("orders") == 0
+
+
+async def test_permanent_error_drops_only_that_value_and_reaches_callers() -> None:
+    config = make_config(groups={"orders": "ls/cg", "other": "ls/cg2"})
+    async with committer_env(config) as env:
+        env.emulator.faults.update({"force": {f"{PROJECT}/ls/cg": [404, "ConsumerGroupNotExist"]}})
+        seq = env.store.accept("orders", 0, cursor(10))
+        env.store.accept("other", 0, cursor(10))
+        outcome = await env.committer.wait_for("orders", 0, seq, timeout=10)
+        assert outcome == CommitOutcome(
+            ok=False, code="ConsumerGroupNotExist", message=outcome.message, dropped=True
+        )
+        view = env.store.shard_view("orders", 0)
+        assert view is not None and view.pending is None and view.last_error is not None
+        assert view.last_error.code == "ConsumerGroupNotExist"
+        env.store.accept("orders", 1, cursor(20))
+        result = await env.committer.flush(timeout=10)
+        assert result.committed == 1  # the healthy group's shard
+        [failure] = result.failed
+        assert (failure.group, failure.shard, failure.code, failure.dropped) == (
+            "orders",
+            1,
+            "ConsumerGroupNotExist",
+            True,
+        )
+        assert env.update_calls()["ConsumerGroupNotExist"] == 2  # permanent: never retried
+        env.emulator.faults.update({"force": {f"{PROJECT}/ls/cg": None}})
+        seq = env.store.accept("orders", 0, cursor(11))
+        assert (await env.committer.wait_for("orders", 0, seq, timeout=10)).ok
+        assert env.remote("ls/cg", 0) == cursor(11)
+
+
+async def test_credentials_errors_keep_the_value_pending_until_keys_work() -> None:
+    config = make_config(groups={"orders": "ls/cg"})
+    async with committer_env(config) as env:
+        reloads: list[int] = []
+        env.committer._on_credentials_error = lambda: reloads.append(1)
+        env.creds[0] = Credentials(KEY_ID, "wrong-secret")
+        seq = env.store.accept("orders", 0, cursor(10))
+        outcome = await env.committer.wait_for("orders", 0, seq, timeout=10)
+        assert (outcome.ok, outcome.code, outcome.dropped) == (False, "SignatureNotMatch", False)
+        assert len(reloads) == config.commit.retry.max_attempts
+        view = env.store.shard_view("orders", 0)
+        assert view is not None and view.pending == cursor(10)
+        env.creds[0] = Credentials(KEY_ID, KEY_SECRET)
+        assert (await env.committer.flush(timeout=10)).committed == 1
+        assert env.remote("ls/cg", 0) == cursor(10)
+
+
+async def test_failing_group_does_not_starve_a_healthy_one() -> None:
+    config = make_config(
+        groups={"bad": "ls/cg", "good": "ls/cg2"},
+        max_in_flight=2,
+        retry={"max_attempts": 50, "initial_backoff": "5ms", "max_backoff": "20ms"},
+    )
+    async with committer_env(config) as env:
+        env.emulator.faults.update({"force": {f"{PROJECT}/ls/cg": [500, "InternalServerError"]}})
+        for shard in range(8):
+            env.store.accept("bad", shard, cursor(1))
+        env.committer.commit_now(group="bad")
+        seq = env.store.accept("good", 0, cursor(1))
+        outcome = await env.committer.wait_for("good", 0, seq, timeout=10)
+        assert outcome.ok
+        assert env.store.pending_count("bad") == 8
+
+
+async def test_wait_is_answered_long_before_the_interval() -> None:
+    config = make_config(groups={"orders": "ls/cg"}, interval="1h")
+    async with committer_env(config) as env:
+        await env.committer.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        seq = env.store.accept("orders", 2, cursor(99))
+        assert (await env.committer.wait_for("orders", 2, seq, timeout=30)).ok
+        assert loop.time() - started < 5.0
+        assert env.remote("ls/cg", 2) == cursor(99)
+
+
+async def test_wait_times_out_with_the_value_still_pending() -> None:
+    config = make_config(
+        groups={"orders": "ls/cg"},
+        retry={"max_attempts": 1000, "initial_backoff": "5ms", "max_backoff": "5ms"},
+    )
+    async with committer_env(config) as env:
+        env.emulator.faults.update({"force": {f"{PROJECT}/ls/cg": [503, "ServerBusy"]}})
+        seq = env.store.accept("orders", 2, cursor(99))
+        outcome = await env.committer.wait_for("orders", 2, seq, timeout=0.2)
+        assert (outcome.ok, outcome.code, outcome.dropped) == (False, "Timeout", False)
+        result = await env.committer.flush(timeout=0.2)
+        assert result.timed_out and not result.ok
+
+
+class CountingClient:
+    """Wraps the real client to record how many requests each shard has outstanding."""
+
+    def __init__(self, inner: SLSClient) -> None:
+        self.inner = inner
+        self.outstanding: Counter[int] = Counter()
+        self.peak: dict[int, int] = defaultdict(int)
+        self.sent: dict[int, list[str]] = defaultdict(list)
+
+    async def update_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        shard, checkpoint = args[3], args[4]
+        self.outstanding[shard] += 1
+        self.peak[shard] = max(self.peak[shard], self.outstanding[shard])
+        self.sent[shard].append(checkpoint)
+        try:
+            await self.inner.update_checkpoint(*args, **kwargs)
+        finally:
+            self.outstanding[shard] -= 1
+
+    async def get_checkpoint(self, *args: Any, **kwargs: Any) -> list[RemoteCheckpoint]:
+        return await self.inner.get_checkpoint(*args, **kwargs)
+
+
+async def test_one_request_in_flight_per_shard_with_waits_flushes_and_cycles() -> None:
+    config = make_config(groups={"orders": "ls/cg"}, interval="5ms")
+    async with committer_env(config, latency_ms=(1.0, 10.0), error_rate=0.2) as env:
+        counting = CountingClient(env.client)
+        env.committer._client = counting
+        await env.committer.start()
+        waits = []
+        for n in range(200):
+            shard = n % 4
+            seq = env.store.accept("orders", shard, cursor(n))
+            if n % 7 == 0:
+                waits.append(asyncio.create_task(env.committer.wait_for("orders", shard, seq, 30)))
+            if n % 50 == 0:
+                waits.append(asyncio.create_task(env.committer.flush(timeout=30)))
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*waits)
+        assert (await env.committer.flush(timeout=30)).ok
+        assert set(counting.peak.values()) == {1}
+        for shard in range(4):
+            assert env.remote("ls/cg", shard) == cursor(196 + shard)
+
+
+async def test_remote_reads_getcheckpoint() -> None:
+    config = make_config(groups={"orders": "ls/cg"})
+    async with committer_env(config) as env:
+        seq = env.store.accept("orders", 3, cursor(42))
+        assert (await env.committer.wait_for("orders", 3, seq, timeout=10)).ok
+        remote = await env.committer.remote("orders", 3)
+        assert remote[3].checkpoint == cursor(42)
+        assert remote[3].update_time > 0
+
+
+@pytest.mark.parametrize("code", ["ServerBusy", "WriteQuotaExceed"])
+async def test_throttling_lowers_concurrency(code: str) -> None:
+    config = make_config(groups={"orders": "ls/cg"}, max_in_flight=16)
+    async with committer_env(config) as env:
+        status = 503 if code == "ServerBusy" else 403
+        env.emulator.faults.update({"force": {f"{PROJECT}/ls/cg": [status, code]}})
+        env.store.accept("orders", 0, cursor(1))
+        await env.committer.flush(timeout=10)
+        assert env.committer.concurrency_limit < 16
