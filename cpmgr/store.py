@@ -1,0 +1,479 @@
+"""The table of checkpoints per (group, shard): latest accepted, in flight, committed. No I/O.
+
+Every accepted value gets a sequence number, monotonic across the store. The committer takes a
+snapshot (at most one value in flight per shard) and reports each outcome back; an outcome only
+ever affects the value it was for, so an older value's late answer never overwrites a newer one.
+
+Decisions where the contract is silent:
+- After a permanent failure the dropped value no longer guards against regressions: the next
+  commit is compared with the committed value.
+- A value equal to the committed one, accepted while nothing is in flight, cancels any pending
+  value and costs no request. While a request is in flight it is pending like any other value,
+  since the remote side is about to change.
+- `dirty_since` is kept while a shard stays dirty; when a commit succeeds and a newer value is
+  still pending, it moves to when the first value after the committed one was accepted.
+- A value equal to the pending one is a no-op; a consumer sent with it replaces the pending
+  value's consumer.
+- A success clears the shard's `last_error`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal, Protocol
+
+from cpmgr.errors import ProtocolError
+from cpmgr.protocol import decode_cursor
+
+__all__ = [
+    "Attempt",
+    "CheckpointStore",
+    "ErrorInfo",
+    "ItemLike",
+    "Settlement",
+    "ShardView",
+]
+
+Settlement = Literal["committed", "dropped", "pending"]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """The last failure seen for a shard: its code, message and unix time."""
+
+    code: str
+    message: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One value handed to the committer; `seq` identifies it in every outcome call."""
+
+    group: str
+    shard: int
+    checkpoint: str
+    consumer: str | None
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardView:
+    """What get, status and metrics show of one shard."""
+
+    group: str
+    shard: int
+    pending: str | None
+    committed: str | None
+    committed_at: float | None
+    last_error: ErrorInfo | None
+    dirty_since: float | None
+    in_flight: bool
+
+
+class ItemLike(Protocol):
+    """One checkpoint of a batch (protocol.CommitItem fits)."""
+
+    @property
+    def shard(self) -> int: ...
+    @property
+    def checkpoint(self) -> str: ...
+    @property
+    def consumer(self) -> str | None: ...
+
+
+@dataclass(slots=True)
+class _Value:
+    checkpoint: str
+    number: int | None
+    consumer: str | None
+    seq: int
+
+
+class _Shard:
+    __slots__ = (
+        "committed",
+        "committed_at",
+        "dirty_since",
+        "dropped_seq",
+        "in_flight",
+        "last_error",
+        "newer_since",
+        "pending",
+    )
+
+    def __init__(self) -> None:
+        self.pending: _Value | None = None
+        self.committed: _Value | None = None
+        self.committed_at: float | None = None
+        self.in_flight: int | None = None  # seq of the value out with the committer
+        self.dropped_seq = 0  # highest seq given up by a permanent failure
+        self.last_error: ErrorInfo | None = None
+        self.dirty_since: float | None = None
+        # When the first value newer than the one in flight was accepted: where dirty_since
+        # moves if the in-flight value succeeds.
+        self.newer_since: float | None = None
+
+    @property
+    def committed_seq(self) -> int:
+        return self.committed.seq if self.committed is not None else 0
+
+    def guard(self) -> _Value | None:
+        """The value a new commit must not go back from: pending, else committed."""
+        return self.pending if self.pending is not None else self.committed
+
+
+class _Group:
+    __slots__ = ("dirty", "failures", "last_success", "shards")
+
+    def __init__(self) -> None:
+        self.shards: dict[int, _Shard] = {}
+        self.dirty: set[int] = set()
+        self.failures = 0
+        self.last_success: float | None = None
+
+
+class CheckpointStore:
+    """Latest accepted, in-flight and committed checkpoint of every (group, shard)."""
+
+    def __init__(self, groups: Iterable[str], *, clock: Callable[[], float] = time.time) -> None:
+        self._groups: dict[str, _Group] = {name: _Group() for name in groups}
+        self._clock = clock
+        self._seq = 0
+
+    # --- groups ---------------------------------------------------------------------------
+
+    def groups(self) -> list[str]:
+        """The group names, in the order they were added."""
+        return list(self._groups)
+
+    def add_group(self, name: str) -> None:
+        """Start tracking a group (no-op if it is tracked already)."""
+        self._groups.setdefault(name, _Group())
+
+    def remove_group(self, name: str) -> None:
+        """Forget a group and all its shards (flush it first: nothing is kept)."""
+        self._groups.pop(name, None)
+
+    def _group(self, name: str) -> _Group:
+        group = self._groups.get(name)
+        if group is None:
+            raise ProtocolError("UnknownGroup", f"unknown group {name!r}")
+        return group
+
+    # --- accepting ------------------------------------------------------------------------
+
+    def accept(
+        self,
+        group: str,
+        shard: int,
+        checkpoint: str,
+        *,
+        consumer: str | None = None,
+        force: bool = False,
+    ) -> int:
+        """Accept a checkpoint; returns the seq of the value now pending (or of the equal value
+        already pending or committed). Raises ProtocolError CheckpointRegression when it is
+        older than the latest accepted value, unless `force`."""
+        table = self._group(group)
+        state = table.shards.get(shard)
+        number = decode_cursor(checkpoint)
+        if state is not None and not force:
+            _check_regression(state, shard, checkpoint, number, "")
+        return self._apply(table, shard, checkpoint, number=number, consumer=consumer)
+
+    def check(self, group: str, shard: int, checkpoint: str, *, force: bool = False) -> None:
+        """Raise what accept() would raise, changing nothing."""
+        state = self._group(group).shards.get(shard)
+        if state is not None and not force:
+            _check_regression(state, shard, checkpoint, decode_cursor(checkpoint), "")
+
+    def check_batch(self, group: str, items: Sequence[ItemLike], *, force: bool = False) -> None:
+        """Raise what accept_batch() would raise, changing nothing."""
+        table = self._group(group)
+        if force:
+            return
+        for index, item in enumerate(items):
+            state = table.shards.get(item.shard)
+            if state is not None:
+                number = decode_cursor(item.checkpoint)
+                where = f"checkpoints[{index}]: "
+                _check_regression(state, item.shard, item.checkpoint, number, where)
+
+    def accept_batch(
+        self, group: str, items: Sequence[ItemLike], *, force: bool = False
+    ) -> dict[int, int]:
+        """Accept several checkpoints all-or-nothing; returns {shard: seq}. A regression in any
+        item (named by its index) refuses them all. A shard given twice keeps the last."""
+        self.check_batch(group, items, force=force)
+        table = self._groups[group]
+        seqs: dict[int, int] = {}
+        for item in items:
+            seqs[item.shard] = self._apply(
+                table,
+                item.shard,
+                item.checkpoint,
+                number=decode_cursor(item.checkpoint),
+                consumer=item.consumer,
+            )
+        return seqs
+
+    def _apply(
+        self,
+        table: _Group,
+        shard: int,
+        checkpoint: str,
+        *,
+        number: int | None,
+        consumer: str | None,
+    ) -> int:
+        state = table.shards.get(shard)
+        if state is None:
+            state = table.shards[shard] = _Shard()
+        pending = state.pending
+        if pending is not None and pending.checkpoint == checkpoint:
+            if consumer is not None:
+                pending.consumer = consumer
+            return pending.seq
+        committed = state.committed
+        if committed is not None and committed.checkpoint == checkpoint:
+            if pending is None:
+                return committed.seq
+            if state.in_flight is None:
+                # Back to what the remote side already has: nothing left to send. The new seq
+                # marks the pending value it replaces as settled.
+                self._seq += 1
+                committed.seq = self._seq
+                self._mark_clean(table, shard, state)
+                return self._seq
+        self._seq += 1
+        state.pending = _Value(checkpoint, number, consumer, self._seq)
+        if state.dirty_since is None:
+            state.dirty_since = self._clock()
+            table.dirty.add(shard)
+        if state.in_flight is not None and state.newer_since is None:
+            state.newer_since = self._clock()
+        return self._seq
+
+    def restore(
+        self,
+        group: str,
+        shard: int,
+        latest: str,
+        *,
+        consumer: str | None = None,
+        committed: str | None = None,
+    ) -> None:
+        """Replace a shard's state with what a journal replay found: `latest` becomes pending
+        unless it equals `committed` (the last value known committed, None if unknown)."""
+        table = self._group(group)
+        state = table.shards[shard] = _Shard()
+        table.dirty.discard(shard)
+        if committed is not None:
+            self._seq += 1
+            state.committed = _Value(committed, decode_cursor(committed), None, self._seq)
+        if latest != committed:
+            self._seq += 1
+            state.pending = _Value(latest, decode_cursor(latest), consumer, self._seq)
+            state.dirty_since = self._clock()
+            table.dirty.add(shard)
+
+    # --- the committer's side -------------------------------------------------------------
+
+    def pending_seqs(self, *, group: str | None = None) -> list[tuple[str, int, int]]:
+        """(group, shard, seq) of every pending value (of one group), in or out of flight."""
+        names = self._names(group)
+        return [
+            (name, shard, pending.seq)
+            for name in names
+            for shard in sorted(self._groups[name].dirty)
+            if (pending := self._groups[name].shards[shard].pending) is not None
+        ]
+
+    def _names(self, group: str | None) -> list[str]:
+        if group is None:
+            return list(self._groups)
+        return [group] if group in self._groups else []
+
+    def snapshot(
+        self, *, group: str | None = None, shards: Collection[int] | None = None
+    ) -> list[Attempt]:
+        """Dirty shards not already in flight (optionally of one group / some shards), each
+        marked in flight; ordered by group, then shard."""
+        attempts: list[Attempt] = []
+        for name in self._names(group):
+            table = self._groups[name]
+            candidates = table.dirty if shards is None else table.dirty.intersection(shards)
+            for shard in sorted(candidates):
+                state = table.shards[shard]
+                if state.in_flight is None and state.pending is not None:
+                    attempts.append(self._send(name, shard, state, state.pending))
+        return attempts
+
+    def _send(self, group: str, shard: int, state: _Shard, value: _Value) -> Attempt:
+        state.in_flight = value.seq
+        state.newer_since = None
+        return Attempt(group, shard, value.checkpoint, value.consumer, value.seq)
+
+    def refresh(self, attempt: Attempt) -> Attempt:
+        """For a retry: the shard's newest pending value, now the one in flight."""
+        state = self._state(attempt)
+        if state is None or state.pending is None or state.in_flight != attempt.seq:
+            return attempt
+        if state.pending.seq == attempt.seq:
+            return attempt
+        value = state.pending
+        self._send(attempt.group, attempt.shard, state, value)
+        return replace(attempt, checkpoint=value.checkpoint, consumer=value.consumer, seq=value.seq)
+
+    def on_success(self, attempt: Attempt, *, at: float | None = None) -> None:
+        """The attempt's value is committed on the server."""
+        state = self._state(attempt)
+        if state is None:
+            return
+        table = self._groups[attempt.group]
+        now = self._clock() if at is None else at
+        newer_since = state.newer_since if state.in_flight == attempt.seq else None
+        self._release(state, attempt)
+        if attempt.seq > state.committed_seq:
+            number = decode_cursor(attempt.checkpoint)
+            state.committed = _Value(attempt.checkpoint, number, attempt.consumer, attempt.seq)
+            state.committed_at = now
+            state.last_error = None
+            table.last_success = now if table.last_success is None else max(table.last_success, now)
+        pending = state.pending
+        if pending is not None and pending.seq <= state.committed_seq:
+            self._mark_clean(table, attempt.shard, state)
+        elif pending is not None and newer_since is not None:
+            state.dirty_since = newer_since
+
+    def on_retryable_failure(self, attempt: Attempt, error: ErrorInfo) -> None:
+        """The commit ended without success (retries exhausted, or credentials): the value stays
+        pending for the next cycle. Counts one failure."""
+        state = self._state(attempt)
+        if state is None:
+            return
+        self._release(state, attempt)
+        self._record_failure(attempt.group, state, error)
+
+    def on_permanent_failure(self, attempt: Attempt, error: ErrorInfo) -> None:
+        """The server refused the attempt's value for good: drop it (never a newer one)."""
+        state = self._state(attempt)
+        if state is None:
+            return
+        self._release(state, attempt)
+        state.dropped_seq = max(state.dropped_seq, attempt.seq)
+        pending = state.pending
+        if pending is not None and pending.seq <= attempt.seq:
+            self._mark_clean(self._groups[attempt.group], attempt.shard, state)
+        self._record_failure(attempt.group, state, error)
+
+    def note_error(self, attempt: Attempt, error: ErrorInfo) -> None:
+        """Record an attempt's error as the shard's last error, without ending the commit."""
+        state = self._state(attempt)
+        if state is not None:
+            state.last_error = error
+
+    def is_settled(self, group: str, shard: int, seq: int) -> Settlement:
+        """The fate of the value accepted as `seq`: committed (or superseded by a committed
+        value), dropped (given up, nothing newer committed), or still pending."""
+        table = self._groups.get(group)
+        state = table.shards.get(shard) if table is not None else None
+        if state is None:
+            return "dropped"
+        if state.committed_seq >= seq:
+            return "committed"
+        if state.dropped_seq >= seq:
+            return "dropped"
+        if state.pending is not None and state.pending.seq >= seq:
+            return "pending"
+        return "dropped"
+
+    def _state(self, attempt: Attempt) -> _Shard | None:
+        table = self._groups.get(attempt.group)
+        return table.shards.get(attempt.shard) if table is not None else None
+
+    def _release(self, state: _Shard, attempt: Attempt) -> None:
+        if state.in_flight == attempt.seq:
+            state.in_flight = None
+            state.newer_since = None
+
+    def _record_failure(self, group: str, state: _Shard, error: ErrorInfo) -> None:
+        state.last_error = error
+        self._groups[group].failures += 1
+
+    def _mark_clean(self, table: _Group, shard: int, state: _Shard) -> None:
+        state.pending = None
+        state.dirty_since = None
+        table.dirty.discard(shard)
+
+    # --- views ----------------------------------------------------------------------------
+
+    def shard_view(self, group: str, shard: int) -> ShardView | None:
+        """One shard, or None if the group does not know it."""
+        table = self._groups.get(group)
+        state = table.shards.get(shard) if table is not None else None
+        return None if state is None else _view(group, shard, state)
+
+    def shard_views(self, group: str) -> list[ShardView]:
+        """Every tracked shard of a group, by shard number."""
+        table = self._groups.get(group)
+        if table is None:
+            return []
+        return [_view(group, shard, table.shards[shard]) for shard in sorted(table.shards)]
+
+    def pending_count(self, group: str) -> int:
+        """Shards with an accepted, uncommitted value."""
+        table = self._groups.get(group)
+        return len(table.dirty) if table is not None else 0
+
+    def tracked_count(self, group: str) -> int:
+        """Shards the group has seen."""
+        table = self._groups.get(group)
+        return len(table.shards) if table is not None else 0
+
+    def oldest_dirty_since(self, group: str) -> float | None:
+        """The earliest `dirty_since` among the group's dirty shards."""
+        table = self._groups.get(group)
+        if table is None:
+            return None
+        times = [table.shards[s].dirty_since for s in table.dirty]
+        return min((t for t in times if t is not None), default=None)
+
+    def last_success(self, group: str) -> float | None:
+        """Unix time of the group's last successful commit."""
+        table = self._groups.get(group)
+        return table.last_success if table is not None else None
+
+    def failure_count(self, group: str) -> int:
+        """Commits of the group that ended without success."""
+        table = self._groups.get(group)
+        return table.failures if table is not None else 0
+
+
+def _check_regression(
+    state: _Shard, shard: int, checkpoint: str, number: int | None, where: str
+) -> None:
+    guard = state.guard()
+    if guard is None or number is None or guard.number is None or number >= guard.number:
+        return
+    raise ProtocolError(
+        "CheckpointRegression",
+        f"{where}shard {shard}: checkpoint {checkpoint} is older than {guard.checkpoint} "
+        "(set force to move it back)",
+    )
+
+
+def _view(group: str, shard: int, state: _Shard) -> ShardView:
+    return ShardView(
+        group=group,
+        shard=shard,
+        pending=state.pending.checkpoint if state.pending is not None else None,
+        committed=state.committed.checkpoint if state.committed is not None else None,
+        committed_at=state.committed_at,
+        last_error=state.last_error,
+        dirty_since=state.dirty_since,
+        in_flight=state.in_flight is not None,
+    )

@@ -1,0 +1,527 @@
+"""The request parser and answer encoder: every field rule of CONTRACT.md section 3."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cpmgr.errors import ProtocolError
+from cpmgr.protocol import (
+    MAX_DEPTH,
+    MAX_SHARD,
+    MAX_TIMEOUT,
+    NO_ID,
+    CommitItem,
+    CommitRequest,
+    FlushRequest,
+    GetRequest,
+    PingRequest,
+    Request,
+    RequestError,
+    RequestId,
+    StatusRequest,
+    decode_cursor,
+    encode_error,
+    encode_failure,
+    encode_ok,
+    encode_request,
+    is_blank,
+    parse_request,
+)
+
+CP = base64.b64encode(b"1524155379373908496").decode()
+CP2 = base64.b64encode(b"1524155379373908497").decode()
+
+
+def line(obj: Any) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+def refused(raw: bytes) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        parse_request(raw)
+    return info.value
+
+
+def commit(**fields: Any) -> dict[str, Any]:
+    return {"op": "commit", "group": "orders", "shard": 3, "checkpoint": CP, **fields}
+
+
+# --- framing and JSON ---------------------------------------------------------------------
+
+
+def test_parses_single_commit() -> None:
+    request = parse_request(line(commit()))
+    assert request == CommitRequest(group="orders", items=(CommitItem(3, CP),))
+
+
+@pytest.mark.parametrize("ending", [b"", b"\n", b"\r\n", b"  \r\n"])
+def test_line_endings_are_accepted(ending: bytes) -> None:
+    assert parse_request(b'{"op":"ping"}' + ending) == PingRequest()
+
+
+@pytest.mark.parametrize("raw", [b"", b"\n", b"\r\n", b"  \t \r\n"])
+def test_blank_lines_are_blank(raw: bytes) -> None:
+    assert is_blank(raw)
+
+
+def test_a_request_is_not_blank() -> None:
+    assert not is_blank(b'{"op":"ping"}\n')
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"not json\n", b'{"op":"ping"\n', b"[1,2]\n", b'"ping"\n', b"42\n", b"null\n", b"\n"],
+)
+def test_not_a_json_object_is_bad_request_without_id(raw: bytes) -> None:
+    err = refused(raw)
+    assert err.code == "BadRequest"
+    assert err.request_id == NO_ID
+
+
+def test_non_utf8_is_bad_request() -> None:
+    err = refused(b'{"op":"ping","x":"\xff\xfe"}\n')
+    assert err.code == "BadRequest"
+    assert "UTF-8" in err.message
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_refused(constant: str) -> None:
+    err = refused(b'{"op":"ping","x":' + constant.encode() + b"}")
+    assert err.code == "BadRequest"
+
+
+def test_nesting_up_to_the_limit_is_accepted() -> None:
+    nested = "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1)
+    assert parse_request(f'{{"op":"ping","x":{nested}}}'.encode()) == PingRequest()
+
+
+def test_nesting_past_the_limit_is_refused() -> None:
+    nested = "[" * MAX_DEPTH + "]" * MAX_DEPTH
+    err = refused(f'{{"op":"ping","x":{nested}}}'.encode())
+    assert err.code == "BadRequest"
+    assert "nested" in err.message
+
+
+def test_very_deep_json_is_refused_cleanly() -> None:
+    err = refused(b"[" * 500_000 + b"]" * 500_000)
+    assert err.code == "BadRequest"
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    text = json.dumps({"op": "ping", "x": "[{" * 100, "y": ['a"]\\'] * 40})
+    assert parse_request(text.encode()) == PingRequest()
+
+
+def test_huge_integer_is_refused_cleanly() -> None:
+    err = refused(b'{"op":"get","group":"g","shard":' + b"9" * 10_000 + b"}")
+    assert err.code == "BadRequest"
+
+
+# --- id -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["abc", 7, 1.5, True, None, -3, ""])
+def test_id_is_kept_for_any_scalar(value: Any) -> None:
+    request = parse_request(line({"op": "ping", "id": value}))
+    assert request.request_id == RequestId.of(value)
+
+
+def test_no_id_is_not_an_id_of_null() -> None:
+    assert parse_request(line({"op": "ping"})).request_id == NO_ID
+    assert parse_request(line({"op": "ping", "id": None})).request_id.present
+
+
+@pytest.mark.parametrize("value", [[1], {"a": 1}])
+def test_non_scalar_id_is_bad_request_without_echo(value: Any) -> None:
+    err = refused(line({"op": "ping", "id": value}))
+    assert err.code == "BadRequest"
+    assert err.request_id == NO_ID
+
+
+def test_errors_after_parsing_carry_the_id() -> None:
+    err = refused(line({"op": "launch", "id": "x-1"}))
+    assert err.code == "UnknownOp"
+    assert err.request_id == RequestId.of("x-1")
+    assert json.loads(encode_failure(err)) == {
+        "ok": False,
+        "id": "x-1",
+        "error": {"code": "UnknownOp", "message": 'unknown op "launch"'},
+    }
+
+
+# --- ops ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("obj", "code"),
+    [({}, "BadRequest"), ({"op": 3}, "BadRequest"), ({"op": "Commit"}, "UnknownOp")],
+)
+def test_op_is_required_and_known(obj: dict[str, Any], code: str) -> None:
+    assert refused(line(obj)).code == code
+
+
+def test_unknown_fields_are_ignored() -> None:
+    request = parse_request(line(commit(extra={"deep": [1, 2]}, colour="red")))
+    assert isinstance(request, CommitRequest)
+    assert request.items == (CommitItem(3, CP),)
+
+
+def test_commit_options() -> None:
+    request = parse_request(line(commit(consumer="c1", force=True, wait=True, timeout=2.5, id=9)))
+    assert request == CommitRequest(
+        group="orders",
+        items=(CommitItem(3, CP, "c1"),),
+        force=True,
+        wait=True,
+        timeout=2.5,
+        request_id=RequestId.of(9),
+    )
+
+
+def test_optional_nulls_are_absent() -> None:
+    request = parse_request(line(commit(consumer=None, force=None, wait=None, timeout=None)))
+    assert request == CommitRequest(group="orders", items=(CommitItem(3, CP),))
+
+
+def test_empty_consumer_means_the_group_default() -> None:
+    request = parse_request(line(commit(consumer="")))
+    assert isinstance(request, CommitRequest)
+    assert request.items[0].consumer is None
+
+
+def test_flush_get_status_ping() -> None:
+    assert parse_request(line({"op": "flush"})) == FlushRequest()
+    assert parse_request(line({"op": "flush", "group": "g", "timeout": 3})) == FlushRequest(
+        "g", 3.0
+    )
+    assert parse_request(line({"op": "get", "group": "g"})) == GetRequest("g")
+    assert parse_request(line({"op": "get", "group": "g", "shard": 0, "remote": True})) == (
+        GetRequest("g", 0, remote=True)
+    )
+    assert parse_request(line({"op": "status"})) == StatusRequest()
+    assert parse_request(line({"op": "ping"})) == PingRequest()
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"op": "commit", "shard": 1, "checkpoint": CP},
+        {"op": "commit", "group": 5, "shard": 1, "checkpoint": CP},
+        {"op": "commit", "group": "g", "checkpoint": CP},
+        {"op": "commit", "group": "g", "shard": 1},
+        {"op": "commit", "group": "g", "shard": 1, "checkpoint": None},
+        {"op": "get"},
+        {"op": "get", "group": None},
+        {"op": "flush", "group": 1},
+    ],
+)
+def test_missing_or_mistyped_fields_are_bad_request(obj: dict[str, Any]) -> None:
+    assert refused(line(obj)).code == "BadRequest"
+
+
+@pytest.mark.parametrize("shard", [True, False, 3.0, -1, "3", [3], MAX_SHARD + 1, 2**70])
+def test_shard_must_be_a_non_negative_integer(shard: Any) -> None:
+    err = refused(line(commit(shard=shard)))
+    assert err.code == "BadRequest"
+    assert err.message.startswith("shard:")
+    assert refused(line({"op": "get", "group": "g", "shard": shard})).code == "BadRequest"
+
+
+def test_largest_shard_is_accepted() -> None:
+    request = parse_request(line(commit(shard=MAX_SHARD)))
+    assert isinstance(request, CommitRequest)
+    assert request.items[0].shard == MAX_SHARD
+
+
+@pytest.mark.parametrize(
+    "checkpoint",
+    [
+        "",
+        "MTUy",  # fine, for contrast, see test below
+        "MTU",  # missing padding
+        "MTU=x",
+        "QR==",  # non-zero padding bits
+        "MT U=",
+        "MTU=\n",
+        "MTU-",  # URL-safe alphabet
+        "MT_=",
+        "é===",
+        42,
+        True,
+        ["MTUy"],
+        {"c": "MTUy"},
+    ],
+)
+def test_checkpoint_must_be_strict_standard_base64(checkpoint: Any) -> None:
+    if checkpoint == "MTUy":
+        assert isinstance(parse_request(line(commit(checkpoint=checkpoint))), CommitRequest)
+        return
+    err = refused(line(commit(checkpoint=checkpoint)))
+    assert err.code == "InvalidShardCheckPoint"
+
+
+@pytest.mark.parametrize("flag", ["force", "wait"])
+@pytest.mark.parametrize("value", [1, 0, "true", [], {}])
+def test_flags_must_be_booleans(flag: str, value: Any) -> None:
+    assert refused(line(commit(**{flag: value}))).code == "BadRequest"
+
+
+@pytest.mark.parametrize("value", [1, "yes"])
+def test_remote_must_be_a_boolean(value: Any) -> None:
+    err = refused(line({"op": "get", "group": "g", "remote": value}))
+    assert err.code == "BadRequest"
+
+
+@pytest.mark.parametrize("timeout", [0, 0.0, -1, True, "5", [5], MAX_TIMEOUT + 1, 10**400, 1e300])
+def test_timeout_must_be_a_positive_finite_number_in_range(timeout: Any) -> None:
+    raw = json.dumps(commit()).encode()[:-1] + b',"timeout":' + json.dumps(timeout).encode()
+    err = refused(raw + b"}")
+    assert err.code == "BadRequest"
+    assert err.message.startswith("timeout:")
+    assert refused(line({"op": "flush", "timeout": timeout})).code == "BadRequest"
+
+
+def test_timeout_overflowing_to_infinity_is_refused() -> None:
+    assert refused(b'{"op":"flush","timeout":1e999}').code == "BadRequest"
+
+
+def test_timeout_at_the_cap_is_accepted() -> None:
+    assert parse_request(line({"op": "flush", "timeout": MAX_TIMEOUT})) == FlushRequest(
+        timeout=MAX_TIMEOUT
+    )
+    assert parse_request(line({"op": "flush", "timeout": 0.001})) == FlushRequest(timeout=0.001)
+
+
+# --- batch ----------------------------------------------------------------------------------
+
+
+def batch(items: Any, **fields: Any) -> bytes:
+    return line({"op": "commit", "group": "orders", "checkpoints": items, **fields})
+
+
+def test_batch_commit() -> None:
+    request = parse_request(
+        batch(
+            [{"shard": 1, "checkpoint": CP, "consumer": "a"}, {"shard": 2, "checkpoint": CP2}],
+            consumer="dflt",
+            force=True,
+            wait=True,
+            timeout=1,
+        )
+    )
+    assert request == CommitRequest(
+        group="orders",
+        items=(CommitItem(1, CP, "a"), CommitItem(2, CP2, "dflt")),
+        batch=True,
+        force=True,
+        wait=True,
+        timeout=1.0,
+    )
+
+
+def test_batch_shard_twice_keeps_the_last() -> None:
+    request = parse_request(
+        batch(
+            [
+                {"shard": 1, "checkpoint": CP},
+                {"shard": 2, "checkpoint": CP},
+                {"shard": 1, "checkpoint": CP2, "consumer": "late"},
+            ]
+        )
+    )
+    assert isinstance(request, CommitRequest)
+    assert request.items == (CommitItem(2, CP), CommitItem(1, CP2, "late"))
+
+
+def test_empty_batch_is_bad_request() -> None:
+    err = refused(batch([]))
+    assert err.code == "BadRequest"
+    assert "empty" in err.message
+
+
+@pytest.mark.parametrize("items", ["x", {"shard": 1}, 3])
+def test_batch_must_be_a_list(items: Any) -> None:
+    assert refused(batch(items)).code == "BadRequest"
+
+
+@pytest.mark.parametrize(
+    ("bad", "code", "where"),
+    [
+        ({"shard": "1", "checkpoint": CP}, "BadRequest", "checkpoints[2].shard"),
+        ({"shard": 1, "checkpoint": "xx"}, "InvalidShardCheckPoint", "checkpoints[2].checkpoint"),
+        ({"checkpoint": CP}, "BadRequest", "checkpoints[2].shard"),
+        ({"shard": 1}, "BadRequest", "checkpoints[2].checkpoint"),
+        ({"shard": 1, "checkpoint": CP, "consumer": 5}, "BadRequest", "checkpoints[2].consumer"),
+        ("item", "BadRequest", "checkpoints[2]"),
+    ],
+)
+def test_bad_batch_item_refuses_the_batch_and_names_its_index(
+    bad: Any, code: str, where: str
+) -> None:
+    good = {"shard": 0, "checkpoint": CP}
+    err = refused(batch([good, good, bad, good], id="b"))
+    assert err.code == code
+    assert err.message.startswith(where)
+    assert err.request_id == RequestId.of("b")
+
+
+def test_batch_and_single_fields_together_are_bad_request() -> None:
+    raw = line(commit(checkpoints=[{"shard": 1, "checkpoint": CP}]))
+    assert refused(raw).code == "BadRequest"
+
+
+# --- cursors and answers --------------------------------------------------------------------
+
+
+def test_decode_cursor() -> None:
+    assert decode_cursor(CP) == 1524155379373908496
+    assert decode_cursor(base64.b64encode(b"007").decode()) == 7
+    assert decode_cursor(base64.b64encode(b"12a").decode()) is None
+    assert decode_cursor(base64.b64encode(b"-12").decode()) is None
+    assert decode_cursor(base64.b64encode("١٢".encode()).decode()) is None
+    assert decode_cursor(base64.b64encode(b"9" * 5000).decode()) is None
+    assert decode_cursor("not base64!") is None
+    assert decode_cursor("") is None
+
+
+def test_encode_ok_echoes_the_id() -> None:
+    assert json.loads(encode_ok(RequestId.of(None), accepted=2)) == {
+        "ok": True,
+        "accepted": 2,
+        "id": None,
+    }
+    assert encode_ok() == b'{"ok":true}\n'
+
+
+def test_encode_error_puts_fields_where_the_contract_says() -> None:
+    answer = json.loads(
+        encode_error(
+            RequestId.of(1),
+            "CommitFailed",
+            "1 shard failed",
+            committed=3,
+            failed=[{"group": "g", "shard": 1}],
+        )
+    )
+    assert answer == {
+        "ok": False,
+        "committed": 3,
+        "failed": [{"group": "g", "shard": 1}],
+        "error": {"code": "CommitFailed", "message": "1 shard failed"},
+        "id": 1,
+    }
+    wait_failure = RequestError("ServerBusy", "busy", error_fields={"dropped": False})
+    assert json.loads(encode_failure(wait_failure, RequestId.of("w"))) == {
+        "ok": False,
+        "error": {"code": "ServerBusy", "message": "busy", "dropped": False},
+        "id": "w",
+    }
+
+
+def test_plain_protocol_error_is_encoded_with_the_given_id() -> None:
+    answer = json.loads(encode_failure(ProtocolError("UnknownGroup", "no"), RequestId.of(4)))
+    assert answer == {"ok": False, "error": {"code": "UnknownGroup", "message": "no"}, "id": 4}
+
+
+def test_answers_are_one_ascii_line_even_with_odd_ids() -> None:
+    request = parse_request(b'{"op":"ping","id":"\\ud800\\u00e9\\n"}')
+    out = encode_ok(request.request_id)
+    assert out.endswith(b"\n")
+    assert out.count(b"\n") == 1
+    assert json.loads(out)["id"] == "\ud800\u00e9\n"
+
+
+# --- properties -----------------------------------------------------------------------------
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=20,
+)
+FIELDS = "op id group shard checkpoint checkpoints consumer force wait timeout remote"
+fieldnames = st.sampled_from(FIELDS.split())
+ops = st.sampled_from(["commit", "flush", "get", "status", "ping", "other"])
+checkpoints = st.binary(min_size=1, max_size=12).map(lambda b: base64.b64encode(b).decode())
+request_like = st.dictionaries(
+    fieldnames, json_values | ops | checkpoints | st.integers(0, 5), max_size=8
+)
+FAST = settings(max_examples=300, deadline=None, derandomize=True, database=None)
+
+
+@FAST
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_parse_or_raise_protocol_error(raw: bytes) -> None:
+    with contextlib.suppress(ProtocolError):
+        parse_request(raw)
+
+
+@FAST
+@given(request_like)
+def test_arbitrary_request_objects_parse_or_raise_protocol_error(obj: dict[str, Any]) -> None:
+    raw = json.dumps(obj).encode()
+    try:
+        request = parse_request(raw)
+    except RequestError as err:
+        answer = json.loads(encode_failure(err))
+        assert answer["ok"] is False
+        # Every object with a scalar id gets it echoed.
+        if "id" in obj and not isinstance(obj["id"], list | dict):
+            assert answer["id"] == obj["id"]
+        return
+    assert parse_request(encode_request(request)) == request
+
+
+groups = st.text(min_size=1, max_size=10)
+shards = st.integers(0, MAX_SHARD)
+consumers = st.none() | st.text(min_size=1, max_size=10)
+timeouts = st.none() | st.floats(0.001, MAX_TIMEOUT)
+ids = st.just(NO_ID) | json_scalars.map(RequestId.of)
+items = st.builds(CommitItem, shards, checkpoints, consumers)
+single_commits = st.builds(
+    CommitRequest,
+    group=groups,
+    items=items.map(lambda item: (item,)),
+    batch=st.just(False),
+    force=st.booleans(),
+    wait=st.booleans(),
+    timeout=timeouts,
+    request_id=ids,
+)
+batch_commits = st.builds(
+    CommitRequest,
+    group=groups,
+    items=st.lists(items, min_size=1, max_size=5, unique_by=lambda i: i.shard).map(tuple),
+    batch=st.just(True),
+    force=st.booleans(),
+    wait=st.booleans(),
+    timeout=timeouts,
+    request_id=ids,
+)
+requests: st.SearchStrategy[Request] = st.one_of(
+    single_commits,
+    batch_commits,
+    st.builds(FlushRequest, st.none() | groups, timeouts, ids),
+    st.builds(GetRequest, groups, st.none() | shards, st.booleans(), ids),
+    st.builds(StatusRequest, ids),
+    st.builds(PingRequest, ids),
+)
+
+
+@FAST
+@given(requests)
+def test_valid_requests_round_trip(request: Request) -> None:
+    assert parse_request(encode_request(request)) == request
