@@ -1,0 +1,266 @@
+"""The socket-client subcommands (CONTRACT.md section 1): commit, flush, get, status.
+
+Each prints a human table by default, or the daemon's answer as JSON with `--json` (without
+the request id the client adds). Exit codes: 0 ok, 1 the daemon answered `ok:false`, 2 bad
+usage (argparse), 3 the daemon could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final, TextIO
+
+from cpmgr.client import (
+    Answer,
+    CpmgrClient,
+    CpmgrClientError,
+    CpmgrUnavailable,
+    build_request,
+    default_socket_path,
+)
+
+__all__ = ["CLIENT_COMMANDS", "add_client_commands", "run_client_command"]
+
+EXIT_OK: Final = 0
+EXIT_REFUSED: Final = 1
+EXIT_UNREACHABLE: Final = 3
+CLIENT_COMMANDS: Final = ("commit", "flush", "get", "status")
+# Enough to ride out a daemon restart, short enough that "not running" is reported quickly.
+_RECONNECT_ATTEMPTS: Final = 2
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0: {text!r}")
+    return value
+
+
+def _shard(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a shard number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a shard number is >= 0: {text!r}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument(
+        "--socket",
+        metavar="PATH",
+        default=None,
+        help="daemon socket (default: $CPMGR_SOCKET, else /run/cpmgr/cpmgr.sock)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the raw answer as JSON")
+    parser.set_defaults(handler=run_client_command, client_command=name)
+
+
+def add_client_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add commit, flush, get and status; each sets `handler=run_client_command`."""
+    commit = subparsers.add_parser("commit", help="hand a checkpoint to the daemon")
+    commit.add_argument("group", help="configured group name")
+    commit.add_argument("shard", type=_shard)
+    commit.add_argument("checkpoint", help="base64 cursor")
+    commit.add_argument("--consumer", help="consumer name (default: the group's)")
+    commit.add_argument("--force", action="store_true", help="allow moving backwards")
+    commit.add_argument("--wait", action="store_true", help="return once committed to SLS")
+    commit.add_argument("--timeout", type=_seconds, metavar="S", help="for --wait")
+    _add_common(commit, "commit")
+
+    flush = subparsers.add_parser("flush", help="commit everything pending now")
+    flush.add_argument("group", nargs="?", help="only this group")
+    flush.add_argument("--timeout", type=_seconds, metavar="S")
+    _add_common(flush, "flush")
+
+    get = subparsers.add_parser("get", help="show a group's checkpoints")
+    get.add_argument("group")
+    get.add_argument("shard", nargs="?", type=_shard)
+    get.add_argument("--remote", action="store_true", help="also ask SLS (GetCheckPoint)")
+    _add_common(get, "get")
+
+    status = subparsers.add_parser("status", help="show the daemon's status")
+    _add_common(status, "status")
+
+
+def _payload(args: argparse.Namespace) -> dict[str, object]:
+    command: str = args.client_command
+    if command == "commit":
+        return build_request(
+            "commit",
+            group=args.group,
+            shard=args.shard,
+            checkpoint=args.checkpoint,
+            consumer=args.consumer,
+            force=args.force,
+            wait=args.wait,
+            timeout=args.timeout,
+        )
+    if command == "flush":
+        return build_request("flush", group=args.group, timeout=args.timeout)
+    if command == "get":
+        return build_request("get", group=args.group, shard=args.shard, remote=args.remote)
+    return build_request("status")
+
+
+def run_client_command(
+    args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run one socket-client subcommand; returns the exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    path = args.socket or default_socket_path()
+    try:
+        with CpmgrClient(path, reconnect_attempts=_RECONNECT_ATTEMPTS) as client:
+            answer = client.exchange([_payload(args)])[0]
+    except CpmgrUnavailable as exc:
+        print(f"cpmgr: the daemon could not be reached: {exc}", file=err)
+        return EXIT_UNREACHABLE
+    except CpmgrClientError as exc:
+        print(f"cpmgr: {exc}", file=err)
+        return EXIT_UNREACHABLE
+    answer = {k: v for k, v in answer.items() if k != "id"}
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=False), file=out)
+    elif answer.get("ok") is True:
+        _RENDERERS[args.client_command](args, answer, out)
+    else:
+        _render_error(answer, err)
+    return EXIT_OK if answer.get("ok") is True else EXIT_REFUSED
+
+
+# --- human output ---------------------------------------------------------------------------
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _time(value: object) -> str:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        return "-"
+    stamp = datetime.fromtimestamp(value, UTC)
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+def _error_text(error: object) -> str:
+    if not isinstance(error, Mapping):
+        return "-"
+    return f"{error.get('code')}: {error.get('message')}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces, headers first."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in (headers, *rows)
+    ]
+    return "\n".join(lines)
+
+
+def _render_commit(args: argparse.Namespace, answer: Answer, out: TextIO) -> None:
+    verb = "committed" if args.wait else "accepted"
+    print(f"{verb}: {args.group} shard {args.shard} = {args.checkpoint}", file=out)
+
+
+def _render_flush(args: argparse.Namespace, answer: Answer, out: TextIO) -> None:
+    print(f"committed {answer.get('committed', 0)} shard(s)", file=out)
+
+
+def _render_get(args: argparse.Namespace, answer: Answer, out: TextIO) -> None:
+    headers = ["GROUP", "SHARD", "PENDING", "COMMITTED", "COMMITTED_AT", "LAST_ERROR"]
+    if args.remote:
+        headers += ["REMOTE", "REMOTE_UPDATED", "REMOTE_CONSUMER"]
+    rows = [_shard_row(entry, remote=args.remote) for entry in answer.get("shards", [])]
+    print(_table(headers, rows), file=out)
+
+
+def _shard_row(entry: Mapping[str, Any], *, remote: bool) -> list[str]:
+    row = [
+        _text(entry.get("group")),
+        _text(entry.get("shard")),
+        _text(entry.get("pending")),
+        _text(entry.get("committed")),
+        _time(entry.get("committed_at")),
+        _error_text(entry.get("last_error")),
+    ]
+    if remote:
+        info = entry.get("remote")
+        info = info if isinstance(info, Mapping) else {}
+        row += [
+            _text(info.get("checkpoint") or None),
+            _text(info.get("update_time")),
+            _text(info.get("consumer") or None),
+        ]
+    return row
+
+
+def _render_status(args: argparse.Namespace, answer: Answer, out: TextIO) -> None:
+    uptime = answer.get("uptime_seconds")
+    print(f"cpmgr {_text(answer.get('version'))}, up {_text(uptime)}s", file=out)
+    for key in ("ready", "shutting_down"):
+        if key in answer:
+            print(f"{key}: {str(answer[key]).lower()}", file=out)
+    groups = answer.get("groups")
+    groups = groups if isinstance(groups, Mapping) else {}
+    rows = [
+        [
+            name,
+            _text(info.get("pending")),
+            _text(info.get("tracked")),
+            _text(info.get("failures")),
+            _time(info.get("last_success")),
+        ]
+        for name, info in groups.items()
+    ]
+    print(_table(["GROUP", "PENDING", "TRACKED", "FAILURES", "LAST_SUCCESS"], rows), file=out)
+
+
+def _render_error(answer: Answer, err: TextIO) -> None:
+    error = answer.get("error")
+    error = error if isinstance(error, Mapping) else {}
+    line = f"cpmgr: {error.get('code', 'Unknown')}: {error.get('message', '')}"
+    if isinstance(error.get("dropped"), bool):
+        line += " (value dropped)" if error["dropped"] else " (value still pending)"
+    print(line, file=err)
+    if "committed" in answer:
+        print(f"committed {answer['committed']} shard(s)", file=err)
+    failed = answer.get("failed")
+    if isinstance(failed, list) and failed:
+        rows = [
+            [
+                _text(f.get("group")),
+                _text(f.get("shard")),
+                _text(f.get("code")),
+                "yes" if f.get("dropped") else "no",
+                _text(f.get("message")),
+            ]
+            for f in failed
+            if isinstance(f, Mapping)
+        ]
+        print(_table(["GROUP", "SHARD", "CODE", "DROPPED", "MESSAGE"], rows), file=err)
+
+
+Renderer = Callable[[argparse.Namespace, Answer, TextIO], None]
+_RENDERERS: Final[dict[str, Renderer]] = {
+    "commit": _render_commit,
+    "flush": _render_flush,
+    "get": _render_get,
+    "status": _render_status,
+}
