@@ -7,7 +7,9 @@ import sys
 from collections.abc import Callable
 
 from cpmgr import __version__
+from cpmgr.clientcli import add_client_commands
 from cpmgr.config import load_config, render_effective
+from cpmgr.daemon import run_from_file
 from cpmgr.emulator import add_emulator_arguments, run_emulator_from_args
 from cpmgr.errors import ConfigError
 
@@ -29,6 +31,17 @@ def _check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return run_from_file(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
 def _add_config_command(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str
 ) -> argparse.ArgumentParser:
@@ -43,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"cpmgr {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = _add_config_command(subparsers, "run", "run the daemon in the foreground")
+    run.set_defaults(handler=_run)
     check = _add_config_command(
         subparsers, "check-config", "validate a config file and print the effective config"
     )
@@ -54,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_emulator_arguments(emulator)
     emulator.set_defaults(handler=run_emulator_from_args)
+    add_client_commands(subparsers)
     return parser
 
 

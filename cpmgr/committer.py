@@ -221,6 +221,7 @@ class Committer:
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         on_credentials_error: Callable[[], None] | None = None,
+        on_committed: Callable[[str, int, str], None] | None = None,
     ) -> None:
         self._store = store
         self._client = client
@@ -230,6 +231,7 @@ class Committer:
         self._rng = rng or random.Random()
         self._sleep = sleep
         self._on_credentials_error = on_credentials_error
+        self._on_committed = on_committed
         self._limiter = ConcurrencyLimiter(config.commit.max_in_flight, clock=clock)
         self._commit_cfg: CommitConfig = config.commit
         self._groups: dict[str, _GroupState] = {}
@@ -414,6 +416,8 @@ class Committer:
     def _record(self, attempt: Attempt, error: SLSError | None, seconds: float) -> None:
         if error is None:
             self._store.on_success(attempt, at=self._wall_clock())
+            if self._on_committed is not None:
+                self._on_committed(attempt.group, attempt.shard, attempt.checkpoint)
             self._observer.commit_finished(attempt.group, "OK", seconds, ok=True)
             self._group_recovered(attempt.group)
             return
