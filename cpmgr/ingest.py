@@ -24,6 +24,7 @@ Decisions where the contract is silent:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -47,6 +48,7 @@ from cpmgr.protocol import (
     RequestError,
     RequestId,
     StatusRequest,
+    decode_cursor,
     encode_error,
     encode_failure,
     encode_ok,
@@ -70,6 +72,7 @@ Fields = dict[str, object]
 
 # Answers of a pipelined burst are written together; past this many bytes they go out at once.
 _FLUSH_BYTES: Final = 64 * 1024
+_MAX_PIPELINED: Final = 1024  # journaled commits in progress per connection
 _PROBE_TIMEOUT: Final = 1.0
 _PEERCRED: Final = struct.Struct("3i")
 
@@ -205,9 +208,12 @@ class Dispatcher:
         self._status = status
         self._clock = clock
         self._started = clock()
-        # With a journal, check -> persist -> apply must not interleave per group, or a value
-        # refused after it was journaled would become the baseline after a restart.
-        self._journal_locks: dict[str, asyncio.Lock] = {}
+        # With a journal, a value is checked, written, made durable, then applied. Values
+        # between check and apply are reserved, so a concurrent older value is refused before
+        # it is written: otherwise it could follow a newer one in the journal and become the
+        # baseline after a restart. (A lock per group would do it too, but would defeat the
+        # group commit of fsync: always.) Key -> (newest reserved cursor, how many reserved).
+        self._reserved: dict[tuple[str, int], tuple[int | None, int]] = {}
         self.apply_config(config)
 
     def apply_config(self, config: Config) -> None:
@@ -238,15 +244,17 @@ class Dispatcher:
     async def _accept(self, request: CommitRequest) -> dict[int, int]:
         if self._journal is None:
             return self._apply(request)
-        lock = self._journal_locks.setdefault(request.group, asyncio.Lock())
-        async with lock:
-            self._check(request)
-            entries = [(request.group, i.shard, i.checkpoint, i.consumer) for i in request.items]
-            try:
-                await self._journal.record_accepted(entries)
-            except CpmgrError as exc:
-                raise ProtocolError("JournalError", f"not accepted: {exc}") from exc
-            return self._apply(request)
+        self._check(request)
+        self._check_reserved(request)
+        keys = self._reserve(request)
+        entries = [(request.group, i.shard, i.checkpoint, i.consumer) for i in request.items]
+        try:
+            await self._journal.record_accepted(entries)
+        except CpmgrError as exc:
+            raise ProtocolError("JournalError", f"not accepted: {exc}") from exc
+        finally:
+            self._unreserve(keys)
+        return self._apply(request)
 
     def _check(self, request: CommitRequest) -> None:
         if request.batch:
@@ -254,6 +262,41 @@ class Dispatcher:
         else:
             item = request.items[0]
             self._store.check(request.group, item.shard, item.checkpoint, force=request.force)
+
+    def _check_reserved(self, request: CommitRequest) -> None:
+        if request.force:
+            return
+        for index, item in enumerate(request.items):
+            reserved = self._reserved.get((request.group, item.shard))
+            number = decode_cursor(item.checkpoint)
+            if reserved is None or reserved[0] is None or number is None or number >= reserved[0]:
+                continue
+            where = f"checkpoints[{index}]: " if request.batch else ""
+            raise ProtocolError(
+                "CheckpointRegression",
+                f"{where}shard {item.shard}: checkpoint {item.checkpoint} is older than a "
+                "value being accepted (set force to move it back)",
+            )
+
+    def _reserve(self, request: CommitRequest) -> list[tuple[str, int]]:
+        keys = []
+        for item in request.items:
+            key = (request.group, item.shard)
+            number = decode_cursor(item.checkpoint)
+            newest, count = self._reserved.get(key, (number, 0))
+            if request.force or newest is None or (number is not None and number > newest):
+                newest = number
+            self._reserved[key] = (newest, count + 1)
+            keys.append(key)
+        return keys
+
+    def _unreserve(self, keys: list[tuple[str, int]]) -> None:
+        for key in keys:
+            newest, count = self._reserved[key]
+            if count <= 1:
+                del self._reserved[key]
+            else:
+                self._reserved[key] = (newest, count - 1)
 
     def _apply(self, request: CommitRequest) -> dict[int, int]:
         if request.batch:
@@ -494,8 +537,15 @@ class Connection:
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._flush_scheduled = False
-        self.busy = False
+        self._busy = False
         self._current: RequestId = NO_ID
+        # Journaled commits of a pipelined burst run concurrently so that they share fsyncs;
+        # their answers still leave in request order (see _answer_in_order).
+        self._pending: collections.deque[asyncio.Task[bytes]] = collections.deque()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy or bool(self._pending)
 
     async def serve(self) -> None:
         """Answer requests until the peer leaves, a fatal error, or the server closes."""
@@ -533,25 +583,52 @@ class Connection:
     async def _handle(self, line: bytes) -> None:
         if is_blank(line):
             return
-        self.busy = True
         try:
-            answer = await self._answer(line)
+            request = parse_request(line)
+        except ProtocolError as exc:
+            self._server.observer.request_error(exc.code)
+            await self._settle_pending()
+            self._queue(encode_failure(exc))
+            return
+        if self._server.runs_concurrently(request):
+            await self._run_concurrently(request)
+            return
+        # Anything else sees the effect of every earlier request: let those finish first.
+        await self._settle_pending()
+        self._busy = True
+        self._current = request.request_id
+        try:
+            answer = await self._answer(request)
         except asyncio.CancelledError:
             # close() ran out of patience: the request still gets its one answer.
             self._queue(encode_error(self._current, "ShuttingDown", "the daemon is closing"))
             raise
         finally:
-            self.busy = False
+            self._busy = False
             self._current = NO_ID
         self._queue(answer)
 
-    async def _answer(self, line: bytes) -> bytes:
-        try:
-            request = parse_request(line)
-        except ProtocolError as exc:
-            self._server.observer.request_error(exc.code)
-            return encode_failure(exc)
-        self._current = request.request_id
+    async def _run_concurrently(self, request: Request) -> None:
+        if len(self._pending) >= _MAX_PIPELINED:
+            await asyncio.wait([self._pending[0]])  # backpressure on a very long burst
+        task = asyncio.ensure_future(self._answer(request))
+        self._pending.append(task)
+        task.add_done_callback(lambda _: self._answer_in_order())
+
+    def _answer_in_order(self) -> None:
+        while self._pending and self._pending[0].done():
+            task = self._pending.popleft()
+            if task.cancelled():
+                self._queue(encode_error(NO_ID, "ShuttingDown", "the daemon is closing"))
+            else:
+                self._queue(task.result())
+
+    async def _settle_pending(self) -> None:
+        if self._pending:
+            await asyncio.wait(list(self._pending))
+            self._answer_in_order()
+
+    async def _answer(self, request: Request) -> bytes:
         try:
             fields = await self._server.handle(request)
             return encode_ok(request.request_id, **fields)
@@ -582,6 +659,10 @@ class Connection:
         self._out_bytes = 0
 
     async def _finish(self) -> None:
+        for task in self._pending:
+            task.cancel()
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        self._answer_in_order()
         self._flush()
         self._writer.close()
         with contextlib.suppress(ConnectionError, asyncio.CancelledError):
@@ -616,6 +697,7 @@ class IngestServer:
             status=status,
         )
         self._handlers: Handlers = handlers or self._dispatcher
+        self._journaled = journal is not None
         self._server: asyncio.Server | None = None
         self._inode: tuple[int, int] | None = None
         self._connections: dict[asyncio.Task[Any], Connection] = {}
@@ -692,6 +774,10 @@ class IngestServer:
             return True
         log.warning("refused a connection from uid %s (not in socket.allowed_uids)", uid)
         return False
+
+    def runs_concurrently(self, request: Request) -> bool:
+        """Journaled commits without `wait` may overlap, to share the journal's fsyncs."""
+        return self._journaled and isinstance(request, CommitRequest) and not request.wait
 
     async def handle(self, request: Request) -> Fields:
         """Answer one request (ShuttingDown for commits once draining)."""

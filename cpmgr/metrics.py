@@ -238,3 +238,5 @@ class Metrics:
 
     def request_error(self, code: str) -> None:
         self.socket_errors.labels(code).inc()
+        if code == "JournalError":
+            self.journal_errors.inc()
