@@ -1,0 +1,370 @@
+"""Metrics, health endpoints, status and logs of a running daemon, checked against the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from cpmgr.client import AsyncCpmgrClient, CpmgrProtocolError
+from cpmgr.config import Config, parse_config
+from cpmgr.daemon import Daemon, run
+from cpmgr.emulator import EmulatorHandle, running_emulator
+from cpmgr.logs import JsonFormatter, configure_logging
+
+PROJECT = "obs-project"
+KEY_ID = "obs-key-id"
+SECRET = "S3cr3t#value: 'with' \"quotes\""
+TOKEN = "sts-token-do-not-print"
+GROUPS = {"orders": "orders-ls/orders-cg", "audit": "audit-ls/audit-cg"}
+
+
+def cursor(number: int) -> str:
+    return base64.b64encode(str(number).encode()).decode()
+
+
+def config_data(endpoint: str, sock: str, **commit: Any) -> dict[str, Any]:
+    return {
+        "socket": {"path": sock},
+        "http": {"listen": "127.0.0.1:0"},
+        "sls": {
+            "endpoint": endpoint,
+            "access_key_id": KEY_ID,
+            "access_key_secret": SECRET,
+            "security_token": TOKEN,
+        },
+        "commit": {
+            "interval": "1h",
+            "shutdown_timeout": "5s",
+            "retry": {"max_attempts": 2, "initial_backoff": "1ms", "max_backoff": "5ms"},
+            **commit,
+        },
+        "groups": [
+            {
+                "name": name,
+                "project": PROJECT,
+                "logstore": where.split("/")[0],
+                "consumer_group": where.split("/")[1],
+            }
+            for name, where in GROUPS.items()
+        ],
+    }
+
+
+@dataclass
+class Running:
+    daemon: Daemon
+    emulator: EmulatorHandle
+    registry: CollectorRegistry
+    client: AsyncCpmgrClient
+    http: aiohttp.ClientSession
+    stop: asyncio.Event
+
+    @property
+    def base(self) -> str:
+        assert self.daemon.web is not None
+        return f"http://127.0.0.1:{self.daemon.web.port}"
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.registry.get_sample_value(name, labels)
+
+    async def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        async with self.http.get(f"{self.base}/metrics") as response:
+            assert response.status == 200
+            text = await response.text()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    def emulator_requests(self, code: str) -> int:
+        requests = self.emulator.state.snapshot()["requests"].get("UpdateCheckPoint", {})
+        return int(requests.get(code, 0))
+
+    def force(self, group: str, answer: tuple[int, str] | None) -> None:
+        key = f"{PROJECT}/{GROUPS[group]}"
+        self.emulator.faults.update({"force": {key: list(answer) if answer else None}})
+
+
+@asynccontextmanager
+async def running_daemon(emulator_key: str = SECRET, **commit: Any) -> AsyncIterator[Running]:
+    sock_dir = tempfile.mkdtemp(prefix="cp", dir="/tmp")
+    logstores = [f"{PROJECT}/{where.split('/')[0]}:4" for where in GROUPS.values()]
+    groups = [f"{PROJECT}/{where}" for where in GROUPS.values()]
+    async with running_emulator(
+        logstores=logstores,
+        consumer_groups=groups,
+        access_key_id=KEY_ID,
+        access_key_secret=emulator_key,
+    ) as emulator:
+        config: Config = parse_config(config_data(emulator.url, f"{sock_dir}/c.sock", **commit))
+        registry = CollectorRegistry()
+        stop = asyncio.Event()
+        started: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            run(config, shutdown_trigger=stop.wait, registry=registry, started=started.set_result)
+        )
+        daemon = await started
+        async with AsyncCpmgrClient(config.socket.path) as client, aiohttp.ClientSession() as http:
+            try:
+                yield Running(daemon, emulator, registry, client, http, stop)
+            finally:
+                stop.set()
+                await task
+
+
+async def test_every_contract_metric_matches_what_the_emulator_saw() -> None:
+    async with running_daemon() as r:
+        # Series for every configured group exist before any traffic.
+        scraped = await r.scrape()
+        for group in GROUPS:
+            assert scraped[("cpmgr_checkpoints_received_total", (("group", group),))] == 0
+            assert scraped[("cpmgr_pending_shards", (("group", group),))] == 0
+            assert scraped[("cpmgr_last_success_timestamp_seconds", (("group", group),))] == 0
+            assert ("cpmgr_commit_duration_seconds_count", (("group", group),)) in scraped
+
+        received = 0
+        for n in range(50):
+            await r.client.commit_many("orders", {shard: cursor(100 + n) for shard in range(4)})
+            received += 4
+        await r.client.commit("audit", 0, cursor(5))
+        received += 1
+        assert await r.client.flush() == 5
+
+        assert r.sample("cpmgr_checkpoints_received_total", group="orders") == 200
+        assert r.sample("cpmgr_checkpoints_received_total", group="audit") == 1
+        ok = r.emulator_requests("OK")
+        assert ok == 5
+        total_ok = sum(
+            r.sample("cpmgr_commit_requests_total", group=g, code="OK") or 0 for g in GROUPS
+        )
+        assert total_ok == ok
+        assert r.sample("cpmgr_commit_duration_seconds_count", group="orders") == 4
+        last_success = r.sample("cpmgr_last_success_timestamp_seconds", group="orders")
+        assert last_success is not None and last_success > 1.7e9
+
+        scraped = await r.scrape()
+        assert scraped[("cpmgr_checkpoints_received_total", (("group", "orders"),))] == 200
+        assert scraped[("cpmgr_commit_requests_total", (("code", "OK"), ("group", "orders")))] == 4
+        assert scraped[("cpmgr_build_info", (("version", r.daemon.status()["version"]),))] == 1
+        assert received == 201
+
+
+async def test_failures_by_code_after_permanent_error_and_exhausted_retries() -> None:
+    async with running_daemon() as r:
+        r.force("orders", (404, "ConsumerGroupNotExist"))
+        await r.client.commit("orders", 0, cursor(1))
+        with pytest.raises(CpmgrProtocolError) as info:
+            await r.client.flush()
+        assert info.value.code == "CommitFailed"
+        assert (
+            r.sample("cpmgr_commit_failures_total", group="orders", code="ConsumerGroupNotExist")
+            == 1
+        )
+        assert (
+            r.sample("cpmgr_commit_requests_total", group="orders", code="ConsumerGroupNotExist")
+            == 1
+        )
+
+        r.force("orders", (500, "InternalServerError"))
+        await r.client.commit("orders", 1, cursor(1))
+        with pytest.raises(CpmgrProtocolError):
+            await r.client.flush()
+        # Two attempts (max_attempts), one failed commit whose value stays pending.
+        assert (
+            r.sample("cpmgr_commit_requests_total", group="orders", code="InternalServerError") == 2
+        )
+        assert (
+            r.sample("cpmgr_commit_failures_total", group="orders", code="InternalServerError") == 1
+        )
+        assert r.sample("cpmgr_commit_retries_total", group="orders") == 1
+        assert r.emulator_requests("InternalServerError") == 2
+        assert r.sample("cpmgr_pending_shards", group="orders") == 1
+        r.force("orders", None)
+        assert await r.client.flush() == 1
+
+
+async def test_pending_and_oldest_age_during_an_outage_and_after_recovery() -> None:
+    async with running_daemon() as r:
+        r.force("orders", (503, "ServerBusy"))
+        for shard in range(3):
+            await r.client.commit("orders", shard, cursor(10))
+        with pytest.raises(CpmgrProtocolError):
+            await r.client.flush(timeout=5)
+        assert r.sample("cpmgr_pending_shards", group="orders") == 3
+        first_age = r.sample("cpmgr_oldest_pending_age_seconds", group="orders")
+        assert first_age is not None and first_age > 0
+        await r.client.commit("orders", 0, cursor(11))  # a newer value keeps the age growing
+        later_age = r.sample("cpmgr_oldest_pending_age_seconds", group="orders")
+        assert later_age is not None and later_age >= first_age
+        assert r.sample("cpmgr_pending_shards", group="audit") == 0
+
+        r.force("orders", None)
+        assert await r.client.flush() == 3
+        assert r.sample("cpmgr_pending_shards", group="orders") == 0
+        assert r.sample("cpmgr_oldest_pending_age_seconds", group="orders") == 0
+        scraped = await r.scrape()
+        assert scraped[("cpmgr_pending_shards", (("group", "orders"),))] == 0
+
+
+async def test_readyz_flips_to_503_while_shutting_down() -> None:
+    async with running_daemon(shutdown_timeout="30s") as r:
+        async with r.http.get(f"{r.base}/readyz") as response:
+            assert response.status == 200
+        async with r.http.get(f"{r.base}/healthz") as response:
+            assert response.status == 200
+        r.force("orders", (500, "InternalServerError"))
+        await r.client.commit("orders", 0, cursor(1))
+        r.stop.set()  # the drain now retries against a failing server
+        await _until_shutting_down(r.client)
+        async with r.http.get(f"{r.base}/readyz") as response:
+            assert response.status == 503
+        async with r.http.get(f"{r.base}/healthz") as response:
+            assert response.status == 200
+        r.force("orders", None)  # let the drain finish
+
+
+async def _until_shutting_down(client: AsyncCpmgrClient) -> None:
+    """Repeat an idempotent commit until the daemon answers ShuttingDown."""
+    for _ in range(10_000):
+        try:
+            await client.commit("orders", 0, cursor(1))
+        except CpmgrProtocolError as exc:
+            assert exc.code == "ShuttingDown"
+            return
+    raise AssertionError("the daemon never started shutting down")
+
+
+async def test_status_endpoint_matches_socket_status() -> None:
+    async with running_daemon() as r:
+        await r.client.commit("audit", 2, cursor(3))
+        async with r.http.get(f"{r.base}/status") as response:
+            page = await response.json()
+        answer = await r.client.status()
+        assert page["groups"] == answer["groups"]
+        assert page["groups"]["audit"]["pending"] == 1
+        assert page["groups"]["audit"]["tracked"] == 1
+
+
+async def test_secrets_never_appear_in_logs_status_or_errors(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with running_daemon(emulator_key="another-secret") as r:  # every request is refused
+        await r.client.commit("orders", 0, cursor(1))
+        with pytest.raises(CpmgrProtocolError) as info:
+            await r.client.flush()
+        failures = json.dumps(info.value.answer)
+        status = json.dumps(await r.client.status())
+        gets = json.dumps(await r.client.get("orders"))
+        async with r.http.get(f"{r.base}/status") as response:
+            page = await response.text()
+        async with r.http.get(f"{r.base}/metrics") as response:
+            metrics = await response.text()
+    assert "SignatureNotMatch" in failures
+    logs = caplog.text
+    for text in (logs, failures, status, gets, page, metrics):
+        assert SECRET not in text
+        assert TOKEN not in text
+
+
+def test_check_config_output_hides_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config_data("http://127.0.0.1:1", "/tmp/x.sock")))
+    result = subprocess.run(
+        [sys.executable, "-m", "cpmgr", "check-config", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    assert TOKEN not in result.stdout + result.stderr
+
+
+async def test_one_log_line_per_state_change_not_per_commit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="cpmgr")
+    async with running_daemon() as r:
+        r.force("orders", (500, "InternalServerError"))
+        for n in range(5):
+            for shard in range(4):
+                await r.client.commit("orders", shard, cursor(10 + n))
+            with pytest.raises(CpmgrProtocolError):
+                await r.client.flush()
+        r.force("orders", None)
+        assert await r.client.flush() == 4
+        for n in range(5):
+            await r.client.commit("orders", 0, cursor(100 + n), wait=True)
+    messages = [rec.getMessage() for rec in caplog.records if rec.name.startswith("cpmgr")]
+    failing = [m for m in messages if "InternalServerError" in m and "orders" in m]
+    recovering = [m for m in messages if "succeed again" in m]
+    assert len(failing) == 1, failing
+    assert len(recovering) == 1, recovering
+    assert not [m for m in messages if "committed" in m and "shard" in m]
+
+
+def test_json_log_format_is_one_object_per_line() -> None:
+    record = logging.LogRecord("cpmgr.test", logging.WARNING, __file__, 1, "a %s\nb", ("x",), None)
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["level"] == "warning"
+    assert entry["message"] == "a x\nb"
+    assert entry["logger"] == "cpmgr.test"
+
+
+def test_configure_logging_swaps_level_and_format() -> None:
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
+    try:
+        configure_logging("debug", "json")
+        configure_logging("warning", "text")
+        handlers = [h for h in root.handlers if h.get_name() == "cpmgr"]
+        assert len(handlers) == 1
+        assert root.level == logging.WARNING
+        assert not isinstance(handlers[0].formatter, JsonFormatter)
+    finally:
+        for handler in [h for h in root.handlers if h.get_name() == "cpmgr"]:
+            root.removeHandler(handler)
+        root.setLevel(before[0])
+
+
+async def test_promtool_accepts_the_exposition() -> None:
+    """Prometheus' own linter reads a live scrape (names, help, types, units)."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: .ci/run installs Debian's prometheus package"
+    async with running_daemon() as r:
+        await r.client.commit("orders", 0, cursor(1))
+        await r.client.flush()
+        async with r.http.get(f"{r.base}/metrics") as response:
+            text = await response.read()
+    proc = await asyncio.create_subprocess_exec(
+        promtool,
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await proc.communicate(text)
+    assert proc.returncode == 0, output.decode()
+    assert output.decode().strip() == "", output.decode()
