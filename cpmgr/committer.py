@@ -357,6 +357,8 @@ class Committer:
             error = await self._send(attempt)
             if error is None or error.permanent:
                 return attempt, error
+            # Visible in `get` and in the shutdown report while the retries go on.
+            self._store.note_error(attempt, self._error_info(error))
             if error.credentials_problem and self._on_credentials_error is not None:
                 self._on_credentials_error()
         return attempt, error
@@ -421,13 +423,16 @@ class Committer:
             self._observer.commit_finished(attempt.group, "OK", seconds, ok=True)
             self._group_recovered(attempt.group)
             return
-        info = ErrorInfo(code=error.code, message=error.message, at=self._wall_clock())
+        info = self._error_info(error)
         if error.permanent:
             self._store.on_permanent_failure(attempt, info)
         else:
             self._store.on_retryable_failure(attempt, info)
         self._observer.commit_finished(attempt.group, error.code, seconds, ok=False)
         self._group_failed(attempt, error)
+
+    def _error_info(self, error: SLSError) -> ErrorInfo:
+        return ErrorInfo(code=error.code, message=error.message, at=self._wall_clock())
 
     def _group_failed(self, attempt: Attempt, error: SLSError) -> None:
         state = self._groups.get(attempt.group)

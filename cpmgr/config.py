@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar, cast
 import yaml
 
 from cpmgr.errors import ConfigError
+from cpmgr.sls import endpoint as sls_endpoint
 from cpmgr.sls.signer import Credentials
 
 SignatureVersion = Literal["v1", "v4"]
@@ -205,16 +206,14 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 def parse_endpoint(value: object) -> str:
+    """An SLS endpoint as the client will use it; the text is kept as written."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a non-empty host[:port], optionally with http:// or https://")
-    text = value.strip()
-    scheme, sep, rest = text.partition("://")
-    if sep and scheme not in ("http", "https"):
-        raise ValueError("scheme must be http or https")
-    host = (rest if sep else text).rstrip("/")
-    if not host or "/" in host or " " in host:
-        raise ValueError("must be host[:port] with no path")
-    return text
+    try:
+        sls_endpoint.parse_endpoint(value)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace(f"invalid endpoint {value!r}: ", "")) from None
+    return value.strip()
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,8 +13,11 @@ Decisions where the contract is silent:
   every other op still works. `close()` lets requests being handled finish (for up to
   `grace` seconds; those cut off answer `ShuttingDown`), then closes every connection.
 - A batch's `accepted` counts distinct shards (a shard given twice counts once).
-- With a journal, check, persist and apply run under a per-group lock, so a value refused by
-  the regression guard is never journaled as the newest.
+- With a journal, a commit is checked, written, made durable, then applied. Values between
+  check and apply are reserved, so an older value racing a newer one is refused before it is
+  written and can never become the newest in the journal. Journaled commits pipelined on one
+  connection run concurrently so they share fsyncs; their answers still go out in order, and
+  any other request waits for them first.
 - A batch commit with `wait` that fails answers with the first failed shard's code (and its
   `dropped`), plus a top-level `failed` list like `flush`.
 - An unexpected exception while handling a request answers `InternalError`; the connection
