@@ -247,6 +247,8 @@ def test_v4_needs_a_region() -> None:
     ("section", "key", "value", "message"),
     [
         ("sls", "endpoint", "ftp://host", "sls.endpoint: scheme must be http or https"),
+        ("sls", "endpoint", "http://[::1]:80", "sls.endpoint: bad host name"),
+        ("sls", "endpoint", "host/path", "sls.endpoint: only scheme, host and port"),
         ("sls", "signature_version", "v2", "sls.signature_version: must be one of v1, v4"),
         ("http", "listen", "9464", 'http.listen: must be host:port (port 0-65535) or ""'),
         ("http", "shard_metrics", "yes", "http.shard_metrics: must be true or false"),
