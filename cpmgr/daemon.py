@@ -12,7 +12,8 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from cpmgr import __version__
 from cpmgr.committer import Committer
-from cpmgr.config import Config, load_config
+from cpmgr.config import Config, GroupConfig, load_config
 from cpmgr.credentials import CredentialsProvider
 from cpmgr.errors import ConfigError, CpmgrError
 from cpmgr.ingest import IngestServer
@@ -28,15 +29,41 @@ from cpmgr.journal import Journal
 from cpmgr.logs import configure_logging
 from cpmgr.metrics import Metrics
 from cpmgr.sls.client import SLSClient
-from cpmgr.store import CheckpointStore
+from cpmgr.store import CheckpointStore, ShardView
 from cpmgr.web import WebServer, build_app
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_LEFT_BEHIND = 1
+# After the drain, requests still being handled get this long to send the answer they already
+# have (a `wait` whose value the final flush committed); the rest are answered ShuttingDown.
+CLOSE_GRACE = 1.0
 
 ShutdownTrigger = Callable[[], Awaitable[object]]
+
+# Settings read once at startup by components that cannot swap them live.
+_RESTART_ONLY: tuple[tuple[str, Callable[[Config], object]], ...] = (
+    ("socket.*", lambda c: c.socket),
+    ("http.*", lambda c: c.http),
+    ("state.*", lambda c: c.state),
+    ("sls.endpoint", lambda c: c.sls.endpoint),
+    ("sls.signature_version", lambda c: c.sls.signature_version),
+    ("sls.region", lambda c: c.sls.region),
+    ("commit.request_timeout", lambda c: c.commit.request_timeout),
+)
+
+
+@contextlib.contextmanager
+def _startup_step(what: str) -> Iterator[None]:
+    """Report an OSError of a startup step as one CpmgrError line naming the step."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.filename:
+            reason = f"{reason}: {exc.filename}"
+        raise CpmgrError(f"{what}: {reason}") from exc
 
 
 class Daemon:
@@ -105,6 +132,9 @@ class Daemon:
         self.shutting_down = False
         self._started_at = time.monotonic()
         self._started: list[Callable[[], Awaitable[None]]] = []
+        self._close_grace = CLOSE_GRACE
+        # Removed by a reload but still known to the committer until their final flush.
+        self._retiring_groups: dict[str, GroupConfig] = {}
         self._retiring: set[asyncio.Task[None]] = set()
 
     def _journal_committed(self, group: str, shard: int, checkpoint: str) -> None:
@@ -116,7 +146,8 @@ class Daemon:
     async def start(self) -> None:
         """Start in order: HTTP (not ready), journal replay, client, committer, socket."""
         if self.web is not None:
-            await self.web.start()
+            with _startup_step(f"HTTP {self.config.http.listen}"):
+                await self.web.start()
             self._started.append(self.web.close)
         if self.journal is not None:
             self._restore(self.journal)
@@ -126,8 +157,9 @@ class Daemon:
         self._started.append(self.client.close)
         await self.committer.start()
         self._started.append(self.committer.close)
-        await self.ingest.start()
-        self._started.append(self.ingest.close)
+        with _startup_step(f"socket {self.config.socket.path}"):
+            await self.ingest.start()
+        self._started.append(self._close_ingest)
         self.ready = True
         log.info(
             "cpmgr %s ready: socket %s, %d group(s), commit interval %gs",
@@ -165,9 +197,17 @@ class Daemon:
         return self.report_left_behind()
 
     def report_left_behind(self) -> int:
+        """Log every accepted checkpoint not committed; the exit code that follows from it."""
+        left = self._log_left_behind(self.store.groups())
+        if not left:
+            log.info("every accepted checkpoint is committed")
+            return EXIT_OK
+        return EXIT_OK if self.journal is not None else EXIT_LEFT_BEHIND
+
+    def _log_left_behind(self, groups: Iterable[str]) -> list[ShardView]:
         left = [
             view
-            for group in self.store.groups()
+            for group in groups
             for view in self.store.shard_views(group)
             if view.pending is not None
         ]
@@ -181,20 +221,24 @@ class Daemon:
                 f"{error.code}: {error.message}" if error else "none",
                 ", journaled" if self.journal is not None else "",
             )
-        if not left:
-            log.info("every accepted checkpoint is committed")
-            return EXIT_OK
-        return EXIT_OK if self.journal is not None else EXIT_LEFT_BEHIND
+        return left
 
-    async def close(self) -> None:
-        """Stop every started component in reverse order (idempotent)."""
+    async def close(self, *, grace: float = CLOSE_GRACE) -> None:
+        """Stop every started component in reverse order (idempotent); requests still being
+        handled get `grace` seconds to be answered."""
         self.ready = False
+        self._close_grace = grace
+        for task in self._retiring:
+            task.cancel()
         while self._started:
             closer = self._started.pop()
             try:
                 await closer()
             except Exception:
                 log.exception("error while stopping %s", closer)
+
+    async def _close_ingest(self) -> None:
+        await self.ingest.close(grace=self._close_grace)
 
     # ------------------------------------------------------------------ reload
 
@@ -214,32 +258,44 @@ class Daemon:
 
     def _apply(self, fresh: Config) -> None:
         old = self.config
-        for section in ("socket", "http", "state"):
-            if getattr(old, section) != getattr(fresh, section):
-                log.warning("reload: %s.* changed; it takes effect after a restart", section)
-        removed = {g.name for g in old.groups} - {g.name for g in fresh.groups}
-        for name in sorted(removed):
-            self._retire_group(name)
+        for setting, read in _RESTART_ONLY:
+            if read(old) != read(fresh):
+                log.warning("reload: %s changed; it takes effect after a restart", setting)
+        removed = [g for g in old.groups if fresh.group(g.name) is None]
         for group in fresh.groups:
+            self._retiring_groups.pop(group.name, None)
             self.store.add_group(group.name)
+        self._retiring_groups.update((g.name, g) for g in removed)
         self.metrics.add_groups(self.store.groups())
         self.credentials.update(fresh.sls)
-        self.committer.apply_config(fresh)
         configure_logging(fresh.log.level, fresh.log.format)
         self.config = fresh
+        self.committer.apply_config(self._committer_config())
         self.ingest.apply_config(fresh)
+        for group in removed:
+            self._retire_group(group.name)
         log.info("config reloaded: %d group(s)", len(fresh.groups))
 
+    def _committer_config(self) -> Config:
+        """The running config plus the removed groups whose final flush is still going on."""
+        retiring = tuple(self._retiring_groups.values())
+        return replace(self.config, groups=self.config.groups + retiring)
+
     def _retire_group(self, name: str) -> None:
-        """A removed group: flush it first (in the background), then forget it."""
+        """A removed group: flush it (in the background), report what could not be
+        committed, then forget it. Consumers get UnknownGroup for it at once."""
 
         async def retire() -> None:
             result = await self.committer.flush(
                 group=name, timeout=self.config.commit.shutdown_timeout
             )
+            if self._retiring_groups.pop(name, None) is None:
+                return  # configured again meanwhile: keep its shards
             if not result.ok:
-                log.error("removed group %s: not every shard could be flushed", name)
+                log.error("removed group %s: not every shard could be committed", name)
+                self._log_left_behind([name])
             self.store.remove_group(name)
+            self.committer.apply_config(self._committer_config())
 
         task = asyncio.create_task(retire(), name=f"retire-{name}")
         self._retiring.add(task)
@@ -334,7 +390,7 @@ async def run(
         return await _drain_unless_forced(daemon, signals)
     finally:
         reloads.cancel()
-        await daemon.close()
+        await daemon.close(grace=0.0 if signals.force.is_set() else CLOSE_GRACE)
         if shutdown_trigger is None:
             signals.uninstall(loop)
 
