@@ -191,10 +191,18 @@ class Daemon:
         timeout = self.config.commit.shutdown_timeout
         log.info("shutting down: flushing pending checkpoints (up to %gs)", timeout)
         try:
-            await self.committer.flush(timeout=timeout)
+            await self._flush_until(time.monotonic() + timeout)
         except Exception:
             log.exception("final flush failed")
         return self.report_left_behind()
+
+    async def _flush_until(self, deadline: float) -> None:
+        """Flush again while retryable failures leave values pending and time remains: a
+        short outage at shutdown should cost retries, not checkpoints."""
+        while (remaining := deadline - time.monotonic()) > 0:
+            result = await self.committer.flush(timeout=remaining)
+            if result.ok or result.timed_out or all(f.dropped for f in result.failed):
+                return
 
     def report_left_behind(self) -> int:
         """Log every accepted checkpoint not committed; the exit code that follows from it."""

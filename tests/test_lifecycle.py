@@ -144,6 +144,7 @@ async def test_sigterm_while_sls_refuses_everything_exits_1_and_logs_what_is_lef
         credentials=KEYS,
         groups=[group("orders", "cg-a"), group("payments", "cg-b")],
         max_attempts=2,
+        shutdown_timeout="1s",
     )
     path = write_yaml(tmp_path / "cpmgr.yaml", config)
     async with running_daemon(path) as daemon, AsyncCpmgrClient(str(sock)) as client:
@@ -154,10 +155,13 @@ async def test_sigterm_while_sls_refuses_everything_exits_1_and_logs_what_is_lef
         sent = time.monotonic()
         daemon.send(signal.SIGTERM)
         assert await daemon.exit_code(timeout=10) == 1
-        assert time.monotonic() - sent < 5.0  # the retries ran out before shutdown_timeout
+        # The drain keeps retrying for the whole shutdown_timeout, and no longer.
+        assert 1.0 <= time.monotonic() - sent < 3.0
 
     assert committed(emulator) == {}
-    assert update_requests(emulator) == {"InternalServerError": 6}  # 3 shards, 2 attempts
+    refused = update_requests(emulator)
+    assert set(refused) == {"InternalServerError"}
+    assert refused["InternalServerError"] > 6  # more than one round of 2 attempts per shard
     assert left_behind(daemon.lines) == [
         f"group orders shard 3 checkpoint {cursor(30)} (last error: InternalServerError: "
         f"injected InternalServerError for {PROJECT}/{LOGSTORE}/cg-a)",
@@ -167,6 +171,34 @@ async def test_sigterm_while_sls_refuses_everything_exits_1_and_logs_what_is_lef
         f"injected InternalServerError for {PROJECT}/{LOGSTORE}/cg-b)",
     ]
     assert "Traceback" not in daemon.log
+
+
+async def test_sigterm_during_a_short_outage_keeps_retrying_and_commits_everything(
+    emulator: EmulatorHandle, sock_dir: Path, tmp_path: Path
+) -> None:
+    sock = sock_dir / "cpmgr.sock"
+    config = daemon_config(
+        socket_path=sock,
+        endpoint=emulator.url,
+        credentials=KEYS,
+        groups=[group("orders", "cg-a")],
+        max_attempts=2,
+        shutdown_timeout="20s",
+    )
+    path = write_yaml(tmp_path / "cpmgr.yaml", config)
+    async with running_daemon(path) as daemon, AsyncCpmgrClient(str(sock)) as client:
+        refuse_everything(emulator, "cg-a")
+        await client.commit_many("orders", {1: cursor(10), 2: cursor(20)})
+        daemon.send(signal.SIGTERM)
+        await daemon.wait_for_line("failed with InternalServerError")  # a first round failed
+        emulator.faults.update({"force": {f"{PROJECT}/{LOGSTORE}/cg-a": None}})
+        assert await daemon.exit_code(timeout=20) == 0
+
+    assert committed(emulator) == {
+        remote_key("cg-a", 1): cursor(10),
+        remote_key("cg-a", 2): cursor(20),
+    }
+    assert "left behind" not in daemon.log
 
 
 async def test_sigterm_while_sls_hangs_exits_1_within_shutdown_timeout(
