@@ -267,7 +267,7 @@ async def test_secrets_never_appear_in_logs_status_or_errors(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    async with running_daemon(emulator_key="another-secret") as r:  # every request is refused
+    async with running_daemon(emulator_key="another-secret", shutdown_timeout="200ms") as r:
         await r.client.commit("orders", 0, cursor(1))
         with pytest.raises(CpmgrProtocolError) as info:
             await r.client.flush()
