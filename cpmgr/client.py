@@ -563,9 +563,12 @@ class _AsyncConnection:
     async def close(self, error: BaseException) -> None:
         self.alive = False
         self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._fail(error)
+        try:
+            # asyncio.wait, not `await self._task`: suppressing the reader's CancelledError
+            # that way would also swallow a cancellation of the caller itself.
+            await asyncio.wait({self._task})
+        finally:
+            self._fail(error)
         with contextlib.suppress(ConnectionError):
             await self._writer.wait_closed()
 

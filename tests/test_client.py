@@ -356,3 +356,15 @@ async def test_async_calls_lost_with_a_connection_are_retried(sock_path: Path) -
     assert list(results[1:]) == [None, None]
     assert store.pending_count("orders") == 2
     assert len(sleeps) >= 1
+
+
+async def test_cancelling_a_task_inside_close_is_not_swallowed(config: Config) -> None:
+    """A consumer task cancelled while its client closes must end cancelled."""
+    async with running(config) as server:
+        client = AsyncCpmgrClient(server.path)
+        await client.ping()
+        closing = asyncio.create_task(client.close())
+        await asyncio.sleep(0)  # close() is now waiting for the reader task
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
