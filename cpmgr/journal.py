@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -371,6 +372,7 @@ class Journal:
         self._sync_task: asyncio.Task[None] | None = None
         self._batch_task: asyncio.Task[None] | None = None
         self._dirty = asyncio.Event()
+        self._dirty_since = 0.0  # monotonic time of the first write not yet fsynced (batch)
         self._closing = asyncio.Event()
 
     @property
@@ -563,6 +565,11 @@ class Journal:
         if self._mode == "always":
             await self._await_sync(undo)
         elif self._mode == "batch":
+            self._mark_dirty()
+
+    def _mark_dirty(self) -> None:
+        if not self._dirty.is_set():
+            self._dirty_since = time.monotonic()
             self._dirty.set()
 
     def record_committed(self, group: str, shard: int, checkpoint: str) -> None:
@@ -651,13 +658,16 @@ class Journal:
         """Fsync at most `fsync_interval` after the first unsynced write; sleep while idle."""
         while not self._closing.is_set():
             await self._dirty.wait()
+            # Counted from the first unsynced write, so the time an fsync takes does not
+            # stretch the window a power loss can cost.
+            delay = max(0.0, self._dirty_since + self._interval - time.monotonic())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self._interval)
+                await asyncio.wait_for(self._closing.wait(), delay)
             self._dirty.clear()
             if self._closing.is_set():
                 return  # close() does the final fsync
             if await self._sync_log() is not None:
-                self._dirty.set()  # try again (with a rewrite) next interval
+                self._mark_dirty()  # try again (with a rewrite) next interval
 
     # --- compaction ------------------------------------------------------------------------
 

@@ -180,6 +180,7 @@ class Metrics:
         Info("cpmgr_build", "cpmgr build information.", registry=registry).info(
             {"version": __version__}
         )
+        self._received_by_group: dict[str, Counter] = {}
         if process_metrics:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
@@ -227,7 +228,11 @@ class Metrics:
     # ---------------------------------------------------------------- the socket side
 
     def checkpoints_received(self, group: str, count: int = 1) -> None:
-        self.received.labels(group).inc(count)
+        # On the per-line hot path: skip labels()'s validation and lock after the first time.
+        child = self._received_by_group.get(group)
+        if child is None:
+            child = self._received_by_group[group] = self.received.labels(group)
+        child.inc(count)
 
     def connection_opened(self) -> None:
         self.connections.inc()
