@@ -250,6 +250,14 @@ class Dispatcher:
         self._check(request)
         self._check_reserved(request)
         keys = self._reserve(request)
+        # Shielded: once written, the value must reach the store even if the connection goes
+        # away meanwhile, or the journal would hold a value the store never had.
+        return await asyncio.shield(self._persist_and_apply(request, keys))
+
+    async def _persist_and_apply(
+        self, request: CommitRequest, keys: list[tuple[str, int]]
+    ) -> dict[int, int]:
+        assert self._journal is not None
         entries = [(request.group, i.shard, i.checkpoint, i.consumer) for i in request.items]
         try:
             await self._journal.record_accepted(entries)
@@ -257,6 +265,8 @@ class Dispatcher:
             raise ProtocolError("JournalError", f"not accepted: {exc}") from exc
         finally:
             self._unreserve(keys)
+        # A reload may have removed the group while the journal was writing.
+        self._require_group(request.group)
         return self._apply(request)
 
     def _check(self, request: CommitRequest) -> None:
@@ -544,7 +554,9 @@ class Connection:
         self._current: RequestId = NO_ID
         # Journaled commits of a pipelined burst run concurrently so that they share fsyncs;
         # their answers still leave in request order (see _answer_in_order).
-        self._pending: collections.deque[asyncio.Task[bytes]] = collections.deque()
+        self._pending: collections.deque[tuple[RequestId, asyncio.Task[bytes]]] = (
+            collections.deque()
+        )
 
     @property
     def busy(self) -> bool:
@@ -613,22 +625,22 @@ class Connection:
 
     async def _run_concurrently(self, request: Request) -> None:
         if len(self._pending) >= _MAX_PIPELINED:
-            await asyncio.wait([self._pending[0]])  # backpressure on a very long burst
+            await asyncio.wait([self._pending[0][1]])  # backpressure on a very long burst
         task = asyncio.ensure_future(self._answer(request))
-        self._pending.append(task)
+        self._pending.append((request.request_id, task))
         task.add_done_callback(lambda _: self._answer_in_order())
 
     def _answer_in_order(self) -> None:
-        while self._pending and self._pending[0].done():
-            task = self._pending.popleft()
+        while self._pending and self._pending[0][1].done():
+            request_id, task = self._pending.popleft()
             if task.cancelled():
-                self._queue(encode_error(NO_ID, "ShuttingDown", "the daemon is closing"))
+                self._queue(encode_error(request_id, "ShuttingDown", "the daemon is closing"))
             else:
                 self._queue(task.result())
 
     async def _settle_pending(self) -> None:
         if self._pending:
-            await asyncio.wait(list(self._pending))
+            await asyncio.wait([task for _, task in self._pending])
             self._answer_in_order()
 
     async def _answer(self, request: Request) -> bytes:
@@ -662,9 +674,12 @@ class Connection:
         self._out_bytes = 0
 
     async def _finish(self) -> None:
-        for task in self._pending:
-            task.cancel()
-        await asyncio.gather(*self._pending, return_exceptions=True)
+        tasks = [task for _, task in self._pending]
+        if self._server.closing:
+            for task in tasks:
+                task.cancel()
+        # A peer that half-closed still gets the answers to everything it sent.
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._answer_in_order()
         self._flush()
         self._writer.close()

@@ -139,3 +139,23 @@ async def test_get_after_pipelined_commits_sees_them(config: Config, state_dir: 
         assert answers[-1]["shards"][0]["pending"] == cp(7)
     finally:
         await journal.close()
+
+
+async def test_a_peer_that_half_closes_gets_every_answer_and_journal_matches_store(
+    config: Config, state_dir: Path
+) -> None:
+    journal = Journal(state_dir, fsync="always")
+    journal.open()
+    await journal.start()
+    store = CheckpointStore(g.name for g in config.groups)
+    async with running(config, store, journal=journal) as server, connect(server.path) as peer:
+        assert (await peer.ask(commit(shard=0, number=10, id=1)))["ok"]
+        await peer.send(json.dumps(commit(shard=0, number=3, force=True, id=2)).encode())
+        peer.writer.write_eof()  # the last line has no newline, then EOF: like `echo | socat`
+        answer = await peer.answer()
+        assert answer == {"ok": True, "id": 2}
+    await journal.close()
+    view = store.shard_view("orders", 0)
+    assert view is not None and view.pending == cp(3)
+    records = {(r.group, r.shard): r for r in Journal(state_dir).open()}
+    assert records["orders", 0].latest == cp(3)
