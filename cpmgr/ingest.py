@@ -653,7 +653,10 @@ class Connection:
         except Exception:
             log.exception("unexpected error handling a %s request", request.op)
             self._server.observer.request_error("InternalError")
-            return encode_error(request.request_id, "InternalError", "see the daemon log")
+            try:
+                return encode_error(request.request_id, "InternalError", "see the daemon log")
+            except ValueError:  # the id itself cannot be encoded: answer without it
+                return encode_error(NO_ID, "InternalError", "see the daemon log")
 
     def _queue(self, answer: bytes) -> None:
         self._out.append(answer)

@@ -232,6 +232,9 @@ def _request_id(obj: Mapping[str, Any]) -> RequestId:
     value = obj["id"]
     if value is not None and not isinstance(value, str | int | float | bool):
         raise RequestError("BadRequest", "id: must be a JSON scalar")
+    if isinstance(value, float) and not math.isfinite(value):
+        # 1e400 parses as inf, which no answer could echo as JSON.
+        raise RequestError("BadRequest", "id: must be a finite number")
     return RequestId.of(value)
 
 

@@ -820,3 +820,11 @@ async def test_dispatcher_routes_every_op_without_a_socket(config: Config) -> No
         await dispatcher.flush(FlushRequest())
     accepted = await dispatcher.commit(CommitRequest("orders", (CommitItem(1, cp(1)),)))
     assert accepted == {}
+
+
+async def test_an_id_too_large_for_a_float_is_refused_and_answered(config: Config) -> None:
+    async with running(config) as server, connect(server.path) as peer:
+        await peer.send(b'{"op":"ping","id":1e400}\n')
+        answer = await peer.answer()
+        assert answer["error"]["code"] == "BadRequest" and "id" not in answer
+        assert (await peer.ask({"op": "ping", "id": 1}))["ok"]  # the connection stays usable
