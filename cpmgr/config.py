@@ -162,14 +162,19 @@ def parse_duration(value: object) -> float:
     """Seconds from a number or `<number><unit>` (ms, s, m, h); must be > 0."""
     if isinstance(value, bool):
         raise ValueError("must be a duration like 5s, 250ms or 2m")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    else:
-        raise ValueError("must be a duration like 5s, 250ms or 2m")
-    if not math.isfinite(seconds) or seconds <= 0:
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str) and (match := _DURATION.match(value)):
+            seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        else:
+            raise ValueError("must be a duration like 5s, 250ms or 2m")
+    except OverflowError:
+        raise ValueError("is too large") from None
+    if math.isnan(seconds) or seconds <= 0:
         raise ValueError("must be greater than 0")
+    if math.isinf(seconds):
+        raise ValueError("is too large")
     return seconds
 
 

@@ -369,7 +369,11 @@ async def _serve_reloads(daemon: Daemon, signals: _Signals) -> None:
     while True:
         await signals.reload.wait()
         signals.reload.clear()
-        daemon.reload()
+        try:
+            daemon.reload()
+        except Exception:
+            # A bug in one reload must not end the task and silently ignore every later SIGHUP.
+            log.exception("reload failed; keeping the running config")
 
 
 async def run(
