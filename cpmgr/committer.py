@@ -203,7 +203,9 @@ class _GroupState:
     config: GroupConfig
     interval: float
     next_due: float
-    failing_codes: set[str] = field(default_factory=set)
+    # What was logged since the group last succeeded: (code, None) for a retryable failure
+    # (one line per group and code), (code, shard) for a dropped value (per shard and code).
+    failing: set[tuple[str, int | None]] = field(default_factory=set)
 
 
 class Committer:
@@ -236,6 +238,7 @@ class Committer:
         self._commit_cfg: CommitConfig = config.commit
         self._groups: dict[str, _GroupState] = {}
         self._jobs: dict[ShardKey, asyncio.Task[None]] = {}
+        self._sending: dict[ShardKey, Attempt] = {}  # the value each job sends now
         self._cycle_watchers: set[asyncio.Task[None]] = set()
         self._waiters: dict[ShardKey, list[_Waiter]] = defaultdict(list)
         self._wakeup = asyncio.Event()
@@ -326,24 +329,33 @@ class Committer:
             self._job(attempt), name=f"commit-{attempt.group}-{attempt.shard}"
         )
         self._jobs[key] = job
+        self._sending[key] = attempt
+        job.add_done_callback(lambda done: self._job_done(key, done))
         return job
+
+    def _job_done(self, key: ShardKey, job: asyncio.Task[None]) -> None:
+        if self._jobs.get(key) is not job:
+            return  # a newer job for the shard already took its place
+        del self._jobs[key]
+        attempt = self._sending.pop(key)
+        if job.cancelled():
+            # Closing or abandoned, possibly before the job even started: the value stays
+            # pending (and is reported as left behind).
+            info = ErrorInfo(code="ShuttingDown", message="commit cancelled", at=self._wall_clock())
+            self._store.on_retryable_failure(attempt, info)
+        elif (exc := job.exception()) is not None:
+            # A bug must not leave the shard marked in flight, never to be committed again.
+            log.error("commit job for %s/%d failed", key[0], key[1], exc_info=exc)
+            info = ErrorInfo(code="InternalError", message=repr(exc), at=self._wall_clock())
+            self._store.on_retryable_failure(attempt, info)
 
     # ------------------------------------------------------------------ one shard's commit
 
     async def _job(self, attempt: Attempt) -> None:
         key = (attempt.group, attempt.shard)
         started = self._clock()
-        error: SLSError | None = None
-        try:
-            attempt, error = await self._attempts(attempt)
-            self._record(attempt, error, self._clock() - started)
-        except asyncio.CancelledError:
-            # Closing: the value stays pending (and is reported as left behind).
-            info = ErrorInfo(code="ShuttingDown", message="commit cancelled", at=self._wall_clock())
-            self._store.on_retryable_failure(attempt, info)
-            raise
-        finally:
-            self._jobs.pop(key, None)
+        attempt, error = await self._attempts(attempt)
+        self._record(attempt, error, self._clock() - started)
         self._settle_waiters(key, attempt, error)
 
     async def _attempts(self, attempt: Attempt) -> tuple[Attempt, SLSError | None]:
@@ -353,6 +365,7 @@ class Committer:
             if number > 1:
                 await self._backoff(number - 1)
                 attempt = self._store.refresh(attempt)
+                self._sending[attempt.group, attempt.shard] = attempt
                 self._observer.retried(attempt.group)
             error = await self._send(attempt)
             if error is None or error.permanent:
@@ -436,9 +449,10 @@ class Committer:
 
     def _group_failed(self, attempt: Attempt, error: SLSError) -> None:
         state = self._groups.get(attempt.group)
-        if state is None or error.code in state.failing_codes:
+        key = (error.code, attempt.shard if error.permanent else None)
+        if state is None or key in state.failing:
             return
-        state.failing_codes.add(error.code)
+        state.failing.add(key)
         action = "dropped" if error.permanent else "kept pending"
         log.warning(
             "group %s: commit of shard %d failed with %s (%s); value %s",
@@ -451,9 +465,16 @@ class Committer:
 
     def _group_recovered(self, name: str) -> None:
         state = self._groups.get(name)
-        if state is not None and state.failing_codes:
-            state.failing_codes.clear()
+        if state is not None and state.failing:
+            state.failing.clear()
             log.info("group %s: commits succeed again", name)
+
+    async def abandon(self, group: str) -> None:
+        """Cancel the jobs of a group about to be forgotten (their values stay pending)."""
+        jobs = [job for (name, _), job in self._jobs.items() if name == group]
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
 
     # ------------------------------------------------------------------ wait and flush
 

@@ -171,14 +171,23 @@ class Daemon:
 
     def _restore(self, journal: Journal) -> None:
         records = journal.open()
+        configured = set(self.store.groups())
         for record in records:
-            if record.group in self.store.groups():
+            if record.group in configured:
                 self.store.restore(
                     record.group,
                     record.shard,
                     record.latest,
                     consumer=record.consumer,
                     committed=record.committed,
+                )
+            elif record.latest != record.committed:
+                log.warning(
+                    "journal: group %s is no longer configured; its shard %d checkpoint %s "
+                    "stays in the journal uncommitted (configure the group again to commit it)",
+                    record.group,
+                    record.shard,
+                    record.latest,
                 )
         pending = sum(self.store.pending_count(g) for g in self.store.groups())
         log.info("journal replayed: %d shard(s), %d pending", len(records), pending)
@@ -196,11 +205,11 @@ class Daemon:
             log.exception("final flush failed")
         return self.report_left_behind()
 
-    async def _flush_until(self, deadline: float) -> None:
+    async def _flush_until(self, deadline: float, *, group: str | None = None) -> None:
         """Flush again while retryable failures leave values pending and time remains: a
         short outage at shutdown should cost retries, not checkpoints."""
         while (remaining := deadline - time.monotonic()) > 0:
-            result = await self.committer.flush(timeout=remaining)
+            result = await self.committer.flush(group=group, timeout=remaining)
             if result.ok or result.timed_out or all(f.dropped for f in result.failed):
                 return
 
@@ -294,14 +303,15 @@ class Daemon:
         committed, then forget it. Consumers get UnknownGroup for it at once."""
 
         async def retire() -> None:
-            result = await self.committer.flush(
-                group=name, timeout=self.config.commit.shutdown_timeout
-            )
+            deadline = time.monotonic() + self.config.commit.shutdown_timeout
+            await self._flush_until(deadline, group=name)
             if self._retiring_groups.pop(name, None) is None:
                 return  # configured again meanwhile: keep its shards
-            if not result.ok:
+            # A job still retrying must end before the group is forgotten: were the group
+            # configured again, a second job for the same shard could start beside it.
+            await self.committer.abandon(name)
+            if self._log_left_behind([name]):
                 log.error("removed group %s: not every shard could be committed", name)
-                self._log_left_behind([name])
             self.store.remove_group(name)
             self.committer.apply_config(self._committer_config())
 

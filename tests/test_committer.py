@@ -408,3 +408,32 @@ async def test_throttling_lowers_concurrency(code: str) -> None:
         env.store.accept("orders", 0, cursor(1))
         await env.committer.flush(timeout=10)
         assert env.committer.concurrency_limit < 16
+
+
+async def test_dropped_values_are_logged_once_per_shard_and_code(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = make_config(groups={"orders": "ls/cg"})
+    async with committer_env(config) as env:
+        env.emulator.faults.update({"force": {f"{PROJECT}/ls/cg": [400, "ConsumerNotMatch"]}})
+        for number in (1, 2):  # the second round drops again: no new lines
+            for shard in range(3):
+                env.store.accept("orders", shard, cursor(number))
+            result = await env.committer.flush(timeout=10)
+            assert [f.dropped for f in result.failed] == [True, True, True]
+    drops = [r.getMessage() for r in caplog.records if "ConsumerNotMatch" in r.getMessage()]
+    assert len(drops) == 3
+    assert {f"shard {shard}" in " ".join(drops) for shard in range(3)} == {True}
+
+
+async def test_abandon_cancels_a_groups_jobs_and_keeps_their_values_pending() -> None:
+    config = make_config(groups={"orders": "ls/cg", "other": "ls/cg2"})
+    async with committer_env(config, latency_ms=(2000.0, 2000.0)) as env:
+        env.store.accept("orders", 0, cursor(5))
+        env.store.accept("other", 0, cursor(5))
+        env.committer.commit_now()
+        assert env.committer.in_flight == 2
+        await env.committer.abandon("orders")
+        assert env.committer.in_flight == 1  # the other group's job goes on
+        view = env.store.shard_view("orders", 0)
+        assert view is not None and view.pending == cursor(5) and not view.in_flight
