@@ -7,9 +7,10 @@ ever affects the value it was for, so an older value's late answer never overwri
 Decisions where the contract is silent:
 - After a permanent failure the dropped value no longer guards against regressions: the next
   commit is compared with the committed value.
-- A value equal to the committed one, accepted while nothing is in flight, cancels any pending
-  value and costs no request. While a request is in flight it is pending like any other value,
-  since the remote side is about to change.
+- A value equal to the committed one, accepted while nothing is in flight and nothing was sent
+  since the last success, cancels any pending value and costs no request. Otherwise it is
+  pending like any other value: a request in flight, or one that failed (a timeout is no proof
+  it did not land), may have changed the server's value.
 - `dirty_since` is kept while a shard stays dirty; when a commit succeeds and a newer value is
   still pending, it moves to when the first value after the committed one was accepted.
 - A value equal to the pending one is a no-op; a consumer sent with it replaces the pending
@@ -102,6 +103,7 @@ class _Shard:
         "last_error",
         "newer_since",
         "pending",
+        "uncertain",
     )
 
     def __init__(self) -> None:
@@ -115,6 +117,9 @@ class _Shard:
         # When the first value newer than the one in flight was accepted: where dirty_since
         # moves if the in-flight value succeeds.
         self.newer_since: float | None = None
+        # A value was sent since the last success: the server may hold it (a timeout is no
+        # proof it did not land), so `committed` no longer says what the server has.
+        self.uncertain = False
 
     @property
     def committed_seq(self) -> int:
@@ -238,7 +243,7 @@ class CheckpointStore:
                 pending.consumer = consumer
             return pending.seq
         committed = state.committed
-        if committed is not None and committed.checkpoint == checkpoint:
+        if committed is not None and committed.checkpoint == checkpoint and not state.uncertain:
             if pending is None:
                 return committed.seq
             if state.in_flight is None:
@@ -314,6 +319,7 @@ class CheckpointStore:
 
     def _send(self, group: str, shard: int, state: _Shard, value: _Value) -> Attempt:
         state.in_flight = value.seq
+        state.uncertain = True
         state.newer_since = None
         return Attempt(group, shard, value.checkpoint, value.consumer, value.seq)
 
@@ -337,6 +343,7 @@ class CheckpointStore:
         now = self._clock() if at is None else at
         newer_since = state.newer_since if state.in_flight == attempt.seq else None
         self._release(state, attempt)
+        state.uncertain = False
         if attempt.seq > state.committed_seq:
             number = decode_cursor(attempt.checkpoint)
             state.committed = _Value(attempt.checkpoint, number, attempt.consumer, attempt.seq)

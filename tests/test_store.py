@@ -448,3 +448,27 @@ def test_pending_seqs_include_values_in_flight(store: CheckpointStore) -> None:
     assert store.pending_seqs() == [("orders", 1, b), ("orders", 2, a), ("audit", 0, c)]
     assert store.pending_seqs(group="audit") == [("audit", 0, c)]
     assert store.pending_seqs(group="nope") == []
+
+
+def test_moving_back_to_the_committed_value_after_a_failed_send_is_sent(
+    store: CheckpointStore,
+) -> None:
+    store.accept("orders", 0, cp(100))
+    store.on_success(only(store.snapshot()))
+    store.accept("orders", 0, cp(200))
+    sent = only(store.snapshot())
+    store.on_retryable_failure(sent, ErrorInfo("Timeout", "no answer", 0.0))  # may have landed
+    store.accept("orders", 0, cp(100), force=True)
+    again = only(store.snapshot())
+    assert again.checkpoint == cp(100)
+
+
+def test_moving_back_to_the_committed_value_before_anything_was_sent_costs_nothing(
+    store: CheckpointStore,
+) -> None:
+    store.accept("orders", 0, cp(100))
+    store.on_success(only(store.snapshot()))
+    store.accept("orders", 0, cp(200))
+    store.accept("orders", 0, cp(100), force=True)
+    assert store.snapshot() == []
+    assert store.pending_count("orders") == 0
