@@ -279,12 +279,12 @@ class Dispatcher:
     def _check_reserved(self, request: CommitRequest) -> None:
         if request.force:
             return
-        for index, item in enumerate(request.items):
+        for item in request.items:
             reserved = self._reserved.get((request.group, item.shard))
             number = decode_cursor(item.checkpoint)
             if reserved is None or reserved[0] is None or number is None or number >= reserved[0]:
                 continue
-            where = f"checkpoints[{index}]: " if request.batch else ""
+            where = f"checkpoints[{item.index}]: " if request.batch else ""
             raise ProtocolError(
                 "CheckpointRegression",
                 f"{where}shard {item.shard}: checkpoint {item.checkpoint} is older than a "

@@ -21,7 +21,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Final, Literal, TypeGuard
 
 from cpmgr.errors import ProtocolError
@@ -110,6 +110,8 @@ class CommitItem:
     shard: int
     checkpoint: str
     consumer: str | None = None
+    # Position in a batch's `checkpoints` as sent, for error messages (not part of the value).
+    index: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +300,7 @@ def _batch_items(value: object, default_consumer: str | None) -> tuple[CommitIte
         path = f"checkpoints[{index}]."
         if not isinstance(entry, dict):
             raise ProtocolError("BadRequest", f"checkpoints[{index}]: must be an object")
-        item = _item(entry, path, default_consumer)
+        item = replace(_item(entry, path, default_consumer), index=index)
         # A shard twice keeps the last value; pop first so it also takes the last position.
         by_shard.pop(item.shard, None)
         by_shard[item.shard] = item

@@ -83,6 +83,8 @@ class ItemLike(Protocol):
     def checkpoint(self) -> str: ...
     @property
     def consumer(self) -> str | None: ...
+    @property
+    def index(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -200,11 +202,11 @@ class CheckpointStore:
         table = self._group(group)
         if force:
             return
-        for index, item in enumerate(items):
+        for item in items:
             state = table.shards.get(item.shard)
             if state is not None:
                 number = decode_cursor(item.checkpoint)
-                where = f"checkpoints[{index}]: "
+                where = f"checkpoints[{item.index}]: "
                 _check_regression(state, item.shard, item.checkpoint, number, where)
 
     def accept_batch(

@@ -828,3 +828,18 @@ async def test_an_id_too_large_for_a_float_is_refused_and_answered(config: Confi
         answer = await peer.answer()
         assert answer["error"]["code"] == "BadRequest" and "id" not in answer
         assert (await peer.ask({"op": "ping", "id": 1}))["ok"]  # the connection stays usable
+
+
+async def test_batch_regression_names_the_index_as_sent_with_a_repeated_shard(
+    config: Config,
+) -> None:
+    async with running(config) as server, connect(server.path) as peer:
+        assert (await peer.ask(commit(shard=2, number=50)))["ok"]
+        items = [
+            {"shard": 1, "checkpoint": cp(5)},
+            {"shard": 1, "checkpoint": cp(6)},
+            {"shard": 2, "checkpoint": cp(40)},
+        ]
+        answer = await peer.ask({"op": "commit", "group": "orders", "checkpoints": items})
+        assert answer["error"]["code"] == "CheckpointRegression"
+        assert answer["error"]["message"].startswith("checkpoints[2]: shard 2")

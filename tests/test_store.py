@@ -155,7 +155,7 @@ def test_dropped_value_no_longer_guards(store: CheckpointStore) -> None:
 
 def test_batch_is_all_or_nothing(store: CheckpointStore) -> None:
     store.accept("orders", 2, cp(50))
-    items = [CommitItem(1, cp(1)), CommitItem(2, cp(40)), CommitItem(3, cp(3))]
+    items = [CommitItem(1, cp(1), index=0), CommitItem(2, cp(40), index=1), CommitItem(3, cp(3))]
     with pytest.raises(ProtocolError) as info:
         store.accept_batch("orders", items)
     assert info.value.code == "CheckpointRegression"

@@ -251,6 +251,7 @@ class _Item:
     shard: int
     checkpoint: str
     consumer: str | None = None
+    index: int = 0
 
 
 StoreMachine.TestCase.settings = settings(
