@@ -20,6 +20,7 @@ from typing import Protocol
 
 from cpmgr.config import CommitConfig, Config, GroupConfig
 from cpmgr.errors import SLSError
+from cpmgr.outcomes import TIMED_OUT, CommitOutcome, FlushResult, ShardFailure
 from cpmgr.sls.client import RemoteCheckpoint
 from cpmgr.store import Attempt, CheckpointStore, ErrorInfo
 
@@ -84,39 +85,6 @@ class NullObserver:
 
     def concurrency_changed(self, limit: int) -> None:
         pass
-
-
-@dataclass(frozen=True)
-class CommitOutcome:
-    """What a `wait` caller learns about its value."""
-
-    ok: bool
-    code: str = ""
-    message: str = ""
-    dropped: bool = False
-
-
-TIMED_OUT = CommitOutcome(ok=False, code="Timeout", message="value still pending", dropped=False)
-
-
-@dataclass(frozen=True)
-class ShardFailure:
-    group: str
-    shard: int
-    code: str
-    message: str
-    dropped: bool
-
-
-@dataclass(frozen=True)
-class FlushResult:
-    committed: int
-    failed: tuple[ShardFailure, ...] = ()
-    timed_out: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not self.timed_out
 
 
 def backoff_delay(attempt: int, *, initial: float, maximum: float, rng: random.Random) -> float:

@@ -41,6 +41,7 @@ from typing import Any, Final, Protocol
 from cpmgr import __version__
 from cpmgr.config import Config
 from cpmgr.errors import CpmgrError, ProtocolError, SLSError
+from cpmgr.outcomes import CommitOutcome, FlushResult
 from cpmgr.protocol import (
     NO_ID,
     CommitRequest,
@@ -58,6 +59,7 @@ from cpmgr.protocol import (
     is_blank,
     parse_request,
 )
+from cpmgr.sls.client import RemoteCheckpoint
 from cpmgr.store import CheckpointStore, ShardView
 
 __all__ = [
@@ -83,62 +85,14 @@ _PEERCRED: Final = struct.Struct("3i")
 # --- the seams: what the ingest needs from its collaborators ----------------------------------
 
 
-class WaitOutcome(Protocol):
-    """The fate of one waited-for value (committer.CommitOutcome fits)."""
-
-    @property
-    def ok(self) -> bool: ...
-    @property
-    def code(self) -> str: ...
-    @property
-    def message(self) -> str: ...
-    @property
-    def dropped(self) -> bool: ...
-
-
-class ShardFailureLike(Protocol):
-    """One shard a flush could not commit."""
-
-    @property
-    def group(self) -> str: ...
-    @property
-    def shard(self) -> int: ...
-    @property
-    def code(self) -> str: ...
-    @property
-    def message(self) -> str: ...
-    @property
-    def dropped(self) -> bool: ...
-
-
-class FlushOutcome(Protocol):
-    """What a flush achieved (committer.FlushResult fits)."""
-
-    @property
-    def committed(self) -> int: ...
-    @property
-    def failed(self) -> Sequence[ShardFailureLike]: ...
-    @property
-    def timed_out(self) -> bool: ...
-
-
-class RemoteEntry(Protocol):
-    """One shard of a GetCheckPoint answer (sls.client.RemoteCheckpoint fits)."""
-
-    @property
-    def checkpoint(self) -> str: ...
-    @property
-    def update_time(self) -> int: ...
-    @property
-    def consumer(self) -> str: ...
-
-
 class CommitterLike(Protocol):
     """What `wait`, `flush` and `get` with `remote` need from the committer."""
 
-    async def wait_for(self, group: str, shard: int, seq: int, timeout: float) -> WaitOutcome: ...
-    async def flush(self, *, group: str | None = None, timeout: float) -> FlushOutcome: ...
-    async def remote(self, group: str, shard: int | None = None) -> Mapping[int, RemoteEntry]: ...
+    async def wait_for(self, group: str, shard: int, seq: int, timeout: float) -> CommitOutcome: ...
+    async def flush(self, *, group: str | None = None, timeout: float) -> FlushResult: ...
+    async def remote(
+        self, group: str, shard: int | None = None
+    ) -> Mapping[int, RemoteCheckpoint]: ...
 
 
 class JournalLike(Protocol):
@@ -395,7 +349,7 @@ class Dispatcher:
             entries.append(entry)
         return {"shards": entries}
 
-    async def _remote(self, group: str, shard: int | None) -> Mapping[int, RemoteEntry]:
+    async def _remote(self, group: str, shard: int | None) -> Mapping[int, RemoteCheckpoint]:
         committer = self._require_committer("remote")
         try:
             return await committer.remote(group, shard)
@@ -442,7 +396,7 @@ def _shard_entry(group: str, shard: int, view: ShardView | None) -> Fields:
     }
 
 
-def _remote_entry(entry: RemoteEntry | None) -> Fields | None:
+def _remote_entry(entry: RemoteCheckpoint | None) -> Fields | None:
     if entry is None:
         return None
     return {

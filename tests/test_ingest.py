@@ -26,6 +26,7 @@ from cpmgr.config import Config, GroupConfig, SLSConfig, SocketConfig
 from cpmgr.errors import CpmgrError, SLSError
 from cpmgr.ingest import Dispatcher, IngestServer
 from cpmgr.metrics import Metrics
+from cpmgr.outcomes import CommitOutcome, FlushResult, ShardFailure
 from cpmgr.protocol import (
     CommitItem,
     CommitRequest,
@@ -34,6 +35,7 @@ from cpmgr.protocol import (
     PingRequest,
     StatusRequest,
 )
+from cpmgr.sls.client import RemoteCheckpoint
 from cpmgr.store import CheckpointStore, ErrorInfo
 
 
@@ -541,36 +543,10 @@ async def test_apply_config_updates_the_groups(config: Config) -> None:
 # --- the committer and journal seams ------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Outcome:
-    ok: bool
-    code: str = ""
-    message: str = ""
-    dropped: bool = False
-
-
-@dataclass(frozen=True)
-class Failure:
-    group: str
-    shard: int
-    code: str
-    message: str
-    dropped: bool
-
-
-@dataclass(frozen=True)
-class FlushResult:
-    committed: int
-    failed: tuple[Failure, ...] = ()
-    timed_out: bool = False
-
-
-@dataclass(frozen=True)
-class Remote:
-    shard: int
-    checkpoint: str
-    update_time: int
-    consumer: str
+# The committer's real outcome types, under the names these tests use.
+Outcome = CommitOutcome
+Failure = ShardFailure
+Remote = RemoteCheckpoint
 
 
 @dataclass
@@ -578,7 +554,7 @@ class FakeCommitter:
     """Answers as scripted; `gate` holds flushes until set."""
 
     outcomes: dict[int, Outcome] = field(default_factory=dict)
-    flush_result: FlushResult = FlushResult(0)
+    flush_result: FlushResult = field(default_factory=lambda: FlushResult(0))
     remote_entries: dict[int, Remote] = field(default_factory=dict)
     remote_error: SLSError | None = None
     waits: list[tuple[str, int, int, float]] = field(default_factory=list)
