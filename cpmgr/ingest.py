@@ -204,19 +204,18 @@ class Dispatcher:
         self._check(request)
         self._check_reserved(request)
         keys = self._reserve(request)
-        # Shielded: once written, the value must reach the store even if the connection goes
-        # away meanwhile, or the journal would hold a value the store never had.
-        return await asyncio.shield(self._persist_and_apply(request, keys))
-
-    async def _persist_and_apply(
-        self, request: CommitRequest, keys: list[tuple[str, int]]
-    ) -> dict[int, int]:
-        assert self._journal is not None
         entries = [(request.group, i.shard, i.checkpoint, i.consumer) for i in request.items]
         try:
             await self._journal.record_accepted(entries)
         except CpmgrError as exc:
             raise ProtocolError("JournalError", f"not accepted: {exc}") from exc
+        except asyncio.CancelledError:
+            # The record is written (the journal writes before it waits for the fsync): the
+            # value must reach the store too, or after a restart the journal would hold a
+            # value the store never had. No answer goes out, so applying it is harmless.
+            with contextlib.suppress(ProtocolError):
+                self._apply(request)
+            raise
         finally:
             self._unreserve(keys)
         # A reload may have removed the group while the journal was writing.

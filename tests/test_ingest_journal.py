@@ -159,3 +159,26 @@ async def test_a_peer_that_half_closes_gets_every_answer_and_journal_matches_sto
     assert view is not None and view.pending == cp(3)
     records = {(r.group, r.shard): r for r in Journal(state_dir).open()}
     assert records["orders", 0].latest == cp(3)
+
+
+async def test_a_commit_cut_off_by_close_during_its_fsync_still_reaches_the_store(
+    config: Config, state_dir: Path
+) -> None:
+    fsync = GatedFsync()
+    journal = Journal(state_dir, fsync="always", fsync_fn=fsync)
+    journal.open()
+    await journal.start()
+    fsync.gate.clear()
+    store = CheckpointStore(g.name for g in config.groups)
+    async with running(config, store, journal=journal) as server, connect(server.path) as peer:
+        await peer.send(json.dumps(commit(shard=5, number=9, id=1)).encode() + b"\n")
+        answer = asyncio.ensure_future(peer.answer())
+        await asyncio.sleep(0.05)  # the record is written, its fsync held
+        await server.close(grace=0)  # cuts the commit off while it waits for the fsync
+        assert (await answer)["error"]["code"] == "ShuttingDown"
+    fsync.gate.set()
+    await journal.close()
+    view = store.shard_view("orders", 5)
+    assert view is not None and view.pending == cp(9)  # store and journal agree
+    records = {(r.group, r.shard): r for r in Journal(state_dir).open()}
+    assert records["orders", 5].latest == cp(9)
