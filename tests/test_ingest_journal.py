@@ -38,12 +38,15 @@ class GatedFsync:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.entered = threading.Event()  # an fsync is waiting at the gate
         self.gate = threading.Event()
         self.gate.set()  # open() and start() fsync too; tests close the gate afterwards
         self.fail = False
 
     def __call__(self, fd: int) -> None:
         self.calls += 1
+        if not self.gate.is_set():
+            self.entered.set()
         self.gate.wait(timeout=10)
         if self.fail:
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -64,7 +67,8 @@ async def test_commits_share_fsyncs_and_answer_after_them(config: Config, state_
             )
             await peer.send(lines)
             first = asyncio.ensure_future(peer.answer())
-            await asyncio.sleep(0.05)  # give the server time to (wrongly) answer early
+            await asyncio.to_thread(fsync.entered.wait, 10)  # the burst is written
+            await asyncio.sleep(0.05)  # a wrong early answer would arrive now
             assert not first.done(), "answered before the fsync covering it"
             fsync.gate.set()
             answers = [await first] + [await peer.answer() for _ in range(199)]
@@ -91,7 +95,7 @@ async def test_older_value_racing_a_newer_one_is_refused_not_journaled(
     ):
         await newer.send(json.dumps(commit(shard=1, number=200)).encode() + b"\n")
         pending = asyncio.ensure_future(newer.answer())
-        await asyncio.sleep(0.05)  # the newer value is written, its fsync held
+        await asyncio.to_thread(fsync.entered.wait, 10)  # written, its fsync held
         answer = await older.ask(commit(shard=1, number=150))
         assert answer["error"]["code"] == "CheckpointRegression"
         fsync.gate.set()
@@ -173,7 +177,7 @@ async def test_a_commit_cut_off_by_close_during_its_fsync_still_reaches_the_stor
     async with running(config, store, journal=journal) as server, connect(server.path) as peer:
         await peer.send(json.dumps(commit(shard=5, number=9, id=1)).encode() + b"\n")
         answer = asyncio.ensure_future(peer.answer())
-        await asyncio.sleep(0.05)  # the record is written, its fsync held
+        await asyncio.to_thread(fsync.entered.wait, 10)  # written, its fsync held
         await server.close(grace=0)  # cuts the commit off while it waits for the fsync
         assert (await answer)["error"]["code"] == "ShuttingDown"
     fsync.gate.set()
