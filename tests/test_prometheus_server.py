@@ -1,0 +1,212 @@
+"""A real Prometheus server scrapes a running daemon and evaluates deploy/prometheus/alerts.yml."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+import yaml
+from test_observability import Running, cursor, running_daemon
+
+from cpmgr.client import CpmgrProtocolError
+
+ALERTS = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"
+# Prometheus is a separate process: it can only be watched through its HTTP API, so each step
+# polls that API until a deadline. With 1s scrape and evaluation intervals every step takes a
+# second or two, except the first scrape: Prometheus applies discovered targets at most every
+# 5 seconds (not configurable in 2.42). The deadline only bounds a broken run.
+STEP_TIMEOUT = 15.0
+POLL_INTERVAL = 0.2
+STOP_TIMEOUT = 10.0
+
+T = TypeVar("T")
+
+
+@dataclass
+class Prometheus:
+    """A running Prometheus process and the session that reads its HTTP API."""
+
+    process: asyncio.subprocess.Process
+    base: str
+    http: aiohttp.ClientSession
+    log: Path
+
+    async def api(self, path: str, **params: str) -> Any:
+        """The `data` of a successful answer from /api/v1/<path>."""
+        async with self.http.get(f"{self.base}/api/v1/{path}", params=params) as response:
+            body = await response.json()
+        assert body["status"] == "success", body
+        return body["data"]
+
+    async def query(self, expr: str) -> dict[str, float]:
+        """An instant query: the value of each series, keyed by its `group` label (or "")."""
+        data = await self.api("query", query=expr)
+        assert data["resultType"] == "vector", data
+        return {s["metric"].get("group", ""): float(s["value"][1]) for s in data["result"]}
+
+    async def eventually(self, what: str, probe: Callable[[], Awaitable[T | None]]) -> T:
+        """The first non-None result of `probe`, or a failure naming `what` and the server log."""
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.returncode is not None:
+                pytest.fail(f"prometheus exited while waiting for {what}:\n{self.tail()}")
+            found = await probe()
+            if found is not None:
+                return found
+            await asyncio.sleep(POLL_INTERVAL)
+        pytest.fail(f"prometheus did not show {what} in {STEP_TIMEOUT}s:\n{self.tail()}")
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
+
+
+def _free_port() -> int:
+    # Prometheus does not report the port it bound for ":0", so pick one first; another
+    # process could take it in between, which would show as a clear startup failure.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _write_config(directory: Path, target: str) -> Path:
+    """prometheus.yml scraping `target` as job cpmgr, with a copy of the project's alert rules."""
+    # Copied unchanged: the alert this test waits for (CpmgrCommitsFailing) has no `for:`.
+    rules = directory / "alerts.yml"
+    shutil.copyfile(ALERTS, rules)
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(rules)],
+        "scrape_configs": [{"job_name": "cpmgr", "static_configs": [{"targets": [target]}]}],
+    }
+    path = directory / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+async def _stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is not None:
+        return
+    process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
+@asynccontextmanager
+async def running_prometheus(tmp_path: Path, r: Running) -> AsyncIterator[Prometheus]:
+    """Prometheus on a loopback port scraping the daemon of `r`, stopped on exit."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail(
+            "prometheus is not installed: .ci/run installs Debian's prometheus package",
+            pytrace=False,
+        )
+    assert r.daemon.web is not None
+    config = _write_config(tmp_path, f"127.0.0.1:{r.daemon.web.port}")
+    listen = f"127.0.0.1:{_free_port()}"
+    log = tmp_path / "prometheus.log"
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address={listen}",
+            "--storage.tsdb.retention.time=1h",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    try:
+        yield Prometheus(process, f"http://{listen}", r.http, log)
+    finally:
+        await _stop(process)
+
+
+async def _ready(prom: Prometheus) -> bool | None:
+    try:
+        async with prom.http.get(f"{prom.base}/-/ready") as response:
+            return True if response.status == 200 else None  # 503 while the TSDB opens
+    except aiohttp.ClientConnectionError:
+        return None  # not listening yet
+
+
+async def _target_up(prom: Prometheus) -> dict[str, Any] | None:
+    targets = await prom.api("targets")
+    for target in targets["activeTargets"]:
+        if target["labels"]["job"] == "cpmgr" and target["health"] == "up":
+            return dict(target)
+    return None
+
+
+async def _value(prom: Prometheus, expr: str, group: str, expected: float) -> float | None:
+    seen = (await prom.query(expr)).get(group)
+    return seen if seen == expected else None
+
+
+async def _firing(prom: Prometheus, name: str) -> list[dict[str, Any]] | None:
+    alerts = [a for a in (await prom.api("alerts"))["alerts"] if a["labels"]["alertname"] == name]
+    return alerts or None
+
+
+async def test_prometheus_scrapes_the_daemon_and_alerts_on_failing_commits(
+    tmp_path: Path,
+) -> None:
+    async with running_daemon() as r, running_prometheus(tmp_path, r) as prom:
+        await prom.eventually("readiness", lambda: _ready(prom))
+        target = await prom.eventually("the cpmgr target up", lambda: _target_up(prom))
+        assert target["scrapeUrl"] == f"{r.base}/metrics"
+        assert await prom.query('up{job="cpmgr"}') == {"": 1.0}
+
+        for n in range(3):
+            await r.client.commit_many("orders", {shard: cursor(10 + n) for shard in range(4)})
+        await r.client.commit("audit", 0, cursor(1))
+        assert await r.client.flush() == 5
+        received = 'cpmgr_checkpoints_received_total{job="cpmgr"}'
+        await prom.eventually("12 checkpoints", lambda: _value(prom, received, "orders", 12))
+        assert await prom.query(received) == {"orders": 12.0, "audit": 1.0}
+        ok = 'cpmgr_commit_requests_total{code="OK"}'
+        assert await prom.query(ok) == {"orders": 4.0, "audit": 1.0}
+
+        r.force("orders", (500, "InternalServerError"))
+        await r.client.commit("orders", 0, cursor(20))
+        with pytest.raises(CpmgrProtocolError):
+            await r.client.flush()
+        alerts = await prom.eventually(
+            "CpmgrCommitsFailing", lambda: _firing(prom, "CpmgrCommitsFailing")
+        )
+
+        # No `for:`: the first evaluation that sees the failure fires it, for orders only.
+        assert [(a["state"], a["labels"]["group"], a["labels"]["code"]) for a in alerts] == [
+            ("firing", "orders", "InternalServerError")
+        ]
+        assert alerts[0]["labels"]["severity"] == "warning"
+        assert alerts[0]["labels"]["instance"] == target["labels"]["instance"]
+        assert alerts[0]["annotations"]["summary"] == (
+            "cpmgr commits for group orders fail with InternalServerError"
+        )
+        assert await prom.query('cpmgr_pending_shards{job="cpmgr"}') == {
+            "orders": 1.0,
+            "audit": 0.0,
+        }
+        # Every rule of the project evaluates without error on live data, and nothing else
+        # alerts: a healthy group and one fresh failure are not an outage.
+        (group,) = (await prom.api("rules"))["groups"]
+        assert len(group["rules"]) == len(yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"])
+        assert {
+            (rule["name"], rule["health"], rule.get("lastError", "")) for rule in group["rules"]
+        } == {(rule["name"], "ok", "") for rule in group["rules"]}
+        active = {a["labels"]["alertname"] for a in (await prom.api("alerts"))["alerts"]}
+        assert active == {"CpmgrCommitsFailing"}
+        r.force("orders", None)  # so the daemon's final drain commits at once, not for 5s
