@@ -18,6 +18,7 @@ run: $(STAMP)
 	$(BIN)/python -m cpmgr.demo --config config/local.yaml
 
 test: $(STAMP)
+	bash .ci/ensure-promtool
 	$(BIN)/ruff check cpmgr tests
 	$(BIN)/ruff format --check cpmgr tests
 	$(BIN)/mypy

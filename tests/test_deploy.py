@@ -61,7 +61,7 @@ def _hadolint(dockerfile: Path, tmp_path: Path) -> subprocess.CompletedProcess[s
 
 
 def _promtool() -> str:
-    return _tool("promtool", "apt-get install prometheus (.ci/run installs it)")
+    return _tool("promtool", "apt-get install prometheus (make test installs it)")
 
 
 # ------------------------------------------------------------------------------- Dockerfile

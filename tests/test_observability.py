@@ -351,7 +351,7 @@ def test_configure_logging_swaps_level_and_format() -> None:
 async def test_promtool_accepts_the_exposition() -> None:
     """Prometheus' own linter reads a live scrape (names, help, types, units)."""
     promtool = shutil.which("promtool")
-    assert promtool, "promtool is missing: .ci/run installs Debian's prometheus package"
+    assert promtool, "promtool is missing: make test installs Debian's prometheus package"
     async with running_daemon() as r:
         await r.client.commit("orders", 0, cursor(1))
         await r.client.flush()

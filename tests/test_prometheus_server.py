@@ -110,7 +110,7 @@ async def running_prometheus(tmp_path: Path, r: Running) -> AsyncIterator[Promet
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail(
-            "prometheus is not installed: .ci/run installs Debian's prometheus package",
+            "prometheus is not installed: make test installs Debian's prometheus package",
             pytrace=False,
         )
     assert r.daemon.web is not None
