@@ -87,7 +87,7 @@ def backoff_delay(
     attempt: int, *, initial: float, maximum: float, rng: Callable[[], float]
 ) -> float:
     """Seconds to wait before reconnect `attempt` (1-based): exponential with full jitter."""
-    ceiling = min(maximum, initial * 2.0 ** max(0, attempt - 1))
+    ceiling = min(maximum, initial * 2.0 ** min(max(0, attempt - 1), 62))  # no float overflow
     return ceiling * rng()
 
 

@@ -89,7 +89,8 @@ class NullObserver:
 
 def backoff_delay(attempt: int, *, initial: float, maximum: float, rng: random.Random) -> float:
     """Full-jitter exponential backoff before retry number `attempt` (1 = first retry)."""
-    ceiling = min(maximum, initial * (2 ** (attempt - 1)))
+    # The exponent is capped: with a large max_attempts, 2 ** attempt would overflow a float.
+    ceiling = min(maximum, initial * 2.0 ** min(attempt - 1, 62))
     return rng.uniform(0.0, ceiling)
 
 
@@ -192,6 +193,7 @@ class Committer:
         sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         on_credentials_error: Callable[[], None] | None = None,
         on_committed: Callable[[str, int, str], None] | None = None,
+        on_dropped: Callable[[str, int, str], None] | None = None,
     ) -> None:
         self._store = store
         self._client = client
@@ -202,6 +204,7 @@ class Committer:
         self._sleep = sleep
         self._on_credentials_error = on_credentials_error
         self._on_committed = on_committed
+        self._on_dropped = on_dropped
         self._limiter = ConcurrencyLimiter(config.commit.max_in_flight, clock=clock)
         self._commit_cfg: CommitConfig = config.commit
         self._groups: dict[str, _GroupState] = {}
@@ -240,6 +243,7 @@ class Committer:
         self._commit_cfg = config.commit
         self._limiter.maximum = config.commit.max_in_flight
         self._limiter.limit = min(self._limiter.limit, float(config.commit.max_in_flight))
+        self._observer.concurrency_changed(self._limiter.current)
         now = self._clock()
         groups: dict[str, _GroupState] = {}
         for group in config.groups:
@@ -407,6 +411,8 @@ class Committer:
         info = self._error_info(error)
         if error.permanent:
             self._store.on_permanent_failure(attempt, info)
+            if self._on_dropped is not None:
+                self._on_dropped(attempt.group, attempt.shard, attempt.checkpoint)
         else:
             self._store.on_retryable_failure(attempt, info)
         self._observer.commit_finished(attempt.group, error.code, seconds, ok=False)

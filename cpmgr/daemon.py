@@ -102,6 +102,7 @@ class Daemon:
             observer=self.metrics,
             on_credentials_error=self.credentials.invalidate,
             on_committed=self._journal_committed,
+            on_dropped=self._journal_dropped,
         )
         self.journal = (
             Journal(
@@ -140,6 +141,10 @@ class Daemon:
     def _journal_committed(self, group: str, shard: int, checkpoint: str) -> None:
         if self.journal is not None:
             self.journal.record_committed(group, shard, checkpoint)
+
+    def _journal_dropped(self, group: str, shard: int, checkpoint: str) -> None:
+        if self.journal is not None:
+            self.journal.record_dropped(group, shard, checkpoint)
 
     # ------------------------------------------------------------------ start and stop
 

@@ -100,7 +100,18 @@ class _Committed:
     checkpoint: str
 
 
-_Record = _SnapshotHeader | _Accepted | _Committed | ShardRecord
+@dataclass(frozen=True)
+class _Dropped:
+    """SLS refused this value for good: it is no longer pending (nor a baseline)."""
+
+    seq: int
+    group: str
+    shard: int
+    checkpoint: str
+
+
+_LogRecord = _Accepted | _Committed | _Dropped
+_Record = _SnapshotHeader | _LogRecord | ShardRecord
 
 
 @dataclass
@@ -136,7 +147,7 @@ def _frame(payload: dict[str, Any]) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
-def _encode(rec: _Accepted | _Committed) -> bytes:
+def _encode(rec: _LogRecord) -> bytes:
     if isinstance(rec, _Accepted):
         return _frame(
             {
@@ -148,7 +159,8 @@ def _encode(rec: _Accepted | _Committed) -> bytes:
                 "u": rec.consumer,
             }
         )
-    return _frame({"t": "c", "n": rec.seq, "g": rec.group, "s": rec.shard, "c": rec.checkpoint})
+    kind = "c" if isinstance(rec, _Committed) else "d"
+    return _frame({"t": kind, "n": rec.seq, "g": rec.group, "s": rec.shard, "c": rec.checkpoint})
 
 
 def _snapshot_bytes(shards: Sequence[ShardRecord], seq: int) -> bytes:
@@ -192,8 +204,9 @@ def _decode(obj: dict[str, Any], path: Path) -> _Record:
         return _Accepted(
             _count(obj, "n"), _str(obj, "g"), _count(obj, "s"), _str(obj, "c"), _opt_str(obj, "u")
         )
-    if kind == "c":
-        return _Committed(_count(obj, "n"), _str(obj, "g"), _count(obj, "s"), _str(obj, "c"))
+    if kind in ("c", "d"):
+        cls = _Committed if kind == "c" else _Dropped
+        return cls(_count(obj, "n"), _str(obj, "g"), _count(obj, "s"), _str(obj, "c"))
     if kind == "s":
         return ShardRecord(
             _str(obj, "g"), _count(obj, "s"), _str(obj, "l"), _opt_str(obj, "u"), _opt_str(obj, "k")
@@ -273,6 +286,19 @@ def _commit(shards: dict[_Key, ShardRecord], rec: _Committed) -> None:
         shards[key] = ShardRecord(rec.group, rec.shard, rec.checkpoint, None, rec.checkpoint)
     else:
         shards[key] = dataclasses.replace(prev, committed=rec.checkpoint)
+
+
+def _drop(shards: dict[_Key, ShardRecord], rec: _Dropped) -> None:
+    """The dropped value stops being pending and a baseline, as in the store; a newer value
+    accepted since stays."""
+    key = (rec.group, rec.shard)
+    prev = shards.get(key)
+    if prev is None or prev.latest != rec.checkpoint:
+        return
+    if prev.committed is None:
+        del shards[key]
+    else:
+        shards[key] = dataclasses.replace(prev, latest=prev.committed, consumer=None)
 
 
 def _undo(shards: dict[_Key, ShardRecord], undo: Iterable[_Undo]) -> None:
@@ -486,15 +512,17 @@ class Journal:
         """Apply the log records the snapshot does not hold; return how many it did hold."""
         skipped = 0
         for rec in records:
-            if not isinstance(rec, _Accepted | _Committed):
+            if not isinstance(rec, _Accepted | _Committed | _Dropped):
                 continue
             self._seq = max(self._seq, rec.seq)
             if covers is not None and rec.seq <= covers:
                 skipped += 1
             elif isinstance(rec, _Accepted):
                 _accept(self._shards, rec)
-            else:
+            elif isinstance(rec, _Committed):
                 _commit(self._shards, rec)
+            else:
+                _drop(self._shards, rec)
         return skipped
 
     def _open_log(self, path: Path) -> None:
@@ -517,7 +545,7 @@ class Journal:
         if self._log_fd is None or self._closed:
             raise JournalError(f"journal in {self._dir} is not open")
 
-    def _append(self, records: Sequence[_Accepted | _Committed]) -> None:
+    def _append(self, records: Sequence[_LogRecord]) -> None:
         """Write whole records at the end of the log; on failure cut off whatever got written."""
         assert self._log_fd is not None
         data = b"".join(_encode(rec) for rec in records)
@@ -575,10 +603,20 @@ class Journal:
     def record_committed(self, group: str, shard: int, checkpoint: str) -> None:
         """Note a value SLS confirmed; not fsynced (losing it only repeats an idempotent
         commit). Errors are logged, not raised."""
+        self._note_outcome(_Committed(self._next_seq(), group, shard, checkpoint))
+
+    def record_dropped(self, group: str, shard: int, checkpoint: str) -> None:
+        """Note a value SLS refused for good, so a restart does not make it pending again.
+        Not fsynced (losing it only repeats a refused commit). Errors are logged, not raised."""
+        self._note_outcome(_Dropped(self._next_seq(), group, shard, checkpoint))
+
+    def _note_outcome(self, rec: _Committed | _Dropped) -> None:
         if self._log_fd is None or self._closed:
             return
-        rec = _Committed(self._next_seq(), group, shard, checkpoint)
-        _commit(self._shards, rec)
+        if isinstance(rec, _Committed):
+            _commit(self._shards, rec)
+        else:
+            _drop(self._shards, rec)
         try:
             self._append([rec])
         except OSError as exc:

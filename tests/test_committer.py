@@ -437,3 +437,8 @@ async def test_abandon_cancels_a_groups_jobs_and_keeps_their_values_pending() ->
         assert env.committer.in_flight == 1  # the other group's job goes on
         view = env.store.shard_view("orders", 0)
         assert view is not None and view.pending == cursor(5) and not view.in_flight
+
+
+def test_backoff_does_not_overflow_with_many_attempts() -> None:
+    rng = random.Random(2)
+    assert 0.0 <= backoff_delay(100_000, initial=0.2, maximum=10.0, rng=rng) <= 10.0

@@ -490,3 +490,31 @@ def test_bad_options_are_refused(state_dir: Path) -> None:
     for make in bad:
         with pytest.raises(ValueError):
             make()
+
+
+async def test_a_dropped_value_is_not_pending_after_a_restart(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    journal = Journal(directory, fsync="never")
+    journal.open()
+    await journal.record_accepted([("g", 0, "MTA=", None), ("g", 1, "MTA=", "c1")])
+    journal.record_committed("g", 1, "MTA=")
+    await journal.record_accepted([("g", 1, "MjA=", "c1")])
+    journal.record_dropped("g", 0, "MTA=")  # never committed: the shard is forgotten
+    journal.record_dropped("g", 1, "MjA=")  # back to the committed value as the baseline
+    await journal.close()
+    records = {(r.group, r.shard): r for r in Journal(directory).open()}
+    assert ("g", 0) not in records
+    assert records["g", 1].latest == records["g", 1].committed == "MTA="
+
+
+async def test_a_drop_does_not_touch_a_newer_accepted_value(tmp_path: Path) -> None:
+    directory = tmp_path / "state"
+    journal = Journal(directory, fsync="never")
+    journal.open()
+    await journal.record_accepted([("g", 0, "MTA=", None)])
+    await journal.record_accepted([("g", 0, "MjA=", None)])
+    journal.record_dropped("g", 0, "MTA=")
+    journal.maybe_compact(force=True)  # the snapshot keeps the newer value too
+    await journal.close()
+    [record] = Journal(directory).open()
+    assert record.latest == "MjA=" and record.committed is None

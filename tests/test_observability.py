@@ -139,6 +139,7 @@ async def test_every_contract_metric_matches_what_the_emulator_saw() -> None:
             assert scraped[("cpmgr_pending_shards", (("group", group),))] == 0
             assert scraped[("cpmgr_last_success_timestamp_seconds", (("group", group),))] == 0
             assert ("cpmgr_commit_duration_seconds_count", (("group", group),)) in scraped
+        assert scraped[("cpmgr_commit_concurrency_limit", ())] == 32  # commit.max_in_flight
 
         received = 0
         for n in range(50):
