@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -32,6 +33,8 @@ EXIT_UNREACHABLE: Final = 3
 CLIENT_COMMANDS: Final = ("commit", "flush", "get", "status")
 # Enough to ride out a daemon restart, short enough that "not running" is reported quickly.
 _RECONNECT_ATTEMPTS: Final = 2
+_ANSWER_TIMEOUT: Final = 60.0  # for requests the daemon answers at once
+EXIT_INTERRUPTED: Final = 130  # the shell's code for SIGINT
 
 
 def _seconds(text: str) -> float:
@@ -45,13 +48,10 @@ def _seconds(text: str) -> float:
 
 
 def _shard(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a shard number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a shard number is >= 0: {text!r}")
-    return value
+    # Digits only: int() would also take "1_0", " +2" or "-1".
+    if not re.fullmatch(r"[0-9]+", text):
+        raise argparse.ArgumentTypeError(f"not a shard number (digits, >= 0): {text!r}")
+    return int(text)
 
 
 def _add_common(parser: argparse.ArgumentParser, name: str) -> None:
@@ -119,9 +119,17 @@ def run_client_command(
     out = out or sys.stdout
     err = err or sys.stderr
     path = args.socket or default_socket_path()
+    # A `wait` or `flush` may take as long as the daemon's own bound (commit.wait_timeout, or
+    # --timeout): wait for its answer rather than call a busy daemon unreachable.
+    waits = args.client_command == "flush" or (args.client_command == "commit" and args.wait)
     try:
-        with CpmgrClient(path, reconnect_attempts=_RECONNECT_ATTEMPTS) as client:
+        with CpmgrClient(
+            path, timeout=None if waits else _ANSWER_TIMEOUT, reconnect_attempts=_RECONNECT_ATTEMPTS
+        ) as client:
             answer = client.exchange([_payload(args)])[0]
+    except KeyboardInterrupt:
+        print("cpmgr: interrupted", file=err)
+        return EXIT_INTERRUPTED
     except CpmgrUnavailable as exc:
         print(f"cpmgr: the daemon could not be reached: {exc}", file=err)
         return EXIT_UNREACHABLE

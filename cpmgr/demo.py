@@ -14,6 +14,7 @@ import base64
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -210,9 +211,16 @@ async def demo(config_path: str, duration: float | None) -> int:
         flush=True,
     )
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set() and daemon.returncode is None:
+            # Ctrl-C again: pass it on, so the daemon's second signal ends its drain at once.
+            daemon.send_signal(signal.SIGTERM)
+        stop.set()
+
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, on_signal)
+    loop.add_signal_handler(signal.SIGTERM, on_signal)
     if duration is not None:
         loop.call_later(duration, stop.set)
     try:
@@ -228,6 +236,7 @@ async def demo(config_path: str, duration: float | None) -> int:
         if daemon.returncode is None:
             code = await _stop_child(daemon, "daemon", config.commit.shutdown_timeout + 5)
         await _stop_child(emulator, "emulator", 5)
+        shutil.rmtree(run_dir, ignore_errors=True)
     return code
 
 

@@ -25,6 +25,7 @@ from test_ingest import (
 )
 
 from cpmgr import __version__
+from cpmgr.cli import main
 from cpmgr.clientcli import CLIENT_COMMANDS, add_client_commands, run_client_command
 from cpmgr.config import Config
 from cpmgr.store import CheckpointStore, ErrorInfo
@@ -235,3 +236,13 @@ async def test_socket_comes_from_the_environment(
         monkeypatch.setenv("CPMGR_SOCKET", config.socket.path)
         result = await cli("status")
     assert result.code == 0
+
+
+@pytest.mark.parametrize("shard", ["1_0", " +2", "-1", "٣"])
+def test_a_shard_argument_must_be_plain_digits(
+    shard: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["get", "orders", shard, "--socket", "/nonexistent.sock"])
+    assert info.value.code == 2
+    assert "not a shard number" in capsys.readouterr().err
