@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final
 
+from cpmgr.backoff import backoff_delay
 from cpmgr.errors import CpmgrError
 
 __all__ = [
@@ -81,14 +82,6 @@ def default_socket_path(env: Mapping[str, str] | None = None) -> str:
     """`$CPMGR_SOCKET` if set and non-empty, else /run/cpmgr/cpmgr.sock."""
     value = (os.environ if env is None else env).get(SOCKET_ENV, "")
     return value or DEFAULT_SOCKET_PATH
-
-
-def backoff_delay(
-    attempt: int, *, initial: float, maximum: float, rng: Callable[[], float]
-) -> float:
-    """Seconds to wait before reconnect `attempt` (1-based): exponential with full jitter."""
-    ceiling = min(maximum, initial * 2.0 ** min(max(0, attempt - 1), 62))  # no float overflow
-    return ceiling * rng()
 
 
 # --- requests and answers -------------------------------------------------------------------

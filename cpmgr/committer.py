@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from cpmgr.backoff import backoff_delay
 from cpmgr.config import CommitConfig, Config, GroupConfig
 from cpmgr.errors import SLSError
 from cpmgr.outcomes import TIMED_OUT, CommitOutcome, FlushResult, ShardFailure
@@ -85,13 +86,6 @@ class NullObserver:
 
     def concurrency_changed(self, limit: int) -> None:
         pass
-
-
-def backoff_delay(attempt: int, *, initial: float, maximum: float, rng: random.Random) -> float:
-    """Full-jitter exponential backoff before retry number `attempt` (1 = first retry)."""
-    # The exponent is capped: with a large max_attempts, 2 ** attempt would overflow a float.
-    ceiling = min(maximum, initial * 2.0 ** min(attempt - 1, 62))
-    return rng.uniform(0.0, ceiling)
 
 
 class ConcurrencyLimiter:
@@ -351,7 +345,10 @@ class Committer:
     async def _backoff(self, retry_number: int) -> None:
         retry = self._commit_cfg.retry
         delay = backoff_delay(
-            retry_number, initial=retry.initial_backoff, maximum=retry.max_backoff, rng=self._rng
+            retry_number,
+            initial=retry.initial_backoff,
+            maximum=retry.max_backoff,
+            rng=self._rng.random,
         )
         await self._sleep(delay)
 
