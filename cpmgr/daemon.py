@@ -334,15 +334,7 @@ class Daemon:
             "uptime_seconds": round(time.monotonic() - self._started_at, 3),
             "ready": self.ready,
             "shutting_down": self.shutting_down,
-            "groups": {
-                name: {
-                    "pending": self.store.pending_count(name),
-                    "tracked": self.store.tracked_count(name),
-                    "failures": self.store.failure_count(name),
-                    "last_success": self.store.last_success(name),
-                }
-                for name in self.store.groups()
-            },
+            "groups": {name: self.store.group_status(name) for name in self.store.groups()},
         }
 
 

@@ -362,12 +362,7 @@ class Dispatcher:
             "version": __version__,
             "uptime_seconds": round(self._clock() - self._started, 3),
             "groups": {
-                name: {
-                    "pending": self._store.pending_count(name),
-                    "tracked": self._store.tracked_count(name),
-                    "failures": self._store.failure_count(name),
-                    "last_success": self._store.last_success(name),
-                }
+                name: self._store.group_status(name)
                 for name in self._store.groups()
                 if name in self._groups
             },

@@ -456,6 +456,15 @@ class CheckpointStore:
         table = self._groups.get(group)
         return table.last_success if table is not None else None
 
+    def group_status(self, group: str) -> dict[str, object]:
+        """A group's entry in the `status` answer: pending, tracked, failures, last_success."""
+        return {
+            "pending": self.pending_count(group),
+            "tracked": self.tracked_count(group),
+            "failures": self.failure_count(group),
+            "last_success": self.last_success(group),
+        }
+
     def failure_count(self, group: str) -> int:
         """Commits of the group that ended without success."""
         table = self._groups.get(group)
