@@ -6,8 +6,6 @@ an `ApiError` carrying the SLS status and errorCode the HTTP layer answers with.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import os
 import re
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cpmgr.errors import ConfigError, CpmgrError
+from cpmgr.protocol import is_valid_checkpoint
 
 Clock = Callable[[], float]
 
@@ -90,17 +89,6 @@ class Logstore:
 def checkpoint_key(project: str, logstore: str, group: str, shard: int) -> str:
     """The "PROJECT/LOGSTORE/GROUP/SHARD" key used by the state endpoint and the history."""
     return f"{project}/{logstore}/{group}/{shard}"
-
-
-def is_valid_checkpoint(value: str) -> bool:
-    """Standard base64 with padding, non-empty, and canonical (it re-encodes to itself)."""
-    if not value:
-        return False
-    try:
-        decoded = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    return base64.b64encode(decoded).decode() == value
 
 
 def validate_group_name(name: str) -> None:
