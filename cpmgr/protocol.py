@@ -10,7 +10,10 @@ Decisions where the contract is silent:
   `InvalidShardCheckPoint`.
 - A batch may carry a top-level `consumer`, used for items that name none; an empty `consumer`
   is the same as none (the group's default applies).
-- JSON nested deeper than `MAX_DEPTH` levels, `NaN`/`Infinity` and non-UTF-8 bytes are `BadRequest`.
+- JSON nested deeper than `MAX_DEPTH` levels, `NaN`/`Infinity`, integers over Python's 4300-digit
+  conversion limit and non-UTF-8 bytes are `BadRequest`. A line is parsed first and its depth
+  checked on the parsed value, so parsing costs time linear in the line whatever it holds; a line
+  that is both invalid JSON and too deep may be refused for either reason.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import base64
 import binascii
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Final, Literal, TypeGuard
@@ -62,8 +64,7 @@ JsonScalar = str | int | float | bool | None
 Op = Literal["commit", "flush", "get", "status", "ping"]
 
 _BLANK: Final = b" \t\r\n"
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKETS = re.compile(r"[\[\]{}]")
+_TOO_DEEP: Final = f"JSON nested deeper than {MAX_DEPTH} levels"
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,35 +193,50 @@ def _load_object(line: bytes) -> dict[str, Any]:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise RequestError("BadRequest", "request is not valid UTF-8") from None
-    if _too_deep(text):
-        raise RequestError("BadRequest", f"JSON nested deeper than {MAX_DEPTH} levels")
     try:
-        obj = json.loads(text, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError) as exc:
+        if text.startswith("\ufeff"):  # json.loads() refuses a BOM too, with this message
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        obj = _DECODER.decode(text)
+    except RecursionError:
+        # The scanner recursed as deep as the stack allows, far past MAX_DEPTH.
+        raise RequestError("BadRequest", _TOO_DEEP) from None
+    except ValueError as exc:
         raise RequestError("BadRequest", f"request is not valid JSON: {_short(exc)}") from None
+    # Fewer brackets than MAX_DEPTH cannot nest deeper: the common case skips the walk.
+    if line.count(b"[") + line.count(b"{") > MAX_DEPTH and _too_deep(obj):
+        raise RequestError("BadRequest", _TOO_DEEP)
     if not isinstance(obj, dict):
         raise RequestError("BadRequest", "request must be a JSON object")
     return obj
 
 
-def _too_deep(text: str) -> bool:
-    # The fast path: a line with few brackets cannot be deep. Otherwise strip the strings (which
-    # may contain brackets) and count nesting, so json.loads never recurses past MAX_DEPTH.
-    if text.count("[") + text.count("{") <= MAX_DEPTH:
-        return False
-    depth = 0
-    for match in _BRACKETS.finditer(_JSON_STRING.sub("", text)):
-        if match.group() in "[{":
-            depth += 1
-            if depth > MAX_DEPTH:
-                return True
-        else:
-            depth -= 1
+def _too_deep(value: object) -> bool:
+    """Whether parsed JSON nests containers deeper than MAX_DEPTH.
+
+    Level by level, so the cost is linear in the number of values and the walk stops at
+    MAX_DEPTH levels, never recursing.
+    """
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 1
+    while level:
+        if depth > MAX_DEPTH:
+            return True
+        level = [
+            child
+            for container in level
+            for child in (container.values() if isinstance(container, dict) else container)
+            if isinstance(child, dict | list)
+        ]
+        depth += 1
     return False
 
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
+
+
+# One decoder for every line: json.loads() with an option builds a new one per call.
+_DECODER: Final = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
 def _short(exc: BaseException) -> str:
