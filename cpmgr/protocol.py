@@ -10,6 +10,10 @@ Decisions where the contract is silent:
   `InvalidShardCheckPoint`.
 - A batch may carry a top-level `consumer`, used for items that name none; an empty `consumer`
   is the same as none (the group's default applies).
+- A consumer name is 1-128 bytes of `[A-Za-z0-9._@:-]` in every group, not only membership
+  groups, for single and batch commits alike (SLS takes it in a URL query: an unchecked name
+  could be accepted here and then fail at every commit). Any other string is `BadRequest`
+  naming the field, e.g. `checkpoints[2].consumer`.
 - JSON nested deeper than `MAX_DEPTH` levels, `NaN`/`Infinity`, integers over Python's 4300-digit
   conversion limit and non-UTF-8 bytes are `BadRequest`. A line is parsed first and its depth
   checked on the parsed value, so parsing costs time linear in the line whatever it holds; a line
@@ -22,6 +26,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Final, Literal, TypeGuard
@@ -65,6 +70,8 @@ Op = Literal["commit", "flush", "get", "status", "ping"]
 
 _BLANK: Final = b" \t\r\n"
 _TOO_DEEP: Final = f"JSON nested deeper than {MAX_DEPTH} levels"
+_CONSUMER_NAME: Final = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
+_CONSUMER_RULE: Final = "must be 1-128 characters of A-Z a-z 0-9 . _ @ : -"
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +380,11 @@ def _consumer(value: object, path: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise ProtocolError("BadRequest", f"{path}: must be a string")
-    return value or None
+    if not value:
+        return None
+    if _CONSUMER_NAME.fullmatch(value) is None:
+        raise ProtocolError("BadRequest", f"{path}: {_CONSUMER_RULE}")
+    return value
 
 
 def _req_str(obj: Mapping[str, Any], name: str) -> str:

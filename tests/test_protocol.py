@@ -377,6 +377,70 @@ def test_batch_and_single_fields_together_are_bad_request() -> None:
     assert refused(raw).code == "BadRequest"
 
 
+# --- consumer names -----------------------------------------------------------------------
+
+
+CONSUMER_CHARS = "ABCXYZabcxyz0189._@:-"
+
+
+@pytest.mark.parametrize(
+    "name", ["c", "pod-a-1", "pod_a.1@node:7", "a" * 128, CONSUMER_CHARS, "-", "@:"]
+)
+def test_consumer_names_of_the_allowed_characters_are_kept(name: str) -> None:
+    single = parse_request(line(commit(consumer=name)))
+    assert isinstance(single, CommitRequest)
+    assert single.items[0].consumer == name
+    many = parse_request(batch([{"shard": 1, "checkpoint": CP}], consumer=name))
+    assert isinstance(many, CommitRequest)
+    assert many.items[0].consumer == name
+
+
+BAD_CONSUMERS = [
+    "a" * 129,
+    "x" * 500_000,  # accepted once, then every commit failed with a URL too long
+    "pod a",
+    "pod/a",
+    "a&b=c",
+    "a%20b",
+    "a?b",
+    "a#b",
+    "pod\n",
+    "pod\u0000",
+    "caf\u00e9",
+    "\u0661",  # an Arabic-Indic digit: a digit to str.isdigit(), not to SLS
+    "a+b",
+    "*",
+]
+
+
+@pytest.mark.parametrize("name", BAD_CONSUMERS)
+def test_consumer_name_outside_the_rule_is_bad_request(name: str) -> None:
+    err = refused(line(commit(consumer=name, id=4)))
+    assert (err.code, err.request_id) == ("BadRequest", RequestId.of(4))
+    assert err.message.startswith("consumer: must be 1-128 characters")
+
+
+@pytest.mark.parametrize("name", BAD_CONSUMERS)
+def test_bad_consumer_name_in_a_batch_names_the_field(name: str) -> None:
+    good = {"shard": 0, "checkpoint": CP, "consumer": "pod-a-1"}
+    bad = {"shard": 1, "checkpoint": CP, "consumer": name}
+    err = refused(batch([good, good, bad]))
+    assert err.code == "BadRequest"
+    assert err.message.startswith("checkpoints[2].consumer: must be 1-128 characters")
+    assert refused(batch([good], consumer=name)).message.startswith("consumer: must be")
+
+
+def test_empty_consumer_in_a_batch_means_the_default() -> None:
+    request = parse_request(
+        batch([{"shard": 1, "checkpoint": CP, "consumer": ""}, {"shard": 2, "checkpoint": CP}])
+    )
+    assert isinstance(request, CommitRequest)
+    assert [item.consumer for item in request.items] == [None, None]
+    request = parse_request(batch([{"shard": 1, "checkpoint": CP, "consumer": ""}], consumer="d"))
+    assert isinstance(request, CommitRequest)
+    assert request.items[0].consumer == "d"
+
+
 # --- cursors and answers --------------------------------------------------------------------
 
 
@@ -487,7 +551,7 @@ def test_arbitrary_request_objects_parse_or_raise_protocol_error(obj: dict[str, 
 
 groups = st.text(min_size=1, max_size=10)
 shards = st.integers(0, MAX_SHARD)
-consumers = st.none() | st.text(min_size=1, max_size=10)
+consumers = st.none() | st.text(CONSUMER_CHARS, min_size=1, max_size=128)
 timeouts = st.none() | st.floats(0.001, MAX_TIMEOUT)
 ids = st.just(NO_ID) | json_scalars.map(RequestId.of)
 items = st.builds(CommitItem, shards, checkpoints, consumers)
