@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cpmgr.errors import CpmgrError
+from cpmgr.protocol import decode_cursor
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,17 @@ FSYNC_MODES: tuple[FsyncMode, ...] = ("always", "batch", "never")
 # put a newline inside a record: after a torn write or a flipped bit, the next newline is a
 # resynchronisation point and only the damaged line is lost.
 #   log:      {"t":"a","n":SEQ,"g":GROUP,"s":SHARD,"c":CHECKPOINT,"u":CONSUMER|null}  accepted
-#             {"t":"c","n":SEQ,"g":GROUP,"s":SHARD,"c":CHECKPOINT}  known committed to SLS
+#             {"t":"c","n":SEQ,"g":GROUP,"s":SHARD,"c":CHECKPOINT,"l"|"o":SEQ}  committed to SLS
+#             {"t":"d","n":SEQ,"g":GROUP,"s":SHARD,"c":CHECKPOINT}  refused for good by SLS
 #   snapshot: {"t":"snap","v":1,"seq":SEQ,"shards":N}  first line
 #             {"t":"s","g":GROUP,"s":SHARD,"l":LATEST,"u":CONSUMER|null,"k":COMMITTED|null}
 # Every log record has a sequence number and a snapshot holds every record up to its `seq`, so
 # replay skips those: a crash between a snapshot's rename and the log's truncation re-applies
 # nothing, and records refused after a failed fsync stay out even if the kernel kept them.
+# A committed record names the record that set the shard's latest value when it was written:
+# `l` if the committed value is that latest value, `o` if it is older (neither in journals
+# written before they existed). Replay that does not hold the named record knows it was damaged,
+# and never keeps a value older than the committed one as pending: that would rewind SLS.
 FORMAT_VERSION = 1
 LOG_NAME = "journal.log"
 SNAPSHOT_NAME = "journal.snapshot"
@@ -62,7 +68,23 @@ class ShardRecord:
     """Last value known committed to SLS (None if unknown)."""
 
 
-_Undo = tuple[_Key, ShardRecord, ShardRecord | None]
+@dataclass(frozen=True, slots=True)
+class _Shard:
+    """A shard's state in memory: its ShardRecord plus `seq`, the sequence number of the record
+    that set `latest` (or, for a snapshot's shards, of the snapshot)."""
+
+    group: str
+    shard: int
+    latest: str
+    consumer: str | None
+    committed: str | None
+    seq: int
+
+    def public(self) -> ShardRecord:
+        return ShardRecord(self.group, self.shard, self.latest, self.consumer, self.committed)
+
+
+_Undo = tuple[_Key, _Shard, _Shard | None]
 
 
 class JournalLocked(CpmgrError):
@@ -98,6 +120,10 @@ class _Committed:
     group: str
     shard: int
     checkpoint: str
+    latest_seq: int | None = None
+    """The committed value was the shard's latest, set by the record with this `seq`."""
+    older_than: int | None = None
+    """The committed value is older than the shard's latest, set by the record with this `seq`."""
 
 
 @dataclass(frozen=True)
@@ -159,11 +185,18 @@ def _encode(rec: _LogRecord) -> bytes:
                 "u": rec.consumer,
             }
         )
-    kind = "c" if isinstance(rec, _Committed) else "d"
-    return _frame({"t": kind, "n": rec.seq, "g": rec.group, "s": rec.shard, "c": rec.checkpoint})
+    if isinstance(rec, _Committed):
+        fields: dict[str, Any] = {"t": "c", "n": rec.seq, "g": rec.group, "s": rec.shard}
+        fields["c"] = rec.checkpoint
+        if rec.latest_seq is not None:
+            fields["l"] = rec.latest_seq
+        if rec.older_than is not None:
+            fields["o"] = rec.older_than
+        return _frame(fields)
+    return _frame({"t": "d", "n": rec.seq, "g": rec.group, "s": rec.shard, "c": rec.checkpoint})
 
 
-def _snapshot_bytes(shards: Sequence[ShardRecord], seq: int) -> bytes:
+def _snapshot_bytes(shards: Sequence[_Shard], seq: int) -> bytes:
     lines = [_frame({"t": "snap", "v": FORMAT_VERSION, "seq": seq, "shards": len(shards)})]
     lines.extend(
         _frame(
@@ -198,15 +231,27 @@ def _count(obj: dict[str, Any], key: str) -> int:
     return value
 
 
+def _opt_count(obj: dict[str, Any], key: str) -> int | None:
+    return None if obj.get(key) is None else _count(obj, key)
+
+
 def _decode(obj: dict[str, Any], path: Path) -> _Record:
     kind = obj.get("t")
     if kind == "a":
         return _Accepted(
             _count(obj, "n"), _str(obj, "g"), _count(obj, "s"), _str(obj, "c"), _opt_str(obj, "u")
         )
-    if kind in ("c", "d"):
-        cls = _Committed if kind == "c" else _Dropped
-        return cls(_count(obj, "n"), _str(obj, "g"), _count(obj, "s"), _str(obj, "c"))
+    if kind == "c":
+        return _Committed(
+            _count(obj, "n"),
+            _str(obj, "g"),
+            _count(obj, "s"),
+            _str(obj, "c"),
+            _opt_count(obj, "l"),
+            _opt_count(obj, "o"),
+        )
+    if kind == "d":
+        return _Dropped(_count(obj, "n"), _str(obj, "g"), _count(obj, "s"), _str(obj, "c"))
     if kind == "s":
         return ShardRecord(
             _str(obj, "g"), _count(obj, "s"), _str(obj, "l"), _opt_str(obj, "u"), _opt_str(obj, "k")
@@ -267,28 +312,41 @@ def _warn_damage(path: Path, scan: _Scan) -> None:
 # --- in-memory state -----------------------------------------------------------------------
 
 
-def _accept(shards: dict[_Key, ShardRecord], rec: _Accepted) -> _Undo:
+def _accept(shards: dict[_Key, _Shard], rec: _Accepted) -> _Undo:
     """Apply an accepted record; return what undoes it."""
     key = (rec.group, rec.shard)
     prev = shards.get(key)
-    new = ShardRecord(
-        rec.group, rec.shard, rec.checkpoint, rec.consumer, prev.committed if prev else None
-    )
+    committed = prev.committed if prev else None
+    new = _Shard(rec.group, rec.shard, rec.checkpoint, rec.consumer, committed, rec.seq)
     shards[key] = new
     return key, new, prev
 
 
-def _commit(shards: dict[_Key, ShardRecord], rec: _Committed) -> None:
+def _commit(shards: dict[_Key, _Shard], rec: _Committed) -> None:
     key = (rec.group, rec.shard)
     prev = shards.get(key)
-    if prev is None:
-        # Its accepted record was lost; the committed value is the best baseline there is.
-        shards[key] = ShardRecord(rec.group, rec.shard, rec.checkpoint, None, rec.checkpoint)
+    if prev is None or _lost_newer_than(prev, rec):
+        # Replay lacks the record that held the latest value when this one was written, so
+        # what it has instead may be older than the committed value, and committing that
+        # would move SLS backwards: the committed value is the baseline.
+        seq = rec.latest_seq if rec.latest_seq is not None else rec.seq
+        shards[key] = _Shard(rec.group, rec.shard, rec.checkpoint, None, rec.checkpoint, seq)
     else:
         shards[key] = dataclasses.replace(prev, committed=rec.checkpoint)
 
 
-def _drop(shards: dict[_Key, ShardRecord], rec: _Dropped) -> None:
+def _lost_newer_than(prev: _Shard, rec: _Committed) -> bool:
+    """Whether `prev` misses the latest value `rec` was written against and is older than the
+    committed value (when it was older than that latest, cursors tell the order)."""
+    if rec.latest_seq is not None:
+        return prev.seq < rec.latest_seq
+    if rec.older_than is None or prev.seq >= rec.older_than:
+        return False
+    ours, committed = decode_cursor(prev.latest), decode_cursor(rec.checkpoint)
+    return ours is not None and committed is not None and ours < committed
+
+
+def _drop(shards: dict[_Key, _Shard], rec: _Dropped) -> None:
     """The dropped value stops being pending and a baseline, as in the store; a newer value
     accepted since stays."""
     key = (rec.group, rec.shard)
@@ -298,10 +356,10 @@ def _drop(shards: dict[_Key, ShardRecord], rec: _Dropped) -> None:
     if prev.committed is None:
         del shards[key]
     else:
-        shards[key] = dataclasses.replace(prev, latest=prev.committed, consumer=None)
+        shards[key] = dataclasses.replace(prev, latest=prev.committed, consumer=None, seq=rec.seq)
 
 
-def _undo(shards: dict[_Key, ShardRecord], undo: Iterable[_Undo]) -> None:
+def _undo(shards: dict[_Key, _Shard], undo: Iterable[_Undo]) -> None:
     for key, new, prev in reversed(list(undo)):
         if shards.get(key) is not new:
             continue  # a newer accepted value replaced it
@@ -343,7 +401,7 @@ def _acquire_lock(path: Path) -> int:
     return fd
 
 
-def _sorted(shards: Iterable[ShardRecord]) -> list[ShardRecord]:
+def _sorted(shards: Iterable[_Shard]) -> list[_Shard]:
     return sorted(shards, key=lambda r: (r.group, r.shard))
 
 
@@ -383,7 +441,7 @@ class Journal:
         self._compact_bytes = compact_bytes
         self._fsync = fsync_fn
         self._write = write_fn
-        self._shards: dict[_Key, ShardRecord] = {}
+        self._shards: dict[_Key, _Shard] = {}
         self._seq = 0  # of the last record written
         self._lock_fd: int | None = None
         self._log_fd: int | None = None
@@ -433,7 +491,7 @@ class Journal:
         except BaseException:
             self._release()
             raise
-        return _sorted(self._shards.values())
+        return [shard.public() for shard in _sorted(self._shards.values())]
 
     async def start(self) -> None:
         """Start the background fsync task (batch mode only)."""
@@ -497,9 +555,13 @@ class Journal:
         scan = _scan(path)
         _warn_damage(path, scan)
         shards = [r for r in scan.records if isinstance(r, ShardRecord)]
-        self._shards.update(((r.group, r.shard), r) for r in shards)
         first = scan.records[0] if scan.records else None
         header = first if isinstance(first, _SnapshotHeader) else None
+        seq = header.seq if header else 0  # every value in it is at most that new
+        self._shards.update(
+            ((r.group, r.shard), _Shard(r.group, r.shard, r.latest, r.consumer, r.committed, seq))
+            for r in shards
+        )
         whole = header is not None and header.shards == len(shards)
         if header is not None and not whole:
             log.warning("journal %s holds %d of %d shards", path, len(shards), header.shards)
@@ -603,7 +665,18 @@ class Journal:
     def record_committed(self, group: str, shard: int, checkpoint: str) -> None:
         """Note a value SLS confirmed; not fsynced (losing it only repeats an idempotent
         commit). Errors are logged, not raised."""
-        self._note_outcome(_Committed(self._next_seq(), group, shard, checkpoint))
+        state = self._shards.get((group, shard))
+        is_latest = state is not None and state.latest == checkpoint
+        self._note_outcome(
+            _Committed(
+                self._next_seq(),
+                group,
+                shard,
+                checkpoint,
+                latest_seq=state.seq if state and is_latest else None,
+                older_than=state.seq if state and not is_latest else None,
+            )
+        )
 
     def record_dropped(self, group: str, shard: int, checkpoint: str) -> None:
         """Note a value SLS refused for good, so a restart does not make it pending again.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import logging
 import os
@@ -164,6 +165,58 @@ async def test_corrupt_record_in_the_middle_is_skipped_and_later_ones_kept(
     with caplog.at_level(logging.WARNING):
         assert await replay(state_dir) == restored
     assert warnings(caplog) == []
+
+
+def cursor(number: int) -> str:
+    return base64.b64encode(str(number).encode()).decode()
+
+
+def damage(directory: Path, line: int) -> None:
+    """Flip a byte inside the checkpoint of log line `line`: its checksum no longer matches."""
+    lines = log_lines(directory)
+    lines[line] = lines[line].replace(b'"c":"', b'"c":"!', 1)
+    (directory / LOG_NAME).write_bytes(b"".join(lines))
+
+
+async def test_a_damaged_accepted_record_between_two_commits_does_not_rewind_sls(
+    state_dir: Path,
+) -> None:
+    # accept(100) commit(100) accept(200)* commit(200): replay used to restore 100 as pending,
+    # and SLS got [100, 200, 100].
+    async with opened(state_dir, fsync="never") as journal:
+        await journal.record_accepted([("g", 0, cursor(100), "c")])
+        journal.record_committed("g", 0, cursor(100))
+        await journal.record_accepted([("g", 0, cursor(200), "c")])
+        journal.record_committed("g", 0, cursor(200))
+    damage(state_dir, 2)
+    restored = await replay(state_dir)
+    assert restored[("g", 0)] == ShardRecord("g", 0, cursor(200), None, cursor(200))
+
+
+async def test_a_damaged_record_costs_only_its_own_value(state_dir: Path) -> None:
+    async with opened(state_dir, fsync="never") as journal:
+        for shard in (0, 1):
+            for value in (100, 200, 300):
+                await journal.record_accepted([("g", shard, cursor(value), "c")])
+            journal.record_committed("g", shard, cursor(200))  # landed while 300 was accepted
+    damage(state_dir, 2)  # shard 0's 300: 200 stays, committed, the baseline
+    damage(state_dir, 5)  # shard 1's 200 (the committed one): 300 stays pending
+    restored = await replay(state_dir)
+    assert restored[("g", 0)] == ShardRecord("g", 0, cursor(200), "c", cursor(200))
+    assert restored[("g", 1)] == ShardRecord("g", 1, cursor(300), "c", cursor(200))
+
+
+async def test_two_damaged_records_still_never_leave_an_older_value_pending(
+    state_dir: Path,
+) -> None:
+    async with opened(state_dir, fsync="never") as journal:
+        for value in (100, 200, 300):
+            await journal.record_accepted([("g", 0, cursor(value), "c")])
+        journal.record_committed("g", 0, cursor(200))  # landed while 300 was accepted
+    damage(state_dir, 1)
+    damage(state_dir, 2)  # only 100 is left of what was accepted, older than what SLS has
+    restored = await replay(state_dir)
+    assert restored[("g", 0)] == ShardRecord("g", 0, cursor(200), None, cursor(200))
 
 
 async def test_unreadable_format_version_stops_the_start(state_dir: Path) -> None:
