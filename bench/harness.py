@@ -1,5 +1,5 @@
-"""What the benchmarks share: child processes that always end, the load-generating clients,
-the loopback emulator process, the daemon's config, statistics and the machine description."""
+"""What the benchmarks share: child processes that always end, processes seen through /proc,
+the load-generating clients, statistics and the machine description."""
 
 from __future__ import annotations
 
@@ -20,20 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
-import aiohttp
-
-from cpmgr.config import Config, parse_config
-from cpmgr.sls.signer import Credentials
-
 BENCH_DIR: Final = Path(__file__).resolve().parent
 LOADGEN: Final = str(BENCH_DIR / "loadgen.py")
-PROJECT: Final = "bench-project"
-LOGSTORE: Final = "ls"
-CONSUMER_GROUP: Final = "cg"
-EMULATOR_SHARDS: Final = 1000
-CREDENTIALS: Final = Credentials("bench-key-id", "bench-key-secret")
-_STOP_GRACE: Final = 5.0
-_STARTUP_TIMEOUT: Final = 60.0
+STOP_GRACE: Final = 5.0
+STARTUP_TIMEOUT: Final = 60.0
+_LINE_LIMIT: Final = 64 * 1024 * 1024  # a client's answer carries its latencies
 
 
 class BenchError(Exception):
@@ -53,6 +44,7 @@ async def spawned(
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=stderr,
+        limit=_LINE_LIMIT,
     )
     try:
         yield proc
@@ -66,7 +58,7 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         proc.terminate()
         try:
-            await asyncio.wait_for(proc.wait(), _STOP_GRACE)
+            await asyncio.wait_for(proc.wait(), STOP_GRACE)
         except TimeoutError:
             proc.kill()
     await proc.wait()
@@ -84,6 +76,76 @@ async def read_line(proc: asyncio.subprocess.Process, timeout: float, what: str)
     return line.decode().strip()
 
 
+# --- processes seen through /proc --------------------------------------------------------------
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 onwards), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def tree_pids(root: int) -> list[int]:
+    """`root` and every live descendant (a server may run helpers in child processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time `pid` has used so far (0 once it is gone)."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time of `root` and its live descendants."""
+    return sum(process_cpu_seconds(pid) for pid in tree_pids(root))
+
+
+def _status_kib(pid: int, key: str) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident memory of `root` and its live descendants."""
+    return sum(_status_kib(pid, "VmRSS") for pid in tree_pids(root)) * 1024
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The highest resident memory `pid` has had (VmHWM)."""
+    return _status_kib(pid, "VmHWM") * 1024
+
+
+def open_fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def cpu_seconds() -> float:
+    """User plus system CPU time of this process so far, every thread included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 # --- load from client processes ---------------------------------------------------------------
 
 
@@ -95,14 +157,16 @@ class ClientResult:
     first_error: str | None
     start: float
     end: float
+    latencies: list[float]
 
 
 @dataclass(frozen=True)
 class Load:
-    """What the client processes of one run did, and the CPU time this process spent meanwhile."""
+    """What the client processes of one run did, and the CPU time the server spent meanwhile."""
 
     clients: tuple[ClientResult, ...]
     server_cpu: float
+    per_line: int  # checkpoints per line
 
     @property
     def sent(self) -> int:
@@ -113,20 +177,33 @@ class Load:
         return sum(c.ok for c in self.clients)
 
     @property
+    def checkpoints(self) -> int:
+        return self.ok * self.per_line
+
+    @property
     def seconds(self) -> float:
         """From the first client's first write to the last client's last answer."""
         return max(c.end for c in self.clients) - min(c.start for c in self.clients)
 
     @property
     def rate(self) -> float:
+        """Answered lines per second."""
         return self.ok / self.seconds
+
+    @property
+    def checkpoint_rate(self) -> float:
+        return self.checkpoints / self.seconds
 
     @property
     def cpu_us_per_line(self) -> float:
         return self.server_cpu / self.ok * 1e6
 
+    @property
+    def latencies(self) -> list[float]:
+        return [value for client in self.clients for value in client.latencies]
+
     def check(self) -> None:
-        """BenchError unless every line sent was answered `{"ok":true}`."""
+        """BenchError unless every line sent was answered `{"ok":true...`."""
         for client in self.clients:
             if client.ok != client.sent:
                 raise BenchError(
@@ -135,139 +212,56 @@ class Load:
                 )
 
 
-def cpu_seconds() -> float:
-    """User plus system CPU time of this process so far, every thread included."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+@dataclass(frozen=True)
+class LoadShape:
+    """What the client processes send: see bench/loadgen.py."""
+
+    clients: int
+    lines: int  # per client
+    shards: int  # per client
+    batch: int = 1
+    window: int = 256
+    rate: float | None = None  # lines/s per client: open loop
+    duration: float = 10.0
+    first: int = 0  # number of the first line (its cursor)
+
+    def argv(self, socket_path: str, index: int) -> list[str]:
+        options = ["--socket", socket_path, "--index", str(index), "--lines", str(self.lines)]
+        options += ["--shards", str(self.shards), "--batch", str(self.batch)]
+        options += ["--window", str(self.window), "--duration", str(self.duration)]
+        options += ["--first", str(self.first)]
+        if self.rate:
+            options += ["--rate", str(self.rate)]
+        return [sys.executable, LOADGEN, *options]
 
 
 async def run_load(
-    socket_path: str,
-    *,
-    clients: int,
-    lines: int,
-    shards: int,
-    window: int,
-    duration: float,
+    socket_path: str, shape: LoadShape, server_cpu: Callable[[], float] = lambda: 0.0
 ) -> Load:
-    """Start `clients` loadgen processes on the socket, release them together, collect."""
-    options = ["--socket", socket_path, "--lines", str(lines), "--shards", str(shards)]
-    options += ["--window", str(window), "--duration", str(duration)]
+    """Start the client processes on the socket, release them together, collect; `server_cpu`
+    reads the CPU time of the server under test."""
     async with contextlib.AsyncExitStack() as stack:
         procs = [
-            await stack.enter_async_context(
-                spawned(sys.executable, LOADGEN, *options, "--index", str(index))
-            )
-            for index in range(clients)
+            await stack.enter_async_context(spawned(*shape.argv(socket_path, index)))
+            for index in range(shape.clients)
         ]
         for index, proc in enumerate(procs):
-            ready = await read_line(proc, _STARTUP_TIMEOUT, f"client {index}")
+            ready = await read_line(proc, STARTUP_TIMEOUT, f"client {index}")
             if ready != "ready":
                 raise BenchError(f"client {index}: expected 'ready', got {ready!r}")
-        cpu_before = cpu_seconds()
+        cpu_before = server_cpu()
         for proc in procs:
             assert proc.stdin is not None
             proc.stdin.write(b"go\n")
         answers = [
-            await read_line(proc, duration + _STARTUP_TIMEOUT, f"client {i}")
+            await read_line(proc, shape.duration + STARTUP_TIMEOUT, f"client {i}")
             for i, proc in enumerate(procs)
         ]
-        cpu = cpu_seconds() - cpu_before
+        cpu = server_cpu() - cpu_before
         # They exit after their answer; signalling one that is exiting would race the reaper.
-        await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), _STOP_GRACE)
+        await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), STOP_GRACE)
     results = tuple(ClientResult(**json.loads(answer)) for answer in answers)
-    return Load(results, cpu)
-
-
-# --- the emulator in its own process ----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Emulator:
-    """The emulator child process: where it listens, and its pid to read its CPU time."""
-
-    url: str
-    pid: int
-
-    def cpu_seconds(self) -> float:
-        """User plus system CPU time the emulator has used so far (from /proc)."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextlib.asynccontextmanager
-async def emulator_process(log_path: Path) -> AsyncIterator[Emulator]:
-    """`python -m cpmgr.emulator` on 127.0.0.1 (any port) with one logstore of
-    EMULATOR_SHARDS shards and one group, verifying v1 signatures."""
-    argv = [sys.executable, "-m", "cpmgr.emulator", "--listen", "127.0.0.1:0", "--seed", "1"]
-    argv += ["--logstore", f"{PROJECT}/{LOGSTORE}:{EMULATOR_SHARDS}"]
-    argv += ["--consumer-group", f"{PROJECT}/{LOGSTORE}/{CONSUMER_GROUP}"]
-    argv += ["--access-key-id", CREDENTIALS.access_key_id]
-    argv += ["--access-key-secret", CREDENTIALS.access_key_secret]
-    with log_path.open("wb") as log_file:
-        async with spawned(*argv, stderr=log_file) as proc:
-            announced = await read_line(proc, _STARTUP_TIMEOUT, "emulator")
-            prefix = "cpmgr emulator listening on "
-            if not announced.startswith(prefix):
-                raise BenchError(f"emulator: unexpected first line {announced!r}")
-            yield Emulator(announced.removeprefix(prefix), proc.pid)
-
-
-async def emulator_state(url: str) -> dict[str, Any]:
-    """The emulator's `GET /_emulator/state` document."""
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/_emulator/state") as reply:
-        reply.raise_for_status()
-        state: dict[str, Any] = await reply.json()
-        return state
-
-
-def update_calls(state: dict[str, Any]) -> int:
-    """UpdateCheckPoint requests the emulator has answered, whatever the outcome."""
-    by_code: dict[str, int] = state["requests"].get("UpdateCheckPoint", {})
-    return sum(by_code.values())
-
-
-def remote_checkpoint(state: dict[str, Any], shard: int) -> str | None:
-    value: str | None = state["checkpoints"].get(f"{PROJECT}/{LOGSTORE}/{CONSUMER_GROUP}/{shard}")
-    return value
-
-
-# --- the daemon's configuration ---------------------------------------------------------------
-
-
-def bench_config(
-    socket_path: str,
-    *,
-    endpoint: str = "http://127.0.0.1:9",
-    interval: str = "1h",
-    max_in_flight: int = 32,
-    state_dir: Path | None = None,
-    fsync: str = "batch",
-) -> Config:
-    """One group `bench`; no HTTP listener; the committer's timer far away unless `interval`."""
-    return parse_config(
-        {
-            "socket": {"path": socket_path, "mode": "0600"},
-            "http": {"listen": ""},
-            "sls": {
-                "endpoint": endpoint,
-                "access_key_id": CREDENTIALS.access_key_id,
-                "access_key_secret": CREDENTIALS.access_key_secret,
-            },
-            "commit": {"interval": interval, "max_in_flight": max_in_flight},
-            "state": {"dir": str(state_dir) if state_dir else None, "fsync": fsync},
-            "log": {"level": "warning"},
-            "groups": [
-                {
-                    "name": "bench",
-                    "project": PROJECT,
-                    "logstore": LOGSTORE,
-                    "consumer_group": CONSUMER_GROUP,
-                }
-            ],
-        },
-        {},
-    )
+    return Load(results, cpu, shape.batch)
 
 
 # --- statistics and formatting ----------------------------------------------------------------
@@ -291,9 +285,9 @@ def spread(values: Sequence[float], fmt: str = ",.0f") -> str:
     return f"{min(values):{fmt}} - {max(values):{fmt}}"
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A markdown table; every column but the first right-aligned."""
-    align = ["---"] + ["---:"] * (len(header) - 1)
+def table(header: Sequence[str], rows: Sequence[Sequence[str]], *, left: int = 1) -> str:
+    """A markdown table; the first `left` columns left-aligned, the others right-aligned."""
+    align = ["---"] * left + ["---:"] * (len(header) - left)
     lines = [header, align, *rows]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 

@@ -1,14 +1,24 @@
-"""One load-generating client process: pipelined commit lines over a Unix socket.
+"""One load-generating client process: commit lines over a Unix socket.
 
-    python bench/loadgen.py --socket PATH --index I [--lines N] [--shards S] [--window W]
-                            [--duration SECONDS]
+    python bench/loadgen.py --socket PATH --index I [--lines N] [--shards S] [--batch B]
+                            [--first F] [--window W | --rate R] [--duration SECONDS]
 
 It connects, builds every request line up front, prints `ready`, waits for `go` on stdin, then
-sends its lines in windows of W (one write per window) and reads the W answers before sending
-the next window, until N lines are answered or `duration` has passed. It prints one JSON line:
-{"index", "sent", "ok", "first_error", "start", "end"} (times on the system-wide monotonic
-clock, so the parent can line up several clients). Standard library only, so the client costs
-as little CPU as possible on a machine it shares with the server.
+sends until N lines are answered or `duration` has passed, in one of two ways:
+- closed loop (default): windows of W lines (one write per window), reading the W answers before
+  sending the next window: as fast as the server answers;
+- open loop (`--rate R`): line n is due n / R seconds after the start and is sent as soon as it
+  is due, whatever the answers; a second thread reads the answers and records each one's latency
+  from the moment its line was due (so a server that falls behind shows it, not the sender).
+
+Each line commits one checkpoint, or B of them (`checkpoints`, a batch) with `--batch B`; line
+n's cursors encode n, and lines are numbered from F (a later run with a higher F moves every
+shard forward).
+
+It prints one JSON line: {"index", "sent", "ok", "first_error", "start", "end", "latencies"}
+(times on the system-wide monotonic clock, so the parent can line up several clients;
+`latencies` in seconds, open loop only). Standard library only, so the client costs as little
+CPU as possible on a machine it shares with the server.
 """
 
 from __future__ import annotations
@@ -18,13 +28,14 @@ import base64
 import json
 import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Final
 
 GROUP: Final = "bench"
-OK_ANSWER: Final = b'{"ok":true}\n'
+OK_PREFIX: Final = b'\n{"ok":true'
 # Cursors are decimal numbers; starting high keeps them the same length (13 digits).
 CURSOR_BASE: Final = 10**12
 _RECV_BYTES: Final = 256 * 1024
@@ -35,13 +46,18 @@ def cursor(number: int) -> str:
     return base64.b64encode(str(CURSOR_BASE + number).encode()).decode()
 
 
+def line_number(checkpoint: str) -> int:
+    """The line number whose cursor is `checkpoint` (the inverse of `cursor`)."""
+    return int(base64.b64decode(checkpoint)) - CURSOR_BASE
+
+
 def shard_of(index: int, number: int, shards: int) -> int:
     """Client `index` owns shards [index * shards, (index + 1) * shards), round robin."""
     return index * shards + number % shards
 
 
 def last_cursors(index: int, lines: int, shards: int) -> dict[int, str]:
-    """The checkpoint each shard of client `index` holds after `lines` lines: latest wins."""
+    """The checkpoint each shard of client `index` holds after `lines` single-commit lines."""
     return {shard_of(index, n, shards): cursor(n) for n in range(max(0, lines - shards), lines)}
 
 
@@ -53,9 +69,28 @@ def commit_line(index: int, number: int, shards: int) -> bytes:
     ).encode()
 
 
+def batch_line(index: int, number: int, shards: int, batch: int) -> bytes:
+    """Line `number` of client `index` as a batch of `batch` shards (the next ones round robin),
+    every item with the line's cursor; `batch` <= `shards` keeps the shards of a line distinct."""
+    value = cursor(number)
+    items = ",".join(
+        f'{{"shard":{shard_of(index, number * batch + j, shards)},"checkpoint":"{value}"}}'
+        for j in range(batch)
+    )
+    return f'{{"op":"commit","group":"{GROUP}","checkpoints":[{items}]}}\n'.encode()
+
+
+def build_lines(index: int, lines: int, shards: int, batch: int, first: int = 0) -> list[bytes]:
+    """Lines `first` to `first + lines - 1` of client `index`."""
+    numbers = range(first, first + lines)
+    if batch <= 1:
+        return [commit_line(index, n, shards) for n in numbers]
+    return [batch_line(index, n, shards, batch) for n in numbers]
+
+
 @dataclass(frozen=True)
 class Result:
-    """What one client did; `ok` counts answers equal to `{"ok":true}`."""
+    """What one client did; `ok` counts answers starting `{"ok":true`."""
 
     index: int
     sent: int
@@ -63,6 +98,7 @@ class Result:
     first_error: str | None
     start: float
     end: float
+    latencies: list[float] = field(default_factory=list)
 
 
 class _Answers:
@@ -72,31 +108,40 @@ class _Answers:
         self._sock = sock
         self._tail = b""
         self.ok = 0
+        self.answered = 0
         self.first_error: str | None = None
 
-    def read(self, count: int) -> None:
-        """Block until `count` more answer lines have arrived."""
-        while count > 0:
+    def read_some(self) -> int:
+        """Block until at least one more answer line has arrived; how many did."""
+        while True:
             chunk = self._sock.recv(_RECV_BYTES)
             if not chunk:
                 raise ConnectionError("the server closed the connection")
             data = self._tail + chunk
             cut = data.rfind(b"\n") + 1
             complete, self._tail = data[:cut], data[cut:]
+            if not complete:
+                continue
             lines = complete.count(b"\n")
-            good = complete.count(OK_ANSWER)
+            good = (b"\n" + complete).count(OK_PREFIX)
             if good != lines and self.first_error is None:
                 self.first_error = _first_bad(complete)
             self.ok += good
-            count -= lines
+            self.answered += lines
+            return lines
+
+    def read(self, count: int) -> None:
+        """Block until `count` more answer lines have arrived."""
+        while count > 0:
+            count -= self.read_some()
 
 
 def _first_bad(complete: bytes) -> str:
-    bad = next(line for line in complete.split(b"\n") if line + b"\n" != OK_ANSWER)
+    bad = next(line for line in complete.split(b"\n") if not line.startswith(OK_PREFIX[1:]))
     return bad[:300].decode("utf-8", "replace")
 
 
-def run(
+def run_closed(
     sock: socket.socket, lines: Sequence[bytes], *, window: int, duration: float, index: int
 ) -> Result:
     """Send `lines` in windows; stop early once `duration` seconds have passed."""
@@ -112,22 +157,63 @@ def run(
     return Result(index, sent, answers.ok, answers.first_error, start, end)
 
 
+def run_open(
+    sock: socket.socket, lines: Sequence[bytes], *, rate: float, duration: float, index: int
+) -> Result:
+    """Send line n at `start + n / rate` (late lines at once); latencies from when each was due."""
+    total = min(len(lines), max(1, int(rate * duration)))
+    answers = _Answers(sock)
+    latencies: list[float] = []
+    start = time.monotonic()
+
+    def read_all() -> None:
+        while answers.answered < total:
+            count = answers.read_some()
+            now = time.monotonic()
+            first = answers.answered - count
+            latencies.extend(
+                round(now - (start + n / rate), 6) for n in range(first, answers.answered)
+            )
+
+    reader = threading.Thread(target=read_all, daemon=True)
+    reader.start()
+    sent = 0
+    while sent < total:
+        due = min(total, int((time.monotonic() - start) * rate) + 1)
+        if due > sent:
+            sock.sendall(b"".join(lines[sent:due]))
+            sent = due
+        else:
+            time.sleep(max(0.0, start + sent / rate - time.monotonic()))
+    reader.join()
+    end = time.monotonic()
+    return Result(index, sent, answers.ok, answers.first_error, start, end, latencies)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--socket", required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--lines", type=int, default=50_000)
     parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1, help="checkpoints per line")
+    parser.add_argument("--first", type=int, default=0, help="number of the first line")
     parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--rate", type=float, default=None, help="lines/s, open loop")
     parser.add_argument("--duration", type=float, default=10.0)
     args = parser.parse_args(argv)
-    lines = [commit_line(args.index, n, args.shards) for n in range(args.lines)]
+    lines = build_lines(args.index, args.lines, args.shards, args.batch, args.first)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(args.socket)
         print("ready", flush=True)
         if sys.stdin.readline().strip() != "go":
             return 1
-        result = run(sock, lines, window=args.window, duration=args.duration, index=args.index)
+        if args.rate:
+            result = run_open(sock, lines, rate=args.rate, duration=args.duration, index=args.index)
+        else:
+            result = run_closed(
+                sock, lines, window=args.window, duration=args.duration, index=args.index
+            )
     print(json.dumps(asdict(result)), flush=True)
     return 0
 

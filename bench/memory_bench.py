@@ -1,0 +1,99 @@
+"""Scenario f: the daemon's resident memory with 100,000 shards tracked and committed, and
+whether it grows over 10 cycles of 100,000.
+
+A fresh daemon process (no journal, so only the daemon's own memory counts) is given a new value
+for every shard, then a `flush` commits them all to bench/sink.py; that is one cycle. RSS is read
+from /proc (the daemon's process and any child it runs) after each step. The cycles stop early
+when the run's time budget is spent: the growth goal then fails and says how many cycles fit
+(`python bench/run.py --only f` runs it alone, with time for all of them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from harness import BenchError, table
+from ingest_bench import run_dir
+from report import Goal, Section, Settings, at_most
+from stall_bench import check_committed, sink_state
+from targets import daemon_config, feed_shape, running_daemon, sink_process
+
+MB: Final = 1e6
+RSS_LIMIT: Final = 150 * MB
+# Allocator noise between two identical cycles; a leak of even 100 B per shard and cycle
+# (10 MB at 100,000 shards) shows above it.
+GROWTH_LIMIT: Final = 5 * MB
+
+
+@dataclass(frozen=True)
+class Cycle:
+    tracked: int  # RSS with every shard's new value pending
+    committed: int  # RSS once the flush committed them all
+    seconds: float
+
+
+async def cycles(
+    settings: Settings, deadline: float, progress: Callable[[str], None]
+) -> tuple[int, int, list[Cycle]]:
+    """RSS at start, peak RSS, and each cycle's figures."""
+    shards = settings.big_shards
+    done: list[Cycle] = []
+    with run_dir(settings.temp_root) as directory:
+        async with sink_process(directory / "sink.log") as sink:
+            config = daemon_config(directory / "s", endpoint=sink.url)
+            async with running_daemon(directory, config) as server:
+                idle = server.rss_bytes()
+                while len(done) < settings.memory_cycles and (
+                    len(done) < 2 or time.monotonic() < deadline
+                ):
+                    started = time.monotonic()
+                    calls = (await sink_state(sink))["calls"]
+                    await server.load(feed_shape(shards, len(done)))
+                    tracked = server.rss_bytes()
+                    if await server.flush(timeout=900) != shards:
+                        raise BenchError("a flush did not commit every shard")
+                    await check_committed(sink, calls, shards, len(done))
+                    done.append(Cycle(tracked, server.rss_bytes(), time.monotonic() - started))
+                    progress(f"  cycle {len(done)}: RSS {done[-1].committed / MB:.0f} MB")
+                peak = server.peak_rss_bytes()
+                await server.stop()
+    return idle, peak, done
+
+
+async def memory(
+    settings: Settings, progress: Callable[[str], None], *, deadline: float
+) -> Section:
+    idle, peak, done = await cycles(settings, deadline, progress)
+    n = f"{settings.big_shards:,}"
+    rows = [
+        [str(i), f"{c.tracked / MB:.1f}", f"{c.committed / MB:.1f}", f"{c.seconds:.1f}"]
+        for i, c in enumerate(done, 1)
+    ]
+    body = table(["cycle", f"RSS MB, {n} pending", "RSS MB, all committed", "seconds"], rows)
+    body += (
+        f"\n\nRSS of the idle daemon before the first cycle: {idle / MB:.1f} MB; "
+        f"peak (VmHWM) over the run: {peak / MB:.1f} MB."
+    )
+    growth = done[-1].committed - done[0].committed
+    complete = len(done) >= settings.memory_cycles
+    goals: tuple[Goal, ...] = (
+        at_most(
+            "f1",
+            f"RSS MB with {n} shards tracked and committed (max)",
+            max(c.committed for c in done) / MB,
+            RSS_LIMIT / MB,
+            ".1f",
+        ),
+        Goal(
+            "f2",
+            f"RSS growth over {settings.memory_cycles} cycles of {n}",
+            f"{growth / MB:+.1f} MB over {len(done)} cycles"
+            + ("" if complete else " (time budget spent)"),
+            f"<= {GROWTH_LIMIT / MB:.0f} MB over {settings.memory_cycles}",
+            complete and growth <= GROWTH_LIMIT,
+        ),
+    )
+    return Section(f"f. Memory with {n} shards (a fresh daemon process)", body, goals)
