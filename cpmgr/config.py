@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -35,6 +36,9 @@ class SocketConfig:
     mode: int = 0o660
     allowed_uids: tuple[int, ...] = ()
     max_line_bytes: int = 1_048_576
+    max_connections: int = 1024
+    idle_timeout: float = 60.0
+    max_buffered_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class SLSConfig:
     security_token: str = field(default="", repr=False)
     credentials_file: str | None = None
     signature_version: SignatureVersion = "v1"
+    allow_insecure_http: bool = False
     region: str | None = None
 
     @property
@@ -99,6 +104,12 @@ class GroupConfig:
     interval: float | None = None
     endpoint: str | None = None
     region: str | None = None
+    allowed_uids: tuple[int, ...] = ()
+    max_shards: int = 100_000
+
+    def allows(self, uid: int | None) -> bool:
+        """Whether a peer with this uid (None: unknown) may use the group."""
+        return not self.allowed_uids or (uid is not None and uid in self.allowed_uids)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -335,6 +346,17 @@ def _optional_string(value: object) -> str | None:
     return text or None
 
 
+_CONSUMER_NAME = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
+
+
+def _consumer_name(value: object) -> str | None:
+    # "" keeps meaning "no default consumer"; anything else follows the socket's name rule.
+    text = _string(value)
+    if text and not _CONSUMER_NAME.fullmatch(text):
+        raise ValueError("must be 1-128 characters of A-Z a-z 0-9 . _ @ : -")
+    return text or None
+
+
 # --------------------------------------------------------------------------------------------
 # Sections.
 
@@ -346,9 +368,14 @@ def _read_socket(s: _Section) -> SocketConfig:
         mode=s.get("mode", parse_mode, d.mode),
         allowed_uids=s.get("allowed_uids", _uids, d.allowed_uids),
         max_line_bytes=s.get("max_line_bytes", _min_int(256), d.max_line_bytes),
+        max_connections=s.get("max_connections", _positive_int, d.max_connections),
+        idle_timeout=s.get("idle_timeout", parse_duration, d.idle_timeout),
+        max_buffered_bytes=s.get("max_buffered_bytes", _positive_int, d.max_buffered_bytes),
     )
     if len(cfg.path.encode()) > 107:
         s.problem("path", "too long for a Unix socket (at most 107 bytes)")
+    if cfg.max_buffered_bytes < cfg.max_line_bytes:
+        s.problem("max_buffered_bytes", "must be at least max_line_bytes")
     s.finish()
     return cfg
 
@@ -374,6 +401,7 @@ def _read_sls(s: _Section, env: Mapping[str, str]) -> SLSConfig:
         security_token=_credential(s, "security_token", ENV_TOKEN, env),
         credentials_file=s.get("credentials_file", _optional_string, None),
         signature_version=s.get("signature_version", _choice("v1", "v4"), "v1"),
+        allow_insecure_http=s.get("allow_insecure_http", _boolean, False),
         region=s.get("region", _optional_string, None),
     )
     if cfg.credentials_file:
@@ -443,11 +471,13 @@ def _read_group(s: _Section) -> GroupConfig:
         project=s.required("project", _non_empty),
         logstore=s.required("logstore", _non_empty),
         consumer_group=s.required("consumer_group", _non_empty),
-        consumer=s.get("consumer", _optional_string, None),
+        consumer=s.get("consumer", _consumer_name, None),
         force_success=s.get("force_success", _boolean, True),
         interval=s.get("interval", parse_duration, None),
         endpoint=s.get("endpoint", parse_endpoint, None),
         region=s.get("region", _optional_string, None),
+        allowed_uids=s.get("allowed_uids", _uids, ()),
+        max_shards=s.get("max_shards", _positive_int, GroupConfig.max_shards),
     )
     if not cfg.force_success and not cfg.consumer:
         s.problem("force_success", "false needs a consumer (SLS refuses it otherwise)")
@@ -466,6 +496,38 @@ def _read_groups(node: object, problems: list[str]) -> tuple[GroupConfig, ...]:
             problems.append(f"groups[{i}].name: duplicate group name {group.name!r}")
         seen.add(group.name)
     return groups
+
+
+def _check_insecure_http(cfg: Config, problems: list[str]) -> None:
+    # Every request carries a signature and, with STS, the security token: in clear text they
+    # can be read (and the token replayed) by anyone on the path.
+    if cfg.sls.allow_insecure_http:
+        return
+    endpoints: list[tuple[str, str | None]] = [("sls.endpoint", cfg.sls.endpoint)]
+    endpoints += [(f"groups[{i}].endpoint", g.endpoint) for i, g in enumerate(cfg.groups)]
+    for path, text in endpoints:
+        if text and _insecure(text):
+            problems.append(
+                f"{path}: http:// to a host other than loopback sends credentials in clear "
+                "text; use https, or set sls.allow_insecure_http: true"
+            )
+
+
+def _insecure(text: str) -> bool:
+    try:
+        endpoint = sls_endpoint.parse_endpoint(text)
+    except ValueError:
+        return False  # reported by the endpoint's own check
+    return endpoint.scheme == "http" and not _is_loopback(endpoint.host)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_regions(cfg: Config, problems: list[str]) -> None:
@@ -493,6 +555,7 @@ def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
     )
     top.finish()
     _check_regions(cfg, problems)
+    _check_insecure_http(cfg, problems)
     if problems:
         raise ConfigError(_unique(problems))
     return cfg

@@ -61,6 +61,12 @@ def test_defaults_follow_the_contract() -> None:
     assert cfg.sls.signature_version == "v1"
     assert cfg.groups[0].force_success is True
     assert cfg.log.level == "info" and cfg.log.format == "text"
+    assert cfg.socket.max_connections == 1024
+    assert cfg.socket.idle_timeout == 60.0
+    assert cfg.socket.max_buffered_bytes == 64 * 1024 * 1024
+    assert cfg.sls.allow_insecure_http is False
+    assert cfg.groups[0].allowed_uids == ()
+    assert cfg.groups[0].max_shards == 100_000
 
 
 @pytest.mark.parametrize(
@@ -256,6 +262,11 @@ def test_v4_needs_a_region() -> None:
         ("http", "shard_metrics", "yes", "http.shard_metrics: must be true or false"),
         ("socket", "allowed_uids", [0, "x"], "socket.allowed_uids: must be a list of user ids"),
         ("socket", "max_line_bytes", 10, "socket.max_line_bytes: must be an integer >= 256"),
+        ("socket", "max_connections", 0, "socket.max_connections: must be an integer >= 1"),
+        ("socket", "idle_timeout", "0s", "socket.idle_timeout: must be greater than 0"),
+        ("socket", "max_buffered_bytes", True, "socket.max_buffered_bytes: must be an integer"),
+        ("socket", "max_buffered_bytes", 1000, "socket.max_buffered_bytes: must be at least"),
+        ("sls", "allow_insecure_http", "yes", "sls.allow_insecure_http: must be true or false"),
         ("commit", "max_in_flight", 0, "commit.max_in_flight: must be an integer >= 1"),
         ("state", "fsync", "sometimes", "state.fsync: must be one of always, batch, never"),
         ("log", "format", "xml", "log.format: must be one of text, json"),
@@ -267,6 +278,82 @@ def test_bad_values(section: str, key: str, value: object, message: str) -> None
     data.setdefault(section, {})[key] = value
     [problem] = problems_of(data)
     assert problem.startswith(message)
+
+
+def test_socket_limits_are_read() -> None:
+    socket = {"max_connections": 50, "idle_timeout": "250ms", "max_buffered_bytes": 2**20}
+    cfg = parse_config(minimal(socket=socket), {})
+    assert cfg.socket.max_connections == 50
+    assert cfg.socket.idle_timeout == pytest.approx(0.25)
+    assert cfg.socket.max_buffered_bytes == 2**20
+
+
+def test_group_access_and_shard_limit() -> None:
+    data = minimal()
+    data["groups"][0].update(allowed_uids=[1000, 0], max_shards=64)
+    group = parse_config(data, {}).groups[0]
+    assert (group.allowed_uids, group.max_shards) == ((1000, 0), 64)
+    assert group.allows(1000) and group.allows(0)
+    assert not group.allows(1001) and not group.allows(None)
+    assert parse_config(minimal(), {}).groups[0].allows(None)  # empty list: everyone
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (
+            "allowed_uids",
+            [-1],
+            "groups[0].allowed_uids: must be a list of user ids (integers >= 0)",
+        ),
+        (
+            "allowed_uids",
+            1000,
+            "groups[0].allowed_uids: must be a list of user ids (integers >= 0)",
+        ),
+        ("max_shards", 0, "groups[0].max_shards: must be an integer >= 1"),
+        ("max_shards", "10", "groups[0].max_shards: must be an integer >= 1"),
+    ],
+)
+def test_bad_group_access_and_shard_limit(key: str, value: object, message: str) -> None:
+    data = minimal()
+    data["groups"][0][key] = value
+    assert problems_of(data) == [message]
+
+
+@pytest.mark.parametrize("name", ["pod-a-1", "a", "x" * 128, "svc.ns@node:7_b", "A-Z.a_z@0:9"])
+def test_group_consumer_names_that_follow_the_rule(name: str) -> None:
+    data = minimal()
+    data["groups"][0]["consumer"] = name
+    assert parse_config(data, {}).groups[0].consumer == name
+
+
+@pytest.mark.parametrize("name", ["x" * 129, "pod a", "pod/1", "naïve", "a\nb", "c#1"])
+def test_group_consumer_names_that_break_the_rule(name: str) -> None:
+    data = minimal()
+    data["groups"][0]["consumer"] = name
+    [problem] = problems_of(data)
+    assert problem.startswith("groups[0].consumer: must be 1-128 characters")
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ["http://127.0.0.1:8080", "http://localhost", "http://127.5.6.7", "https://example.com", "a.b"],
+)
+def test_loopback_or_https_endpoints_need_no_opt_in(endpoint: str) -> None:
+    assert parse_config(minimal(sls={**minimal()["sls"], "endpoint": endpoint}), {})
+
+
+def test_http_to_a_remote_host_is_a_problem_unless_allowed() -> None:
+    data = minimal()
+    data["sls"]["endpoint"] = "http://cn-hangzhou.log.aliyuncs.com"
+    data["groups"][0]["endpoint"] = "http://10.0.0.7:80"
+    problems = problems_of(data)
+    assert [p.split(":")[0] for p in problems] == ["sls.endpoint", "groups[0].endpoint"]
+    assert all("sends credentials in clear text" in p for p in problems)
+    assert all("allow_insecure_http" in p for p in problems)
+    data["sls"]["allow_insecure_http"] = True
+    assert parse_config(data, {}).sls.allow_insecure_http is True
 
 
 def test_http_listen_can_be_disabled_and_ipv6() -> None:
@@ -337,6 +424,12 @@ def test_check_config_prints_effective_config_with_secrets_masked(tmp_path: Path
     assert effective["sls"]["security_token"] == "***"
     assert NASTY_SECRET not in result.stdout and "tok-en" not in result.stdout
     assert effective["commit"]["interval"] == 5.0
+    assert effective["socket"]["max_connections"] == 1024
+    assert effective["socket"]["idle_timeout"] == 60.0
+    assert effective["socket"]["max_buffered_bytes"] == 64 * 1024 * 1024
+    assert effective["sls"]["allow_insecure_http"] is False
+    assert effective["groups"][0]["allowed_uids"] == []
+    assert effective["groups"][0]["max_shards"] == 100_000
 
 
 def test_check_config_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
