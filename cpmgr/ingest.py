@@ -1,25 +1,31 @@
-"""The Unix socket server: read a line, parse it, act on the store, answer in order.
+"""The Unix socket server: split input into lines, parse, act through the ops, answer in order.
 
 Decisions where the contract is silent:
-- `max_line_bytes` counts a line's bytes without its newline.
+- `max_line_bytes` counts a line's bytes without its newline (`\\n` or `\\r\\n`).
 - The socket's parent directory is created (mode 0755) only if it is missing. The socket is
   bound under umask 0177 and then chmod'ed to `socket.mode`, so it is never briefly wider.
 - An existing path is replaced only if it is a socket nobody answers on; a live socket or a
   file that is not a socket is an error.
 - A peer outside `socket.allowed_uids` is answered `Forbidden` as soon as it connects, before
   anything it sends is read. Where SO_PEERCRED is unavailable, a non-empty allow-list refuses
-  every peer.
+  every peer (and every group with its own `allowed_uids`).
+- A connection above `max_connections`, or one that would leave fewer than a reserve of file
+  descriptors below RLIMIT_NOFILE (for SLS, HTTP and the journal), gets `TooManyConnections`
+  and is closed at once.
+- A connection holding an unfinished line for `idle_timeout` gets a `Timeout` error line and is
+  closed; one between requests is kept however long it is quiet.
+- `max_buffered_bytes` counts unfinished lines and complete lines waiting behind a slow request
+  on their connection. Above it, the connection holding the most gets `RequestTooLarge` and is
+  closed; what it sent but was not answered is not accepted.
+- Refusals and limit closes are logged at most once a minute per reason, with a count.
 - During a drain (`stop_accepting()`) the socket keeps listening: commits answer `ShuttingDown`,
   every other op still works. `close()` lets requests being handled finish (for up to
   `grace` seconds; those cut off answer `ShuttingDown`), then closes every connection.
-- A batch's `accepted` counts distinct shards (a shard given twice counts once).
-- With a journal, a commit is checked, written, made durable, then applied. Values between
-  check and apply are reserved, so an older value racing a newer one is refused before it is
-  written and can never become the newest in the journal. Journaled commits pipelined on one
-  connection run concurrently so they share fsyncs; their answers still go out in order, and
-  any other request waits for them first.
-- A batch commit with `wait` that fails answers with the first failed shard's code (and its
-  `dropped`), plus a top-level `failed` list like `flush`.
+- Journaled commits pipelined on one connection run concurrently so they share fsyncs; their
+  answers still go out in order, and any other request waits for them first. Requests that
+  wait for nothing are answered in the same loop turn, all answers of a chunk in one write.
+- While a connection has lines waiting behind a slow request, or the peer does not read its
+  answers, the connection is not read from (the kernel's buffers push back on the peer).
 - An unexpected exception while handling a request answers `InternalError`; the connection
   stays usable.
 """
@@ -31,36 +37,40 @@ import collections
 import contextlib
 import logging
 import os
+import resource
 import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, Final, Protocol
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, Final
 
-from cpmgr import __version__
 from cpmgr.config import Config
-from cpmgr.errors import CpmgrError, ProtocolError, SLSError
-from cpmgr.outcomes import CommitOutcome, FlushResult
+from cpmgr.dispatch import (
+    CommitterLike,
+    Dispatcher,
+    Fields,
+    Handlers,
+    IngestObserver,
+    JournalLike,
+    NullObserver,
+    dispatch,
+)
+from cpmgr.errors import CpmgrError, ProtocolError
 from cpmgr.protocol import (
     NO_ID,
     CommitRequest,
     FlushRequest,
-    GetRequest,
-    PingRequest,
     Request,
-    RequestError,
     RequestId,
     StatusRequest,
-    decode_cursor,
     encode_error,
     encode_failure,
     encode_ok,
     is_blank,
     parse_request,
 )
-from cpmgr.sls.client import RemoteCheckpoint
-from cpmgr.store import CheckpointStore, ShardView
+from cpmgr.store import CheckpointStore
 
 __all__ = [
     "CommitterLike",
@@ -73,346 +83,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Fields = dict[str, object]
-
-# Answers of a pipelined burst are written together; past this many bytes they go out at once.
-_FLUSH_BYTES: Final = 64 * 1024
 _MAX_PIPELINED: Final = 1024  # journaled commits in progress per connection
+# Above this many bytes of answers waiting in the kernel-side buffer, the peer is not read.
+_WRITE_HIGH_WATER: Final = 256 * 1024
 _PROBE_TIMEOUT: Final = 1.0
 _PEERCRED: Final = struct.Struct("3i")
-
-
-# --- the seams: what the ingest needs from its collaborators ----------------------------------
-
-
-class CommitterLike(Protocol):
-    """What `wait`, `flush` and `get` with `remote` need from the committer."""
-
-    async def wait_for(self, group: str, shard: int, seq: int, timeout: float) -> CommitOutcome: ...
-    async def flush(self, *, group: str | None = None, timeout: float) -> FlushResult: ...
-    async def remote(
-        self, group: str, shard: int | None = None
-    ) -> Mapping[int, RemoteCheckpoint]: ...
-
-
-class JournalLike(Protocol):
-    """Persists accepted (group, shard, checkpoint, consumer) entries before they are
-    acknowledged; raising means they are not accepted."""
-
-    async def record_accepted(
-        self, entries: Sequence[tuple[str, int, str, str | None]]
-    ) -> None: ...
-
-
-class IngestObserver(Protocol):
-    """Receives what the socket side does (metrics.Metrics fits); every method must be cheap."""
-
-    def checkpoints_received(self, group: str, count: int = 1) -> None: ...
-    def connection_opened(self) -> None: ...
-    def connection_closed(self) -> None: ...
-    def request_error(self, code: str) -> None: ...
-
-
-class _NullObserver:
-    def checkpoints_received(self, group: str, count: int = 1) -> None:
-        pass
-
-    def connection_opened(self) -> None:
-        pass
-
-    def connection_closed(self) -> None:
-        pass
-
-    def request_error(self, code: str) -> None:
-        pass
-
-
-class Handlers(Protocol):
-    """One method per op: the success answer's fields, or a ProtocolError."""
-
-    async def commit(self, request: CommitRequest) -> Fields: ...
-    async def flush(self, request: FlushRequest) -> Fields: ...
-    async def get(self, request: GetRequest) -> Fields: ...
-    async def status(self, request: StatusRequest) -> Fields: ...
-    async def ping(self, request: PingRequest) -> Fields: ...
-
-
-# --- the ops --------------------------------------------------------------------------------
-
-
-class Dispatcher:
-    """The ops of CONTRACT.md section 3 over the store, the committer and the journal.
-
-    Without a committer, `wait`, `flush` and `get` with `remote` answer BadRequest
-    ("... not available"), before anything is accepted.
-    """
-
-    def __init__(
-        self,
-        store: CheckpointStore,
-        *,
-        config: Config,
-        committer: CommitterLike | None = None,
-        journal: JournalLike | None = None,
-        observer: IngestObserver | None = None,
-        status: Callable[[], Mapping[str, Any]] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._store = store
-        self._committer = committer
-        self._journal = journal
-        self._observer: IngestObserver = observer or _NullObserver()
-        self._status = status
-        self._clock = clock
-        self._started = clock()
-        # With a journal, a value is checked, written, made durable, then applied. Values
-        # between check and apply are reserved, so a concurrent older value is refused before
-        # it is written: otherwise it could follow a newer one in the journal and become the
-        # baseline after a restart. (A lock per group would do it too, but would defeat the
-        # group commit of fsync: always.) Key -> (newest reserved cursor, how many reserved).
-        self._reserved: dict[tuple[str, int], tuple[int | None, int]] = {}
-        self.apply_config(config)
-
-    def apply_config(self, config: Config) -> None:
-        """Take the groups and the default wait timeout of a (reloaded) config."""
-        self._groups: frozenset[str] = frozenset(g.name for g in config.groups)
-        self._wait_timeout = config.commit.wait_timeout
-
-    def _require_group(self, group: str) -> None:
-        if group not in self._groups:
-            raise ProtocolError("UnknownGroup", f"unknown group {group!r}")
-
-    def _require_committer(self, what: str) -> CommitterLike:
-        if self._committer is None:
-            raise ProtocolError("BadRequest", f"{what} is not available")
-        return self._committer
-
-    # --- commit -----------------------------------------------------------------------
-
-    async def commit(self, request: CommitRequest) -> Fields:
-        self._require_group(request.group)
-        committer = self._require_committer("wait") if request.wait else None
-        seqs = await self._accept(request)
-        self._observer.checkpoints_received(request.group, len(request.items))
-        if committer is not None:
-            await self._wait(committer, request, seqs)
-        return {"accepted": len(request.items)} if request.batch else {}
-
-    async def _accept(self, request: CommitRequest) -> dict[int, int]:
-        if self._journal is None:
-            return self._apply(request)
-        self._check(request)
-        self._check_reserved(request)
-        keys = self._reserve(request)
-        entries = [(request.group, i.shard, i.checkpoint, i.consumer) for i in request.items]
-        try:
-            await self._journal.record_accepted(entries)
-        except CpmgrError as exc:
-            raise ProtocolError("JournalError", f"not accepted: {exc}") from exc
-        except asyncio.CancelledError:
-            # The record is written (the journal writes before it waits for the fsync): the
-            # value must reach the store too, or after a restart the journal would hold a
-            # value the store never had. No answer goes out, so applying it is harmless.
-            with contextlib.suppress(ProtocolError):
-                self._apply(request)
-            raise
-        finally:
-            self._unreserve(keys)
-        # A reload may have removed the group while the journal was writing.
-        self._require_group(request.group)
-        return self._apply(request)
-
-    def _check(self, request: CommitRequest) -> None:
-        if request.batch:
-            self._store.check_batch(request.group, request.items, force=request.force)
-        else:
-            item = request.items[0]
-            self._store.check(request.group, item.shard, item.checkpoint, force=request.force)
-
-    def _check_reserved(self, request: CommitRequest) -> None:
-        if request.force:
-            return
-        for item in request.items:
-            reserved = self._reserved.get((request.group, item.shard))
-            if reserved is None or reserved[0] is None:
-                continue  # the common case: nothing in between check and apply for this shard
-            number = decode_cursor(item.checkpoint)
-            if number is None or number >= reserved[0]:
-                continue
-            where = f"checkpoints[{item.index}]: " if request.batch else ""
-            raise ProtocolError(
-                "CheckpointRegression",
-                f"{where}shard {item.shard}: checkpoint {item.checkpoint} is older than a "
-                "value being accepted (set force to move it back)",
-            )
-
-    def _reserve(self, request: CommitRequest) -> list[tuple[str, int]]:
-        keys = []
-        for item in request.items:
-            key = (request.group, item.shard)
-            number = decode_cursor(item.checkpoint)
-            newest, count = self._reserved.get(key, (number, 0))
-            if request.force or newest is None or (number is not None and number > newest):
-                newest = number
-            self._reserved[key] = (newest, count + 1)
-            keys.append(key)
-        return keys
-
-    def _unreserve(self, keys: list[tuple[str, int]]) -> None:
-        for key in keys:
-            newest, count = self._reserved[key]
-            if count <= 1:
-                del self._reserved[key]
-            else:
-                self._reserved[key] = (newest, count - 1)
-
-    def _apply(self, request: CommitRequest) -> dict[int, int]:
-        if request.batch:
-            return self._store.accept_batch(request.group, request.items, force=request.force)
-        item = request.items[0]
-        seq = self._store.accept(
-            request.group,
-            item.shard,
-            item.checkpoint,
-            consumer=item.consumer,
-            force=request.force,
-        )
-        return {item.shard: seq}
-
-    async def _wait(
-        self, committer: CommitterLike, request: CommitRequest, seqs: Mapping[int, int]
-    ) -> None:
-        timeout = request.timeout or self._wait_timeout
-        shards = list(seqs)
-        outcomes = await asyncio.gather(
-            *(committer.wait_for(request.group, s, seqs[s], timeout) for s in shards)
-        )
-        failed = [(s, o) for s, o in zip(shards, outcomes, strict=True) if not o.ok]
-        if not failed:
-            return
-        errors = [(s, o) for s, o in failed if o.code != "Timeout"] or failed
-        shard, first = errors[0]
-        fields: Fields = {}
-        if request.batch:
-            fields["failed"] = [
-                _failure(request.group, s, o.code, o.message, o.dropped) for s, o in errors
-            ]
-        message = f"shard {shard}: {first.message}" if request.batch else first.message
-        raise RequestError(
-            first.code, message, error_fields={"dropped": first.dropped}, fields=fields
-        )
-
-    # --- flush, get, status, ping -----------------------------------------------------
-
-    async def flush(self, request: FlushRequest) -> Fields:
-        if request.group is not None:
-            self._require_group(request.group)
-        committer = self._require_committer("flush")
-        result = await committer.flush(
-            group=request.group, timeout=request.timeout or self._wait_timeout
-        )
-        if result.failed:
-            failed = [
-                _failure(f.group, f.shard, f.code, f.message, f.dropped) for f in result.failed
-            ]
-            more = " (and some timed out)" if result.timed_out else ""
-            raise RequestError(
-                "CommitFailed",
-                f"{len(failed)} shard(s) could not be committed{more}",
-                fields={"committed": result.committed, "failed": failed},
-            )
-        if result.timed_out:
-            raise RequestError(
-                "Timeout",
-                "some shards are still pending",
-                fields={"committed": result.committed},
-            )
-        return {"committed": result.committed}
-
-    async def get(self, request: GetRequest) -> Fields:
-        self._require_group(request.group)
-        group = request.group
-        if request.shard is not None:
-            views: dict[int, ShardView | None] = {
-                request.shard: self._store.shard_view(group, request.shard)
-            }
-        else:
-            views = {view.shard: view for view in self._store.shard_views(group)}
-        if not request.remote:
-            return {"shards": [_shard_entry(group, s, v) for s, v in views.items()]}
-        remote = await self._remote(group, request.shard)
-        if request.shard is None:
-            views.update({s: None for s in remote if s not in views})
-        entries = []
-        for shard in sorted(views):
-            entry = _shard_entry(group, shard, views[shard])
-            entry["remote"] = _remote_entry(remote.get(shard))
-            entries.append(entry)
-        return {"shards": entries}
-
-    async def _remote(self, group: str, shard: int | None) -> Mapping[int, RemoteCheckpoint]:
-        committer = self._require_committer("remote")
-        try:
-            return await committer.remote(group, shard)
-        except SLSError as exc:
-            raise ProtocolError(exc.code, exc.message) from exc
-
-    async def status(self, request: StatusRequest) -> Fields:
-        if self._status is not None:
-            return {k: v for k, v in self._status().items() if k != "ok"}
-        return {
-            "version": __version__,
-            "uptime_seconds": round(self._clock() - self._started, 3),
-            "groups": {
-                name: self._store.group_status(name)
-                for name in self._store.groups()
-                if name in self._groups
-            },
-        }
-
-    async def ping(self, request: PingRequest) -> Fields:
-        return {}
-
-
-def _failure(group: str, shard: int, code: str, message: str, dropped: bool) -> Fields:
-    return {"group": group, "shard": shard, "code": code, "message": message, "dropped": dropped}
-
-
-def _shard_entry(group: str, shard: int, view: ShardView | None) -> Fields:
-    error = view.last_error if view is not None else None
-    return {
-        "group": group,
-        "shard": shard,
-        "pending": view.pending if view is not None else None,
-        "committed": view.committed if view is not None else None,
-        "committed_at": view.committed_at if view is not None else None,
-        "last_error": (
-            {"code": error.code, "message": error.message, "at": error.at} if error else None
-        ),
-    }
-
-
-def _remote_entry(entry: RemoteCheckpoint | None) -> Fields | None:
-    if entry is None:
-        return None
-    return {
-        "checkpoint": entry.checkpoint,
-        "update_time": entry.update_time,
-        "consumer": entry.consumer,
-    }
-
-
-async def dispatch(handlers: Handlers, request: Request) -> Fields:
-    """Route a request to the handler of its op."""
-    if isinstance(request, CommitRequest):
-        return await handlers.commit(request)
-    if isinstance(request, FlushRequest):
-        return await handlers.flush(request)
-    if isinstance(request, GetRequest):
-        return await handlers.get(request)
-    if isinstance(request, StatusRequest):
-        return await handlers.status(request)
-    return await handlers.ping(request)
+# File descriptors kept free for everything but consumer connections: the SLS connection pool
+# (sized by max_in_flight), the HTTP server and its scrapes, the journal, logging, DNS.
+_FD_RESERVE: Final = 128
+_LOG_EVERY: Final = 60.0
+_ABORT_AFTER: Final = 1.0  # after close()'s grace and the cancellation of what still ran
+_CR: Final = 13
 
 
 # --- the socket file ------------------------------------------------------------------------
@@ -478,166 +159,374 @@ def peer_uid(sock: socket.socket | None) -> int | None:
     return int(uid)
 
 
+def _fd_ceiling(reserve: int) -> int:
+    """The lowest descriptor number a consumer connection may not have."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 2**31
+    return max(soft - reserve, 16)
+
+
+class _QuietLog:
+    """Logs a warning per reason at most once per `every` seconds, with how many it held back."""
+
+    def __init__(self, every: float = _LOG_EVERY, clock: Callable[[], float] = time.monotonic):
+        self._every = every
+        self._clock = clock
+        self._next: dict[str, float] = {}
+        self._held: collections.Counter[str] = collections.Counter()
+
+    def warning(self, reason: str, message: str, *args: object) -> None:
+        now = self._clock()
+        if now < self._next.get(reason, 0.0):
+            self._held[reason] += 1
+            return
+        self._next[reason] = now + self._every
+        held = self._held.pop(reason, 0)
+        suffix = f" ({held} more like it in the last {self._every:g}s)" if held else ""
+        log.warning(message + suffix, *args)
+
+
 # --- connections ----------------------------------------------------------------------------
 
+# An answer, or the task that will produce it (with the id to answer if it is cancelled).
+_Slot = bytes | tuple[RequestId, asyncio.Task[bytes]]
+# A line waiting behind a slow request; None stands for "the next line was too long".
+_Waiting = bytes | None
 
-class _Closed(Exception):
-    """The connection must end (after its last answer)."""
 
+class _Connection(asyncio.Protocol):
+    """One consumer connection: complete lines are answered in request order."""
 
-class Connection:
-    """One consumer connection: lines in, answers out in order, written in batches."""
-
-    def __init__(
-        self,
-        server: IngestServer,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
+    def __init__(self, server: IngestServer) -> None:
         self._server = server
-        self._reader = reader
-        self._writer = writer
+        self._limit = server.max_line_bytes
+        self._transport: asyncio.Transport | None = None
+        self.uid: int | None = None
+        self._partial = bytearray()  # the unfinished line
+        self._partial_since: float | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._lines: collections.deque[_Waiting] = collections.deque()
+        self._waiting_bytes = 0  # the size of those lines
+        self._held: Request | None = None  # parsed, waiting for earlier requests to finish
+        self._slots: collections.deque[_Slot] = collections.deque()
         self._out: list[bytes] = []
-        self._out_bytes = 0
-        self._flush_scheduled = False
-        self._busy = False
-        self._current: RequestId = NO_ID
-        # Journaled commits of a pipelined burst run concurrently so that they share fsyncs;
-        # their answers still leave in request order (see _answer_in_order).
-        self._pending: collections.deque[tuple[RequestId, asyncio.Task[bytes]]] = (
-            collections.deque()
-        )
+        self._running = 0  # tasks answering requests of this connection
+        self._resume_at = -1  # while blocked: handle lines again once _running is this low
+        self.buffered = 0  # bytes of input held (unfinished line and waiting lines)
+        self._write_paused = False
+        self._read_paused = False
+        self._input_done = False  # EOF, a fatal error or close(): no more lines are read
+        self._lost = False
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property
     def busy(self) -> bool:
-        return self._busy or bool(self._pending)
+        return self._running > 0
 
-    async def serve(self) -> None:
-        """Answer requests until the peer leaves, a fatal error, or the server closes."""
-        try:
-            if not self._server.peer_allowed(self._writer):
-                self._queue(encode_error(NO_ID, "Forbidden", "peer uid is not allowed"))
-                self._server.observer.request_error("Forbidden")
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        refusal = self._server.admit(self, transport)
+        if refusal is not None:
+            self._input_done = True
+            transport.write(refusal)
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._input_done:
+            return
+        if self._partial:
+            newline = data.find(b"\n")
+            if newline < 0:
+                self._partial += data
+                self._after_input()
                 return
-            while not self._server.closing:
-                await self._writer.drain()  # waits only when the peer stops reading
-                line = await self._read_line()
-                await self._handle(line)
-        except (_Closed, ConnectionError):
-            pass
-        finally:
-            await self._finish()
+            self._partial += data
+            data = bytes(self._partial)
+            self._partial.clear()
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        self._partial_since = None  # the unfinished line, if any, is a new one
+        if tail:
+            self._partial += tail
+        self._lines.extend(lines)
+        self._process()
+        self._after_input()
 
-    async def _read_line(self) -> bytes:
-        try:
-            return await self._reader.readuntil(b"\n")
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial and not is_blank(exc.partial):
+    def eof_received(self) -> bool:
+        if not self._input_done:
+            last = bytes(self._partial)
+            if last and not is_blank(last):
                 # A last request without its newline still gets an answer.
-                await self._handle(exc.partial)
-            raise _Closed from None
-        except asyncio.LimitOverrunError:
-            limit = self._server.max_line_bytes
-            log.warning("request line over %d bytes: closing the connection", limit)
-            self._queue(
-                encode_error(NO_ID, "RequestTooLarge", f"request line exceeds {limit} bytes")
-            )
-            self._server.observer.request_error("RequestTooLarge")
-            raise _Closed from None
+                self._lines.append(last)
+            self._partial.clear()
+            self._input_done = True
+            self._process()
+            self._after_input()
+        return True  # keep the transport open: every answer still goes out
 
-    async def _handle(self, line: bytes) -> None:
-        if is_blank(line):
-            return
-        try:
-            request = parse_request(line)
-        except ProtocolError as exc:
-            self._server.observer.request_error(exc.code)
-            await self._settle_pending()
-            self._queue(encode_failure(exc))
-            return
-        if self._server.runs_concurrently(request):
-            await self._run_concurrently(request)
-            return
-        # Anything else sees the effect of every earlier request: let those finish first.
-        await self._settle_pending()
-        self._busy = True
-        self._current = request.request_id
-        try:
-            answer = await self._answer(request)
-        except asyncio.CancelledError:
-            # close() ran out of patience: the request still gets its one answer.
-            self._queue(encode_error(self._current, "ShuttingDown", "the daemon is closing"))
-            raise
-        finally:
-            self._busy = False
-            self._current = NO_ID
-        self._queue(answer)
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._input_done = True
+        self._partial.clear()
+        self._lines.clear()
+        self._held = None
+        self._set_buffered(0)
+        self._disarm_idle()
+        self._server.forget(self)
+        self._check_finished()
 
-    async def _run_concurrently(self, request: Request) -> None:
-        if len(self._pending) >= _MAX_PIPELINED:
-            await asyncio.wait([self._pending[0][1]])  # backpressure on a very long burst
-        task = asyncio.ensure_future(self._answer(request))
-        self._pending.append((request.request_id, task))
-        task.add_done_callback(lambda _: self._answer_in_order())
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
 
-    def _answer_in_order(self) -> None:
-        while self._pending and self._pending[0][1].done():
-            request_id, task = self._pending.popleft()
-            if task.cancelled():
-                self._queue(encode_error(request_id, "ShuttingDown", "the daemon is closing"))
-            else:
-                self._queue(task.result())
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
 
-    async def _settle_pending(self) -> None:
-        if self._pending:
-            await asyncio.wait([task for _, task in self._pending])
-            self._answer_in_order()
+    # --- lines -------------------------------------------------------------------------
 
-    async def _answer(self, request: Request) -> bytes:
-        try:
-            fields = await self._server.handle(request)
-            return encode_ok(request.request_id, **fields)
-        except ProtocolError as exc:
-            self._server.observer.request_error(exc.code)
-            return encode_failure(exc, request.request_id)
-        except Exception:
-            log.exception("unexpected error handling a %s request", request.op)
-            self._server.observer.request_error("InternalError")
+    def _process(self) -> None:
+        """Handle waiting lines in order until one has to wait for earlier requests."""
+        self._process_lines()
+        lines = self._lines
+        self._waiting_bytes = sum(len(line) for line in lines if line) if lines else 0
+
+    def _process_lines(self) -> None:
+        if self._held is not None:
+            request, self._held = self._held, None
+            if not self._handle(request):
+                return
+        lines = self._lines
+        limit = self._limit
+        while lines and self._resume_at < 0:
+            line = lines.popleft()
+            if line is None or (len(line) > limit and not _fits(line, limit)):
+                self._fatal(encode_error(NO_ID, "RequestTooLarge", self._too_large_message()))
+                self._server.observer.request_error("RequestTooLarge")
+                self._server.quiet_log.warning(
+                    "RequestTooLarge", "request line over %d bytes: closing the connection", limit
+                )
+                return
+            if not line or is_blank(line):
+                continue
             try:
-                return encode_error(request.request_id, "InternalError", "see the daemon log")
-            except ValueError:  # the id itself cannot be encoded: answer without it
-                return encode_error(NO_ID, "InternalError", "see the daemon log")
+                request = parse_request(line)
+            except ProtocolError as exc:
+                self._server.observer.request_error(exc.code)
+                self._emit(encode_failure(exc))
+                continue
+            if not self._handle(request):
+                return
 
-    def _queue(self, answer: bytes) -> None:
-        self._out.append(answer)
-        self._out_bytes += len(answer)
-        if self._out_bytes >= _FLUSH_BYTES:
-            self._flush()
-        elif not self._flush_scheduled:
-            # Runs once this task yields, i.e. when no complete line is left in the buffer:
-            # every answer of a pipelined burst goes out in one write.
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+    def _handle(self, request: Request) -> bool:
+        """Answer or start one request; False when later lines must wait for it."""
+        server = self._server
+        refusal = server.refusal(request, self.uid)
+        if refusal is not None:
+            self._emit(refusal)
+            return True
+        concurrent = server.runs_concurrently(request)
+        if self._running and not concurrent:
+            # Anything else sees the effect of every earlier request: let those finish first.
+            self._held = request
+            self._resume_at = 0
+            return False
+        if not self._running and server.immediate(request):
+            self._emit(server.answer_now(request, self.uid))
+            return True
+        self._start(request)
+        if not concurrent:
+            self._resume_at = 0
+            return False
+        if self._running >= _MAX_PIPELINED:
+            self._resume_at = _MAX_PIPELINED - 1
+            return False
+        return True
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._out and not self._writer.is_closing():
-            self._writer.write(b"".join(self._out))
-        self._out.clear()
-        self._out_bytes = 0
+    def _start(self, request: Request) -> None:
+        task = asyncio.get_running_loop().create_task(self._server.answer(request, self.uid))
+        self._running += 1
+        self._slots.append((request.request_id, task))
+        task.add_done_callback(self._task_done)
 
-    async def _finish(self) -> None:
-        tasks = [task for _, task in self._pending]
-        if self._server.closing:
-            for task in tasks:
-                task.cancel()
-        # A peer that half-closed still gets the answers to everything it sent.
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._answer_in_order()
-        self._flush()
-        self._writer.close()
-        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-            await self._writer.wait_closed()
+    def _task_done(self, _task: asyncio.Task[bytes]) -> None:
+        self._running -= 1
+        self._drain_slots()
+        if self._resume_at >= 0 and self._running <= self._resume_at:
+            self._resume_at = -1
+            if not self._lost:
+                self._process()
+        self._after_input()
+        self._check_finished()
+
+    def _emit(self, answer: bytes) -> None:
+        if self._slots:
+            self._slots.append(answer)
+        else:
+            self._out.append(answer)
+
+    def _drain_slots(self) -> None:
+        slots = self._slots
+        while slots:
+            head = slots[0]
+            if isinstance(head, bytes):
+                self._out.append(head)
+            elif head[1].done():
+                self._out.append(_task_answer(*head))
+            else:
+                return
+            slots.popleft()
+
+    def _after_input(self) -> None:
+        """After lines were handled: write the answers, account input, decide on reading."""
+        self._server.dispatcher.publish_counts()
+        self._write()
+        if self._lost:
+            return
+        self._set_buffered(len(self._partial) + self._waiting_bytes)
+        self._check_partial()
+        self._update_reading()
+        if self._input_done and self._running == 0 and not self._lines and self._held is None:
+            self._close_transport()
+
+    def _write(self) -> None:
+        out = self._out
+        if not out:
+            return
+        if self._transport is not None and not self._lost and not self._transport.is_closing():
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+
+    def _check_partial(self) -> None:
+        partial = self._partial
+        if not partial:
+            self._partial_since = None
+            return
+        if len(partial) > self._limit and not _fits(partial, self._limit):
+            # Answer every complete line before it, then refuse it.
+            self._partial.clear()
+            self._lines.append(None)
+            self._input_done = True
+            self._process()
+            self._after_input()
+            return
+        if self._partial_since is None:
+            self._partial_since = time.monotonic()
+            self._arm_idle(self._server.idle_timeout)
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or self._lost or transport.is_closing():
+            return
+        pause = self._write_paused or bool(self._lines) or self._held is not None
+        if pause != self._read_paused:
+            self._read_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def _set_buffered(self, size: int) -> None:
+        if size != self.buffered:
+            delta = size - self.buffered
+            self.buffered = size
+            self._server.buffered_changed(delta)
+
+    def _too_large_message(self) -> str:
+        return f"request line exceeds {self._limit} bytes"
+
+    # --- the idle timeout --------------------------------------------------------------
+
+    def _arm_idle(self, delay: float) -> None:
+        if self._idle_timer is None:
+            self._idle_timer = asyncio.get_running_loop().call_later(delay, self._idle_check)
+
+    def _disarm_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_check(self) -> None:
+        # One timer per unfinished line, not one per chunk: when it fires it checks how long
+        # the current unfinished line has been held, and re-arms for the rest if needed.
+        self._idle_timer = None
+        since = self._partial_since
+        if since is None or self._input_done:
+            return
+        timeout = self._server.idle_timeout
+        left = since + timeout - time.monotonic()
+        if left > 0:
+            self._arm_idle(left)
+            return
+        self._server.closed_by_limit("idle_timeout")
+        self.close_for_limit(
+            "Timeout", f"request line unfinished after {timeout:g}s (socket.idle_timeout)"
+        )
+
+    # --- ending ------------------------------------------------------------------------
+
+    def close_for_limit(self, code: str, message: str) -> None:
+        """Drop what this connection holds unanswered, answer `code`, close once answered."""
+        self._fatal(encode_error(NO_ID, code, message))
+        self._after_input()
+
+    def _fatal(self, answer: bytes) -> None:
+        self._input_done = True
+        self._partial.clear()
+        self._partial_since = None
+        self._lines.clear()
+        self._waiting_bytes = 0
+        self._held = None
+        self._resume_at = -1
+        self._emit(answer)
+
+    def shut(self) -> None:
+        """The server is closing: read nothing more; close once the running requests end."""
+        if self._lost:
+            return
+        self._input_done = True
+        self._partial.clear()
+        self._lines.clear()
+        self._waiting_bytes = 0
+        self._held = None
+        self._after_input()
+
+    def cancel(self) -> None:
+        """Cut the running requests off (each answers ShuttingDown)."""
+        for slot in self._slots:
+            if not isinstance(slot, bytes):
+                slot[1].cancel()
+
+    def abort(self) -> None:
+        """Drop the connection now, answers not yet written included."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _close_transport(self) -> None:
+        self._disarm_idle()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def _check_finished(self) -> None:
+        if self._lost and self._running == 0 and not self.finished.done():
+            self.finished.set_result(None)
+
+
+def _fits(line: bytes | bytearray, limit: int) -> bool:
+    """Whether a line over `limit` bytes is within it once its `\\r` is not counted (an
+    unfinished line may end in the `\\r` of a `\\r\\n` still to come)."""
+    return len(line) == limit + 1 and line[-1] == _CR
+
+
+def _task_answer(request_id: RequestId, task: asyncio.Task[bytes]) -> bytes:
+    if task.cancelled():
+        return encode_error(request_id, "ShuttingDown", "the daemon is closing")
+    return task.result()
 
 
 # --- the server -----------------------------------------------------------------------------
@@ -658,8 +547,8 @@ class IngestServer:
         handlers: Handlers | None = None,
     ) -> None:
         self._socket = config.socket
-        self.observer: IngestObserver = metrics or _NullObserver()
-        self._dispatcher = Dispatcher(
+        self.observer: IngestObserver = metrics or NullObserver()
+        self.dispatcher = Dispatcher(
             store,
             config=config,
             committer=committer,
@@ -667,11 +556,17 @@ class IngestServer:
             observer=self.observer,
             status=status,
         )
-        self._handlers: Handlers = handlers or self._dispatcher
+        self._handlers: Handlers = handlers or self.dispatcher
+        # Requests that wait for nothing skip the coroutine, unless the ops are replaced.
+        self._fast = handlers is None
         self._journaled = journal is not None
+        self._fd_reserve = _FD_RESERVE + config.commit.max_in_flight
+        self._fd_ceiling = 2**31
         self._server: asyncio.Server | None = None
         self._inode: tuple[int, int] | None = None
-        self._connections: dict[asyncio.Task[Any], Connection] = {}
+        self._connections: set[_Connection] = set()
+        self._buffered = 0
+        self.quiet_log = _QuietLog()
         self._accepting = True
         self.closing = False
 
@@ -684,6 +579,10 @@ class IngestServer:
         return self._socket.max_line_bytes
 
     @property
+    def idle_timeout(self) -> float:
+        return self._socket.idle_timeout
+
+    @property
     def accepting(self) -> bool:
         return self._accepting
 
@@ -694,14 +593,17 @@ class IngestServer:
         sock = _bind(self.path, self._socket.mode)
         info = os.stat(self.path)
         self._inode = (info.st_dev, info.st_ino)
-        self._server = await asyncio.start_unix_server(
-            self._on_connection, sock=sock, limit=self._socket.max_line_bytes
+        self._fd_ceiling = _fd_ceiling(self._fd_reserve)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: _Connection(self), sock=sock, backlog=max(1024, socket.SOMAXCONN)
         )
         log.info("listening on %s (mode %04o)", self.path, self._socket.mode)
 
     def apply_config(self, config: Config) -> None:
-        """Take the groups and wait timeout of a reloaded config (socket.* needs a restart)."""
-        self._dispatcher.apply_config(config)
+        """Take the groups, their limits and the wait timeout of a reloaded config
+        (socket.* needs a restart)."""
+        self.dispatcher.apply_config(config)
 
     def stop_accepting(self) -> None:
         """From now on commits answer ShuttingDown; other ops keep working."""
@@ -715,15 +617,21 @@ class IngestServer:
         if self._server is not None:
             self._server.close()
             self._remove_socket_file()
-        idle = [task for task, conn in self._connections.items() if not conn.busy]
-        for task in idle:
-            task.cancel()
-        tasks = set(self._connections)
-        if tasks:
-            _done, late = await asyncio.wait(tasks, timeout=grace)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        connections = list(self._connections)
+        for connection in connections:
+            connection.shut()
+        finished = [c.finished for c in connections]
+        if finished:
+            _done, late = await asyncio.wait(finished, timeout=grace)
+            for connection in connections:
+                if connection.finished in late:
+                    connection.cancel()
+            # A peer that does not read its answers must not hold the daemon's exit.
+            _done, stuck = await asyncio.wait(finished, timeout=_ABORT_AFTER)
+            for connection in connections:
+                if connection.finished in stuck:
+                    connection.abort()
+            await asyncio.gather(*finished, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
@@ -735,41 +643,122 @@ class IngestServer:
             if (info.st_dev, info.st_ino) == self._inode:
                 os.unlink(self.path)
 
-    def peer_allowed(self, writer: asyncio.StreamWriter) -> bool:
+    # --- admission and limits ----------------------------------------------------------
+
+    def admit(self, connection: _Connection, transport: asyncio.Transport) -> bytes | None:
+        """Register a new connection, or the one error line that refuses it."""
+        sock = transport.get_extra_info("socket")
+        if self.closing:
+            return encode_error(NO_ID, "ShuttingDown", "the daemon is closing")
+        if len(self._connections) >= self._socket.max_connections:
+            return self._refuse("max_connections", "TooManyConnections", "too many connections")
+        if sock is not None and sock.fileno() >= self._fd_ceiling:
+            return self._refuse(
+                "max_connections", "TooManyConnections", "too many open files in the daemon"
+            )
+        connection.uid = peer_uid(sock)
+        if not self._peer_allowed(connection.uid):
+            return self._refuse("forbidden", "Forbidden", "peer uid is not allowed")
+        self._connections.add(connection)
+        self.observer.connection_opened()
+        return None
+
+    def _refuse(self, reason: str, code: str, message: str) -> bytes:
+        self.observer.connection_refused(reason)
+        self.observer.request_error(code)
+        self.quiet_log.warning(reason, "refused a socket connection: %s", message)
+        return encode_error(NO_ID, code, message)
+
+    def _peer_allowed(self, uid: int | None) -> bool:
         """Whether the peer's uid is in `socket.allowed_uids` (all are, if it is empty)."""
         allowed: Collection[int] = self._socket.allowed_uids
-        if not allowed:
-            return True
-        uid = peer_uid(writer.get_extra_info("socket"))
-        if uid is not None and uid in allowed:
-            return True
-        log.warning("refused a connection from uid %s (not in socket.allowed_uids)", uid)
-        return False
+        return not allowed or (uid is not None and uid in allowed)
+
+    def forget(self, connection: _Connection) -> None:
+        if connection in self._connections:
+            self._connections.discard(connection)
+            self.observer.connection_closed()
+
+    def closed_by_limit(self, reason: str) -> None:
+        self.observer.connection_refused(reason)
+        self.quiet_log.warning(reason, "closed a socket connection: %s limit", reason)
+
+    def buffered_changed(self, delta: int) -> None:
+        self._buffered += delta
+        if delta > 0 and self._buffered > self._socket.max_buffered_bytes:
+            self._shed_largest()
+
+    def _shed_largest(self) -> None:
+        # Rare (only over the limit), so a scan over the connections is fine here.
+        while self._buffered > self._socket.max_buffered_bytes and self._connections:
+            largest = max(self._connections, key=lambda c: c.buffered)
+            if largest.buffered == 0:
+                return
+            self.closed_by_limit("max_buffered_bytes")
+            largest.close_for_limit(
+                "RequestTooLarge",
+                "the daemon holds too much unanswered input (socket.max_buffered_bytes): "
+                "closing the connection holding the most",
+            )
+
+    # --- requests ----------------------------------------------------------------------
+
+    def refusal(self, request: Request, uid: int | None) -> bytes | None:
+        """The answer refusing `request` before it runs (draining, or a forbidden group)."""
+        if isinstance(request, CommitRequest) and not self._accepting:
+            return encode_error(request.request_id, "ShuttingDown", "the daemon is shutting down")
+        group = getattr(request, "group", None)
+        if group is not None and not self.dispatcher.may_use(group, uid):
+            self.observer.request_error("Forbidden")
+            return encode_error(
+                request.request_id, "Forbidden", f"peer uid is not allowed to use group {group!r}"
+            )
+        return None
 
     def runs_concurrently(self, request: Request) -> bool:
         """Journaled commits without `wait` may overlap, to share the journal's fsyncs."""
         return self._journaled and isinstance(request, CommitRequest) and not request.wait
 
-    async def handle(self, request: Request) -> Fields:
+    def immediate(self, request: Request) -> bool:
+        return self._fast and self.dispatcher.immediate(request)
+
+    def _visible(self, request: Request, uid: int | None) -> frozenset[str] | None:
+        if isinstance(request, StatusRequest | FlushRequest):
+            return self.dispatcher.visible_groups(uid)
+        return None
+
+    def answer_now(self, request: Request, uid: int | None) -> bytes:
+        """The answer line of an `immediate` request."""
+        try:
+            fields = self.dispatcher.answer_now(request, visible=self._visible(request, uid))
+            return encode_ok(request.request_id, **fields)
+        except ProtocolError as exc:
+            self.observer.request_error(exc.code)
+            return encode_failure(exc, request.request_id)
+        except Exception:
+            return self._internal_error(request)
+
+    async def answer(self, request: Request, uid: int | None) -> bytes:
+        """The answer line of any request."""
+        try:
+            fields = await self.handle(request, visible=self._visible(request, uid))
+            return encode_ok(request.request_id, **fields)
+        except ProtocolError as exc:
+            self.observer.request_error(exc.code)
+            return encode_failure(exc, request.request_id)
+        except Exception:
+            return self._internal_error(request)
+
+    async def handle(self, request: Request, *, visible: Collection[str] | None = None) -> Fields:
         """Answer one request (ShuttingDown for commits once draining)."""
         if isinstance(request, CommitRequest) and not self._accepting:
             raise ProtocolError("ShuttingDown", "the daemon is shutting down")
-        return await dispatch(self._handlers, request)
+        return await dispatch(self._handlers, request, visible=visible)
 
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        connection = Connection(self, reader, writer)
-        self._connections[task] = connection
-        self.observer.connection_opened()
+    def _internal_error(self, request: Request) -> bytes:
+        log.exception("unexpected error handling a %s request", request.op)
+        self.observer.request_error("InternalError")
         try:
-            await connection.serve()
-        except asyncio.CancelledError:
-            # Cancelled by close(): end quietly (asyncio logs a cancelled connection task).
-            if not self.closing:
-                raise
-        finally:
-            self._connections.pop(task, None)
-            self.observer.connection_closed()
+            return encode_error(request.request_id, "InternalError", "see the daemon log")
+        except ValueError:  # the id itself cannot be encoded: answer without it
+            return encode_error(NO_ID, "InternalError", "see the daemon log")

@@ -39,6 +39,9 @@ COMMIT_BUCKETS = (
     60.0,
 )
 
+# Why a socket connection was refused or closed (cpmgr_connections_refused_total{reason}).
+REFUSAL_REASONS = ("max_connections", "idle_timeout", "max_buffered_bytes", "forbidden")
+
 
 class StoreCollector(Collector):
     """Pending shards, oldest pending age and last success per group, read from the store."""
@@ -172,6 +175,14 @@ class Metrics:
             ["code"],
             registry=registry,
         )
+        self.connections_refused = Counter(
+            "cpmgr_connections_refused",
+            "Socket connections refused or closed by a limit, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in REFUSAL_REASONS:
+            self.connections_refused.labels(reason)
         self.journal_errors = Counter(
             "cpmgr_journal_errors",
             "Commits refused because the journal could not persist them.",
@@ -240,6 +251,9 @@ class Metrics:
 
     def connection_closed(self) -> None:
         self.connections.dec()
+
+    def connection_refused(self, reason: str) -> None:
+        self.connections_refused.labels(reason).inc()
 
     def request_error(self, code: str) -> None:
         self.socket_errors.labels(code).inc()

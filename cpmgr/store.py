@@ -470,6 +470,11 @@ class CheckpointStore:
         table = self._groups.get(group)
         return table.failures if table is not None else 0
 
+    def is_tracked(self, group: str, shard: int) -> bool:
+        """Whether the group has seen the shard (it counts toward the group's shard limit)."""
+        table = self._groups.get(group)
+        return table is not None and shard in table.shards
+
 
 def _check_regression(
     state: _Shard, shard: int, checkpoint: str, number: int | None, where: str

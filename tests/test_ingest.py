@@ -348,13 +348,15 @@ async def test_pipelined_burst_is_written_at_once(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[bytes] = []
-    original = asyncio.StreamWriter.write
+    # The server writes through the event loop's socket transport; count its writes.
+    transport_class: Any = asyncio.selector_events._SelectorSocketTransport  # type: ignore[attr-defined]
+    original = transport_class.write
 
-    def counting_write(self: asyncio.StreamWriter, data: bytes) -> None:
+    def counting_write(self: asyncio.Transport, data: bytes) -> None:
         writes.append(bytes(data))
         original(self, data)
 
-    monkeypatch.setattr(asyncio.StreamWriter, "write", counting_write)
+    monkeypatch.setattr(transport_class, "write", counting_write)
     burst = b"".join(json.dumps({"op": "ping", "id": n}).encode() + b"\n" for n in range(100))
     loop = asyncio.get_running_loop()
     async with running(config) as server:
