@@ -193,7 +193,8 @@ class Dispatcher:
         """The groups a peer may see, or None if it may see all of them."""
         if not self._restricted:
             return None
-        return frozenset(g for g in self._groups if self.may_use(g, uid))
+        visible = frozenset(g for g in self._groups if self.may_use(g, uid))
+        return None if visible == self._groups else visible
 
     def _require_group(self, group: str) -> None:
         if group not in self._groups:
