@@ -92,6 +92,9 @@ _PEERCRED: Final = struct.Struct("3i")
 # (sized by max_in_flight), the HTTP server and its scrapes, the journal, logging, DNS.
 _FD_RESERVE: Final = 128
 _LOG_EVERY: Final = 60.0
+_BACKLOG: Final = 1024
+_ACCEPT_BATCH: Final = 64
+_ACCEPT_PAUSE: Final = 0.5  # after accept() failed for want of descriptors or memory
 _ABORT_AFTER: Final = 1.0  # after close()'s grace and the cancellation of what still ran
 _CR: Final = 13
 
@@ -187,6 +190,64 @@ class _QuietLog:
         log.warning(message + suffix, *args)
 
 
+class _Acceptor:
+    """Accepts connections itself: a refusal costs an accept, a send and a close (no transport),
+    and running out of descriptors pauses accepting for a while instead of spinning."""
+
+    def __init__(
+        self, sock: socket.socket, on_accept: Callable[[socket.socket], None], quiet: _QuietLog
+    ) -> None:
+        self._sock = sock
+        self._on_accept = on_accept
+        self._quiet = quiet
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        self._sock.setblocking(False)
+        self._sock.listen(max(_BACKLOG, socket.SOMAXCONN))
+        self._loop.add_reader(self._sock.fileno(), self._accept_some)
+
+    def _accept_some(self) -> None:
+        # A bounded batch per wake-up, so a flood of connects cannot hold the loop.
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _address = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                self._pause(exc)
+                return
+            self._on_accept(conn)
+
+    def _pause(self, exc: OSError) -> None:
+        self._quiet.warning(
+            "accept",
+            "cannot accept a socket connection (%s): accepting again in %gs",
+            exc.strerror or exc,
+            _ACCEPT_PAUSE,
+        )
+        self._loop.remove_reader(self._sock.fileno())
+        self._timer = self._loop.call_later(_ACCEPT_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self._timer = None
+        if not self._closed:
+            self._loop.add_reader(self._sock.fileno(), self._accept_some)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
 # --- connections ----------------------------------------------------------------------------
 
 # An answer, or the task that will produce it (with the id to answer if it is cancelled).
@@ -198,11 +259,11 @@ _Waiting = bytes | None
 class _Connection(asyncio.Protocol):
     """One consumer connection: complete lines are answered in request order."""
 
-    def __init__(self, server: IngestServer) -> None:
+    def __init__(self, server: IngestServer, uid: int | None) -> None:
         self._server = server
         self._limit = server.max_line_bytes
         self._transport: asyncio.Transport | None = None
-        self.uid: int | None = None
+        self.uid = uid
         self._partial = bytearray()  # the unfinished line
         self._partial_since: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -230,10 +291,9 @@ class _Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-        refusal = self._server.admit(self, transport)
-        if refusal is not None:
+        if not self._server.register(self):
             self._input_done = True
-            transport.write(refusal)
+            transport.write(encode_error(NO_ID, "ShuttingDown", "the daemon is closing"))
             transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -562,9 +622,11 @@ class IngestServer:
         self._journaled = journal is not None
         self._fd_reserve = _FD_RESERVE + config.commit.max_in_flight
         self._fd_ceiling = 2**31
-        self._server: asyncio.Server | None = None
+        self._acceptor: _Acceptor | None = None
         self._inode: tuple[int, int] | None = None
         self._connections: set[_Connection] = set()
+        self._admitted = 0  # accepted, not refused, not yet lost (some not yet registered)
+        self._connecting: set[asyncio.Task[None]] = set()
         self._buffered = 0
         self.quiet_log = _QuietLog()
         self._accepting = True
@@ -588,16 +650,14 @@ class IngestServer:
 
     async def start(self) -> None:
         """Bind the socket (replacing a stale one) and start serving."""
-        if self._server is not None:
+        if self._acceptor is not None:
             return
         sock = _bind(self.path, self._socket.mode)
         info = os.stat(self.path)
         self._inode = (info.st_dev, info.st_ino)
         self._fd_ceiling = _fd_ceiling(self._fd_reserve)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(
-            lambda: _Connection(self), sock=sock, backlog=max(1024, socket.SOMAXCONN)
-        )
+        self._acceptor = _Acceptor(sock, self._on_accept, self.quiet_log)
+        self._acceptor.start()
         log.info("listening on %s (mode %04o)", self.path, self._socket.mode)
 
     def apply_config(self, config: Config) -> None:
@@ -614,9 +674,12 @@ class IngestServer:
         close every connection and remove the socket file. Idempotent."""
         self._accepting = False
         self.closing = True
-        if self._server is not None:
-            self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
             self._remove_socket_file()
+        if self._connecting:
+            await asyncio.gather(*self._connecting, return_exceptions=True)
         connections = list(self._connections)
         for connection in connections:
             connection.shut()
@@ -632,9 +695,6 @@ class IngestServer:
                 if connection.finished in stuck:
                     connection.abort()
             await asyncio.gather(*finished, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
 
     def _remove_socket_file(self) -> None:
         # Only our own socket: a new daemon may already have replaced the file.
@@ -645,23 +705,49 @@ class IngestServer:
 
     # --- admission and limits ----------------------------------------------------------
 
-    def admit(self, connection: _Connection, transport: asyncio.Transport) -> bytes | None:
-        """Register a new connection, or the one error line that refuses it."""
-        sock = transport.get_extra_info("socket")
-        if self.closing:
-            return encode_error(NO_ID, "ShuttingDown", "the daemon is closing")
-        if len(self._connections) >= self._socket.max_connections:
+    def _on_accept(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        uid = peer_uid(conn)
+        refusal = self._admission(conn, uid)
+        if refusal is not None:
+            with contextlib.suppress(OSError):
+                conn.send(refusal)  # one short line into an empty socket buffer
+            conn.close()
+            return
+        self._admitted += 1
+        task = asyncio.get_running_loop().create_task(self._serve(conn, uid))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    def _admission(self, conn: socket.socket, uid: int | None) -> bytes | None:
+        """The one error line refusing a new connection, or None to serve it."""
+        if self._admitted >= self._socket.max_connections:
             return self._refuse("max_connections", "TooManyConnections", "too many connections")
-        if sock is not None and sock.fileno() >= self._fd_ceiling:
+        if conn.fileno() >= self._fd_ceiling:
             return self._refuse(
                 "max_connections", "TooManyConnections", "too many open files in the daemon"
             )
-        connection.uid = peer_uid(sock)
-        if not self._peer_allowed(connection.uid):
+        if not self._peer_allowed(uid):
             return self._refuse("forbidden", "Forbidden", "peer uid is not allowed")
+        return None
+
+    async def _serve(self, conn: socket.socket, uid: int | None) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: _Connection(self, uid), conn)
+        except OSError as exc:
+            self._admitted -= 1
+            conn.close()
+            log.warning("cannot serve a socket connection: %s", exc)
+
+    def register(self, connection: _Connection) -> bool:
+        """Count a connection in, unless the server is closing."""
+        if self.closing:
+            self._admitted -= 1
+            return False
         self._connections.add(connection)
         self.observer.connection_opened()
-        return None
+        return True
 
     def _refuse(self, reason: str, code: str, message: str) -> bytes:
         self.observer.connection_refused(reason)
@@ -677,6 +763,7 @@ class IngestServer:
     def forget(self, connection: _Connection) -> None:
         if connection in self._connections:
             self._connections.discard(connection)
+            self._admitted -= 1
             self.observer.connection_closed()
 
     def closed_by_limit(self, reason: str) -> None:

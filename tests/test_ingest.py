@@ -107,8 +107,8 @@ class Peer:
 
 
 @asynccontextmanager
-async def connect(path: str) -> AsyncIterator[Peer]:
-    reader, writer = await asyncio.open_unix_connection(path)
+async def connect(path: str, *, limit: int = 2**16) -> AsyncIterator[Peer]:
+    reader, writer = await asyncio.open_unix_connection(path, limit=limit)
     try:
         yield Peer(reader, writer)
     finally:
