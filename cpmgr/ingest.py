@@ -94,6 +94,9 @@ _FD_RESERVE: Final = 128
 _LOG_EVERY: Final = 60.0
 _BACKLOG: Final = 1024
 _ACCEPT_BATCH: Final = 64
+_REFUSAL_DRAIN_READS: Final = 4  # at most this many reads of what a refused peer sent
+_MAX_LINGERING: Final = 64  # refused connections kept half-open at once
+_LINGER: Final = 1.0  # seconds a refused connection is kept half-open at most
 _ACCEPT_PAUSE: Final = 0.5  # after accept() failed for want of descriptors or memory
 _ABORT_AFTER: Final = 1.0  # after close()'s grace and the cancellation of what still ran
 _CR: Final = 13
@@ -160,6 +163,59 @@ def peer_uid(sock: socket.socket | None) -> int | None:
         return None
     _pid, uid, _gid = _PEERCRED.unpack(raw)
     return int(uid)
+
+
+class _Refusals:
+    """Refused connections: one error line, then closed. A few are kept half-open briefly, read
+    and discarded until the peer closes: closing a Unix socket with unread input resets it, and
+    a peer still sending could lose the line. Beyond that few, or when descriptors run short,
+    they are closed at once."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._open: dict[int, tuple[socket.socket, asyncio.TimerHandle]] = {}
+
+    def refuse(self, conn: socket.socket, line: bytes, *, linger: bool) -> None:
+        try:
+            conn.send(line)  # one short line into an empty socket buffer
+            if not linger or len(self._open) >= _MAX_LINGERING:
+                raise BlockingIOError
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            _drain_and_close(conn)
+            return
+        fd = conn.fileno()
+        self._loop.add_reader(fd, self._readable, fd)
+        self._open[fd] = (conn, self._loop.call_later(_LINGER, self._close, fd))
+
+    def _readable(self, fd: int) -> None:
+        conn = self._open[fd][0]
+        try:
+            if conn.recv(65536):
+                return
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            pass
+        self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        conn, timer = self._open.pop(fd)
+        timer.cancel()
+        self._loop.remove_reader(fd)
+        conn.close()
+
+    def close(self) -> None:
+        for fd in list(self._open):
+            self._close(fd)
+
+
+def _drain_and_close(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        for _ in range(_REFUSAL_DRAIN_READS):
+            if not conn.recv(65536):
+                break
+    conn.close()
 
 
 def _fd_ceiling(reserve: int) -> int:
@@ -623,6 +679,7 @@ class IngestServer:
         self._fd_reserve = _FD_RESERVE + config.commit.max_in_flight
         self._fd_ceiling = 2**31
         self._acceptor: _Acceptor | None = None
+        self._refusals: _Refusals | None = None
         self._inode: tuple[int, int] | None = None
         self._connections: set[_Connection] = set()
         self._admitted = 0  # accepted, not refused, not yet lost (some not yet registered)
@@ -656,6 +713,7 @@ class IngestServer:
         info = os.stat(self.path)
         self._inode = (info.st_dev, info.st_ino)
         self._fd_ceiling = _fd_ceiling(self._fd_reserve)
+        self._refusals = _Refusals()
         self._acceptor = _Acceptor(sock, self._on_accept, self.quiet_log)
         self._acceptor.start()
         log.info("listening on %s (mode %04o)", self.path, self._socket.mode)
@@ -678,6 +736,8 @@ class IngestServer:
             self._acceptor.close()
             self._acceptor = None
             self._remove_socket_file()
+        if self._refusals is not None:
+            self._refusals.close()
         if self._connecting:
             await asyncio.gather(*self._connecting, return_exceptions=True)
         connections = list(self._connections)
@@ -710,9 +770,9 @@ class IngestServer:
         uid = peer_uid(conn)
         refusal = self._admission(conn, uid)
         if refusal is not None:
-            with contextlib.suppress(OSError):
-                conn.send(refusal)  # one short line into an empty socket buffer
-            conn.close()
+            assert self._refusals is not None
+            # Near the descriptor limit nothing lingers: the descriptor is what is short.
+            self._refusals.refuse(conn, refusal, linger=conn.fileno() < self._fd_ceiling)
             return
         self._admitted += 1
         task = asyncio.get_running_loop().create_task(self._serve(conn, uid))
