@@ -27,8 +27,9 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, ClassVar, Final, Literal, TypeGuard
 
 from cpmgr.errors import ProtocolError
@@ -72,6 +73,20 @@ _BLANK: Final = b" \t\r\n"
 _TOO_DEEP: Final = f"JSON nested deeper than {MAX_DEPTH} levels"
 _CONSUMER_NAME: Final = re.compile(r"[A-Za-z0-9._@:-]{1,128}")
 _CONSUMER_RULE: Final = "must be 1-128 characters of A-Z a-z 0-9 . _ @ : -"
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+_CONTAINERS: Final = frozenset({dict, list})
+# The fields a batch commit's parser checks (the item list, everything else scalar).
+_BATCH_FIELDS: Final = frozenset(
+    {"op", "id", "group", "consumer", "force", "wait", "timeout", "checkpoints"}
+)
+_ITEM_FIELDS: Final = frozenset({"shard", "checkpoint", "consumer"})
+_ABSENT: Final = object()
+_CHECKPOINT_RULE: Final = "must be a non-empty string of standard base64 with padding"
+_OK: Final = b'{"ok":true}\n'
+# One encoder for every answer (json.dumps() with options builds one per call). ASCII output:
+# an echoed id may hold a lone surrogate that UTF-8 cannot encode.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_encode_string: Final = json.encoder.encode_basestring_ascii
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +126,10 @@ class RequestError(ProtocolError):
         self.fields: Mapping[str, object] = dict(fields or {})
 
 
-@dataclass(frozen=True, slots=True)
+# CommitItem and CommitRequest are built for every commit line: plain slots dataclasses, since
+# a frozen one costs three times as much to build (object.__setattr__ per field). Treat them
+# as immutable all the same.
+@dataclass(slots=True)
 class CommitItem:
     """One checkpoint of a commit; `consumer` None means the group's default consumer."""
 
@@ -120,9 +138,16 @@ class CommitItem:
     consumer: str | None = None
     # Position in a batch's `checkpoints` as sent, for error messages (not part of the value).
     index: int = field(default=0, compare=False)
+    # decode_cursor(checkpoint), worked out once here so the store and ingest need not decode
+    # it again; filled in when not given.
+    number: int | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.number is None:
+            self.number = decode_cursor(self.checkpoint)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CommitRequest:
     """`commit`, single (`batch` False, one item) or batch (`checkpoints`, shards distinct)."""
 
@@ -188,11 +213,22 @@ def parse_request(line: bytes) -> Request:
     JSON object.
     """
     obj = _load_object(line)
-    request_id = _request_id(obj)
+    # Fewer brackets than MAX_DEPTH cannot nest deeper: the common case skips the depth check.
+    # Otherwise it runs after building, where it can skip what the build found to be scalars,
+    # but it still decides first: a line too deep is refused as such, without its id.
+    maybe_deep = line.count(b"[") + line.count(b"{") > MAX_DEPTH
     try:
-        return _build(obj, request_id)
+        request_id = _request_id(obj)
+        request = _build(obj, request_id)
     except ProtocolError as exc:
+        if maybe_deep and _too_deep([obj]):
+            raise RequestError("BadRequest", _TOO_DEEP) from None
+        if isinstance(exc, RequestError):
+            raise  # a bad id: answered without one
         raise RequestError(exc.code, exc.message, request_id=request_id) from None
+    if maybe_deep and _unchecked_too_deep(obj, request):
+        raise RequestError("BadRequest", _TOO_DEEP)
+    return request
 
 
 def _load_object(line: bytes) -> dict[str, Any]:
@@ -203,37 +239,49 @@ def _load_object(line: bytes) -> dict[str, Any]:
     try:
         if text.startswith("\ufeff"):  # json.loads() refuses a BOM too, with this message
             raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
-        obj = _DECODER.decode(text)
+        obj = _decode_json(text)
     except RecursionError:
         # The scanner recursed as deep as the stack allows, far past MAX_DEPTH.
         raise RequestError("BadRequest", _TOO_DEEP) from None
     except ValueError as exc:
         raise RequestError("BadRequest", f"request is not valid JSON: {_short(exc)}") from None
-    # Fewer brackets than MAX_DEPTH cannot nest deeper: the common case skips the walk.
-    if line.count(b"[") + line.count(b"{") > MAX_DEPTH and _too_deep(obj):
-        raise RequestError("BadRequest", _TOO_DEEP)
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
+        if _too_deep([obj]):
+            raise RequestError("BadRequest", _TOO_DEEP)
         raise RequestError("BadRequest", "request must be a JSON object")
     return obj
 
 
-def _too_deep(value: object) -> bool:
-    """Whether parsed JSON nests containers deeper than MAX_DEPTH.
+def _unchecked_too_deep(obj: dict[str, Any], request: Request) -> bool:
+    """_too_deep([obj]) for a request that parsed, skipping what the parser found scalar."""
+    if not (isinstance(request, CommitRequest) and request.batch):
+        return _too_deep([obj])
+    # Known fields of a batch are scalars, or the list of item objects; the rest may nest.
+    top = [value for key, value in obj.items() if key not in _BATCH_FIELDS]
+    inner = [
+        value
+        for entry in obj["checkpoints"]
+        if len(entry) > 2 and not entry.keys() <= _ITEM_FIELDS
+        for key, value in entry.items()
+        if key not in _ITEM_FIELDS
+    ]
+    return _too_deep(top, depth=2) or _too_deep(inner, depth=4)
+
+
+def _too_deep(values: list[Any], *, depth: int = 1) -> bool:
+    """Whether containers among `values`, at nesting level `depth`, nest past MAX_DEPTH.
 
     Level by level, so the cost is linear in the number of values and the walk stops at
     MAX_DEPTH levels, never recursing.
     """
-    level = [value] if isinstance(value, dict | list) else []
-    depth = 1
+    level = [value for value in values if type(value) in _CONTAINERS]
     while level:
         if depth > MAX_DEPTH:
             return True
-        level = [
-            child
-            for container in level
-            for child in (container.values() if isinstance(container, dict) else container)
-            if isinstance(child, dict | list)
-        ]
+        children = chain.from_iterable(
+            [item.values() if type(item) is dict else item for item in level]
+        )
+        level = [child for child in children if type(child) in _CONTAINERS]
         depth += 1
     return False
 
@@ -244,6 +292,17 @@ def _refuse_constant(name: str) -> Any:
 
 # One decoder for every line: json.loads() with an option builds a new one per call.
 _DECODER: Final = json.JSONDecoder(parse_constant=_refuse_constant)
+_JSON_SPACE: Final = " \t\n\r"
+
+
+def _decode_json(text: str) -> object:
+    """json.loads(text) with the shared decoder: same results and messages, less overhead."""
+    start = len(text) - len(text.lstrip(_JSON_SPACE)) if text[:1] in _JSON_SPACE else 0
+    value, end = _DECODER.raw_decode(text, start)
+    rest = text[end:].lstrip(_JSON_SPACE)
+    if rest:
+        raise json.JSONDecodeError("Extra data", text, len(text) - len(rest))
+    return value
 
 
 def _short(exc: BaseException) -> str:
@@ -252,133 +311,153 @@ def _short(exc: BaseException) -> str:
 
 
 def _request_id(obj: Mapping[str, Any]) -> RequestId:
-    if "id" not in obj:
+    value = obj.get("id", _ABSENT)
+    if value is _ABSENT:
         return NO_ID
-    value = obj["id"]
-    if value is not None and not isinstance(value, str | int | float | bool):
+    if type(value) not in _SCALARS:  # the decoder makes exact types: no subclasses here
         raise RequestError("BadRequest", "id: must be a JSON scalar")
-    if isinstance(value, float) and not math.isfinite(value):
+    if type(value) is float and not math.isfinite(value):
         # 1e400 parses as inf, which no answer could echo as JSON.
         raise RequestError("BadRequest", "id: must be a finite number")
-    return RequestId.of(value)
+    return RequestId(value, True)
 
 
 def _build(obj: Mapping[str, Any], request_id: RequestId) -> Request:
     op = obj.get("op")
     if op is None:
         raise ProtocolError("BadRequest", "op: required")
-    if not isinstance(op, str):
+    if type(op) is not str:
         raise ProtocolError("BadRequest", "op: must be a string")
-    if op == "commit":
-        return _commit(obj, request_id)
-    if op == "flush":
-        return FlushRequest(
-            group=_opt_str(obj, "group"), timeout=_opt_timeout(obj), request_id=request_id
-        )
-    if op == "get":
-        shard = obj.get("shard")
-        return GetRequest(
-            group=_req_str(obj, "group"),
-            shard=None if shard is None else _shard(shard, "shard"),
-            remote=_opt_bool(obj, "remote"),
-            request_id=request_id,
-        )
-    if op == "status":
-        return StatusRequest(request_id=request_id)
-    if op == "ping":
-        return PingRequest(request_id=request_id)
-    raise ProtocolError("UnknownOp", f"unknown op {_quote(op)}")
+    build = _BUILDERS.get(op)
+    if build is None:
+        raise ProtocolError("UnknownOp", f"unknown op {_quote(op)}")
+    return build(obj, request_id)
+
+
+def _flush(obj: Mapping[str, Any], request_id: RequestId) -> FlushRequest:
+    return FlushRequest(_opt_str(obj, "group"), _opt_timeout(obj), request_id)
+
+
+def _get(obj: Mapping[str, Any], request_id: RequestId) -> GetRequest:
+    group = _req_str(obj, "group")
+    shard = obj.get("shard")
+    return GetRequest(
+        group,
+        None if shard is None else _shard(shard, "shard"),
+        _opt_bool(obj, "remote"),
+        request_id,
+    )
+
+
+def _status(obj: Mapping[str, Any], request_id: RequestId) -> StatusRequest:
+    return StatusRequest(request_id)
+
+
+def _ping(obj: Mapping[str, Any], request_id: RequestId) -> PingRequest:
+    return PingRequest(request_id)
 
 
 def _commit(obj: Mapping[str, Any], request_id: RequestId) -> CommitRequest:
     group = _req_str(obj, "group")
-    consumer = _consumer(obj.get("consumer"), "consumer")
-    batch = obj.get("checkpoints") is not None
-    if batch:
-        if obj.get("shard") is not None or obj.get("checkpoint") is not None:
-            raise ProtocolError(
-                "BadRequest", "commit takes either shard and checkpoint, or checkpoints"
-            )
-        items = _batch_items(obj["checkpoints"], consumer)
+    consumer = obj.get("consumer")
+    if consumer is not None:
+        consumer = _consumer(consumer, "consumer")
+    checkpoints = obj.get("checkpoints")
+    items: tuple[CommitItem, ...]
+    if checkpoints is None:
+        items = (_item(obj, consumer, 0),)
+    elif obj.get("shard") is not None or obj.get("checkpoint") is not None:
+        raise ProtocolError(
+            "BadRequest", "commit takes either shard and checkpoint, or checkpoints"
+        )
     else:
-        items = (_item(obj, "", consumer),)
+        items = _batch_items(checkpoints, consumer)
     return CommitRequest(
-        group=group,
-        items=items,
-        batch=batch,
-        force=_opt_bool(obj, "force"),
-        wait=_opt_bool(obj, "wait"),
-        timeout=_opt_timeout(obj),
-        request_id=request_id,
+        group,
+        items,
+        checkpoints is not None,
+        _opt_bool(obj, "force"),
+        _opt_bool(obj, "wait"),
+        _opt_timeout(obj),
+        request_id,
     )
 
 
 def _batch_items(value: object, default_consumer: str | None) -> tuple[CommitItem, ...]:
-    if not isinstance(value, list):
+    if type(value) is not list:
         raise ProtocolError("BadRequest", "checkpoints: must be a list")
     if not value:
         raise ProtocolError("BadRequest", "checkpoints: must not be empty")
     by_shard: dict[int, CommitItem] = {}
     for index, entry in enumerate(value):
-        path = f"checkpoints[{index}]."
-        if not isinstance(entry, dict):
+        if type(entry) is not dict:
             raise ProtocolError("BadRequest", f"checkpoints[{index}]: must be an object")
-        item = replace(_item(entry, path, default_consumer), index=index)
+        try:
+            item = _item(entry, default_consumer, index)
+        except ProtocolError as exc:
+            # Built only on failure: naming the path of every item would cost each item.
+            raise ProtocolError(exc.code, f"checkpoints[{index}].{exc.message}") from None
         # A shard twice keeps the last value; pop first so it also takes the last position.
-        by_shard.pop(item.shard, None)
+        if item.shard in by_shard:
+            del by_shard[item.shard]
         by_shard[item.shard] = item
     return tuple(by_shard.values())
 
 
-def _item(obj: Mapping[str, Any], path: str, default_consumer: str | None) -> CommitItem:
+def _item(obj: Mapping[str, Any], default_consumer: str | None, index: int) -> CommitItem:
+    """One item; error messages start with the field name, batches prefix their path."""
     shard = obj.get("shard")
     if shard is None:
-        raise ProtocolError("BadRequest", f"{path}shard: required")
+        raise ProtocolError("BadRequest", "shard: required")
     checkpoint = obj.get("checkpoint")
     if checkpoint is None:
-        raise ProtocolError("BadRequest", f"{path}checkpoint: required")
-    consumer = _consumer(obj.get("consumer"), f"{path}consumer")
-    return CommitItem(
-        shard=_shard(shard, f"{path}shard"),
-        checkpoint=_checkpoint(checkpoint, f"{path}checkpoint"),
-        consumer=consumer if consumer is not None else default_consumer,
-    )
+        raise ProtocolError("BadRequest", "checkpoint: required")
+    consumer = obj.get("consumer")
+    if consumer is not None:
+        consumer = _consumer(consumer, "consumer")
+    if type(shard) is not int or not 0 <= shard <= MAX_SHARD:
+        _shard(shard, "shard")  # raises the error that fits
+    raw = _canonical_base64(checkpoint) if type(checkpoint) is str else None
+    if raw is None:
+        raise ProtocolError("InvalidShardCheckPoint", f"checkpoint: {_CHECKPOINT_RULE}")
+    # The cursor's number, from this one decoding (decode_cursor() with a known-good input).
+    number = int(raw) if len(raw) <= _MAX_CURSOR_DIGITS and raw.isdigit() else None
+    if consumer is None:
+        consumer = default_consumer
+    return CommitItem(shard, checkpoint, consumer, index, number)
 
 
 def _shard(value: object, path: str) -> int:
     # bool is an int subclass, and 3.0 is a float: neither is a shard.
-    if not isinstance(value, int) or isinstance(value, bool):
+    if type(value) is not int:
         raise ProtocolError("BadRequest", f"{path}: must be an integer")
     if not 0 <= value <= MAX_SHARD:
         raise ProtocolError("BadRequest", f"{path}: must be between 0 and {MAX_SHARD}")
     return value
 
 
+def _canonical_base64(value: str) -> bytes | None:
+    """The bytes `value` encodes if it is non-empty, strict, canonical base64, else None."""
+    try:
+        raw = binascii.a2b_base64(value)
+    except (binascii.Error, ValueError):  # ValueError: not ASCII
+        return None
+    # Re-encoding catches what a2b_base64 lets through: characters outside the alphabet,
+    # missing or misplaced padding, non-zero padding bits.
+    if not raw or binascii.b2a_base64(raw, newline=False) != value.encode("ascii"):
+        return None
+    return raw
+
+
 def is_valid_checkpoint(value: object) -> TypeGuard[str]:
     """Whether `value` is a non-empty string of strict standard base64 with padding."""
-    if not isinstance(value, str) or not value or len(value) % 4:
-        return False
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    # Re-encoding catches non-zero padding bits, the one laxity b64decode keeps.
-    return base64.b64encode(raw).decode("ascii") == value
-
-
-def _checkpoint(value: object, path: str) -> str:
-    if not is_valid_checkpoint(value):
-        raise ProtocolError(
-            "InvalidShardCheckPoint",
-            f"{path}: must be a non-empty string of standard base64 with padding",
-        )
-    return value
+    return isinstance(value, str) and _canonical_base64(value) is not None
 
 
 def _consumer(value: object, path: str) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str):
+    if type(value) is not str:
         raise ProtocolError("BadRequest", f"{path}: must be a string")
     if not value:
         return None
@@ -407,7 +486,7 @@ def _opt_bool(obj: Mapping[str, Any], name: str) -> bool:
     value = obj.get(name)
     if value is None:
         return False
-    if not isinstance(value, bool):
+    if type(value) is not bool:
         raise ProtocolError("BadRequest", f"{name}: must be true or false")
     return value
 
@@ -429,6 +508,15 @@ def _opt_timeout(obj: Mapping[str, Any]) -> float | None:
     return seconds
 
 
+_BUILDERS: Final[Mapping[str, Callable[[Mapping[str, Any], RequestId], Request]]] = {
+    "commit": _commit,
+    "flush": _flush,
+    "get": _get,
+    "status": _status,
+    "ping": _ping,
+}
+
+
 def _quote(text: str) -> str:
     return json.dumps(text[:64] + ("..." if len(text) > 64 else ""))
 
@@ -439,6 +527,7 @@ def decode_cursor(checkpoint: str) -> int | None:
         raw = base64.b64decode(checkpoint, validate=True)
     except (binascii.Error, ValueError):
         return None
+    # isdigit() on bytes means ASCII digits only; int() would also take "_", spaces and signs.
     if not raw or len(raw) > _MAX_CURSOR_DIGITS or not raw.isdigit():
         return None
     return int(raw)
@@ -446,7 +535,11 @@ def decode_cursor(checkpoint: str) -> int | None:
 
 def encode_ok(request_id: RequestId = NO_ID, /, **fields: object) -> bytes:
     """A success answer line: `{"ok":true, **fields}` plus the echoed `id`."""
-    return _dump({"ok": True, **fields}, request_id)
+    if fields:
+        return _dump({"ok": True, **fields}, request_id)
+    if not request_id.present:
+        return _OK
+    return b'{"ok":true,"id":%b}\n' % _encode_scalar(request_id.value)
 
 
 def encode_error(
@@ -475,9 +568,16 @@ def encode_failure(exc: ProtocolError, request_id: RequestId = NO_ID) -> bytes:
 def _dump(answer: dict[str, object], request_id: RequestId) -> bytes:
     if request_id.present:
         answer["id"] = request_id.value
-    # ASCII output: an echoed id may hold a lone surrogate that UTF-8 cannot encode.
-    text = json.dumps(answer, separators=(",", ":"), allow_nan=False)
-    return text.encode("ascii") + b"\n"
+    return _ENCODER.encode(answer).encode("ascii") + b"\n"
+
+
+def _encode_scalar(value: JsonScalar) -> bytes:
+    # The two common id types directly; the encoder's own rules (and errors) for the rest.
+    if type(value) is int:
+        return int.__repr__(value).encode("ascii")
+    if type(value) is str:
+        return _encode_string(value).encode("ascii")
+    return _ENCODER.encode(value).encode("ascii")
 
 
 def encode_request(request: Request) -> bytes:
@@ -492,7 +592,7 @@ def encode_request(request: Request) -> bytes:
     wire = {key: value for key, value in fields.items() if value is not None}
     if request.request_id.present:
         wire["id"] = request.request_id.value
-    return json.dumps(wire, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
+    return _ENCODER.encode(wire).encode("ascii") + b"\n"
 
 
 def _commit_fields(request: CommitRequest) -> dict[str, object]:

@@ -455,6 +455,41 @@ def test_decode_cursor() -> None:
     assert decode_cursor("") is None
 
 
+CURSORS = [
+    b"1524155379373908496",
+    b"007",
+    b"0",
+    b"12a",
+    b"-12",
+    b" 12",
+    b"1_2",
+    "١٢".encode(),
+    b"9" * 256,
+    b"9" * 257,
+    b"\x00\xff",
+]
+
+
+@pytest.mark.parametrize("raw", CURSORS)
+def test_parsed_items_carry_the_number_of_their_cursor(raw: bytes) -> None:
+    checkpoint = base64.b64encode(raw).decode()
+    single = parse_request(line(commit(checkpoint=checkpoint)))
+    many = parse_request(
+        batch([{"shard": 1, "checkpoint": CP}, {"shard": 2, "checkpoint": checkpoint}])
+    )
+    assert isinstance(single, CommitRequest)
+    assert isinstance(many, CommitRequest)
+    assert single.items[0].number == decode_cursor(checkpoint)
+    assert [item.number for item in many.items] == [decode_cursor(CP), decode_cursor(checkpoint)]
+
+
+def test_items_built_by_hand_work_out_their_number() -> None:
+    assert CommitItem(1, CP).number == 1524155379373908496
+    assert CommitItem(1, "/+8A").number is None
+    # The number follows from the checkpoint: it takes no part in equality.
+    assert CommitItem(1, CP, number=5) == CommitItem(1, CP)
+
+
 def test_encode_ok_echoes_the_id() -> None:
     assert json.loads(encode_ok(RequestId.of(None), accepted=2)) == {
         "ok": True,
@@ -589,3 +624,69 @@ requests: st.SearchStrategy[Request] = st.one_of(
 @given(requests)
 def test_valid_requests_round_trip(request: Request) -> None:
     assert parse_request(encode_request(request)) == request
+
+
+def nesting(value: Any) -> int:
+    """How deep containers nest in a JSON value (a scalar is 0, `[]` is 1)."""
+    if isinstance(value, dict):
+        return 1 + max(map(nesting, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(nesting, value), default=0)
+    return 0
+
+
+def chain_of(depth: int, leaf: Any) -> Any:
+    for level in range(depth):
+        leaf = [leaf] if level % 2 else {"k": leaf}
+    return leaf
+
+
+# Where a nested value may sit in a batch commit: fields the parser checks and fields it
+# ignores, at the top and in an item; the depth check must see every one of them.
+PLACES = ["x", "id", "consumer", "group", "checkpoints", "item.note", "item.shard", "item.consumer"]
+
+
+@FAST
+@given(
+    st.sampled_from(PLACES),
+    st.integers(0, MAX_DEPTH + 3),
+    st.integers(0, 3),
+    json_scalars,
+)
+def test_depth_is_checked_wherever_the_nesting_is(
+    place: str, depth: int, item_index: int, leaf: Any
+) -> None:
+    items: list[Any] = [{"shard": i, "checkpoint": CP} for i in range(4)]
+    obj: dict[str, Any] = {"op": "commit", "group": "orders", "checkpoints": items, "id": 1}
+    nested = chain_of(depth, leaf)
+    if place.startswith("item."):
+        items[item_index][place[5:]] = nested
+    else:
+        obj[place] = nested
+    try:
+        parse_request(json.dumps(obj).encode())
+    except RequestError as err:
+        too_deep = "nested deeper" in err.message
+        assert too_deep == (nesting(obj) > MAX_DEPTH), err.message
+        if too_deep:
+            assert err.request_id == NO_ID
+        return
+    assert nesting(obj) <= MAX_DEPTH
+
+
+@FAST
+@given(json_values, st.integers(0, MAX_DEPTH + 3))
+def test_deep_values_anywhere_are_refused(value: Any, depth: int) -> None:
+    obj = {"op": "ping", "x": chain_of(depth, value)}
+    raw = json.dumps(obj).encode()
+    if nesting(obj) > MAX_DEPTH:
+        assert "nested deeper" in refused(raw).message
+    else:
+        assert parse_request(raw) == PingRequest()
+
+
+@FAST
+@given(st.text(alphabet='[]{}":,0\\ ', max_size=300))
+def test_bracket_soup_parses_or_raises_protocol_error(text: str) -> None:
+    with contextlib.suppress(ProtocolError):
+        parse_request(('{"op":"ping","x":' + text + "}").encode())

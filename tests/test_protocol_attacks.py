@@ -52,12 +52,12 @@ def benign_line() -> bytes:
     return f'{{"op":"commit","group":"orders","checkpoints":[{",".join(entries)}]}}\n'.encode()
 
 
-def assert_linear(attack: bytes) -> None:
-    assert len(attack) >= LINE_BYTES * 0.9
-    benign = benign_line()
-    assert abs(len(benign) - len(attack)) < LINE_BYTES * 0.2
-    per_byte, baseline = cpu_per_byte(attack), cpu_per_byte(benign)
-    assert per_byte <= MAX_RATIO * baseline, (per_byte / baseline, len(attack))
+def assert_linear(*attacks: bytes) -> None:
+    baseline = cpu_per_byte(benign_line())
+    for attack in attacks:
+        assert LINE_BYTES * 0.9 <= len(attack) <= LINE_BYTES * 1.1
+        ratio = cpu_per_byte(attack) / baseline
+        assert ratio <= MAX_RATIO, (ratio, attack[:40])
 
 
 def refused_as_bad_request(attack: bytes) -> str:
@@ -88,29 +88,44 @@ def test_attack_quadratic_escape_inside_a_request_is_linear() -> None:
     assert_linear(attack)
 
 
+def deep_in_the_last_item() -> bytes:
+    """A batch as large as a line whose last item holds one value nested too deep."""
+    line = benign_line()
+    head = line[: line.rindex(b"},", 0, len(line) - 1000) + 1]
+    deep = b"[" * (MAX_DEPTH - 2) + b"]" * (MAX_DEPTH - 2)
+    return head + b',{"shard":1,"checkpoint":"MTUy","x":' + deep + b"}]}"
+
+
 def test_attack_deep_nesting_is_linear() -> None:
-    for attack in (
+    attacks = [
         fill("", "["),
         fill("", '{"a":'),
         fill('{"op":"ping","x":[', "[" * 500 + "]" * 500 + ",", "0]}"),
         fill('{"op":"ping","x":[', "[" * (MAX_DEPTH - 1) + "]" * (MAX_DEPTH - 1) + ",", "0]}"),
-    ):
+        deep_in_the_last_item(),
+    ]
+    for attack in attacks:
         assert "nested deeper" in refused_as_bad_request(attack)
-        assert_linear(attack)
+    assert_linear(*attacks)
 
 
 def test_attack_wide_nesting_at_the_limit_is_linear() -> None:
     # As deep as allowed, and as wide as the line: every value is walked once.
-    attack = fill('{"op":"ping","x":[', "[" * (MAX_DEPTH - 2) + "]" * (MAX_DEPTH - 2) + ",", "0]}")
+    unit = "[" * (MAX_DEPTH - 2) + "]" * (MAX_DEPTH - 2) + ","
+    attack = fill('{"op":"ping","x":[', unit, "0]}")
+    item = '{"shard":1,"checkpoint":"MTUy","x":' + "[" * (MAX_DEPTH - 3) + "]" * (MAX_DEPTH - 3)
+    in_items = fill('{"op":"commit","group":"g","checkpoints":[', item + "},", item + "}]}")
     assert parse_request(attack) == PingRequest()
-    assert_linear(attack)
+    assert isinstance(parse_request(in_items), CommitRequest)
+    assert_linear(attack, in_items)
 
 
 def test_attack_long_escapes_are_linear() -> None:
-    for unit in ("\\u00e9", "\\ud83d\\ude00", "\\ud800", '\\"', "\\\\", "\\n\\t\\/"):
-        attack = fill('{"op":"ping","x":"', unit, '"}')
+    units = ["\\u00e9", "\\ud83d\\ude00", "\\ud800", '\\"', "\\\\", "\\n\\t\\/"]
+    attacks = [fill('{"op":"ping","x":"', unit, '"}') for unit in units]
+    for attack in attacks:
         assert parse_request(attack) == PingRequest()
-        assert_linear(attack)
+    assert_linear(*attacks)
 
 
 def test_attack_huge_numbers_are_linear() -> None:
@@ -118,39 +133,37 @@ def test_attack_huge_numbers_are_linear() -> None:
     # the digits of one number, so many numbers just under the limit are the costly shape.
     huge_int = fill('{"op":"ping","x":', "9", "}")
     assert "digits" in refused_as_bad_request(huge_int)
-    assert_linear(huge_int)
-    just_under = fill('{"op":"ping","x":[', "9" * 4299 + ",", "0]}")
-    assert parse_request(just_under) == PingRequest()
-    assert_linear(just_under)
-    for attack in (
+    accepted = [
+        fill('{"op":"ping","x":[', "9" * 4299 + ",", "0]}"),
         fill('{"op":"ping","x":0.', "9", "}"),
         fill('{"op":"ping","x":1', "0", "e-999999}"),
         fill('{"op":"ping","x":[', "1e400,", "0]}"),
-    ):
+    ]
+    for attack in accepted:
         assert parse_request(attack) == PingRequest()
-        assert_linear(attack)
+    assert_linear(huge_int, *accepted)
 
 
 def test_attack_many_keys_is_linear() -> None:
     keys = ",".join(f'"k{i}":[{{}}]' for i in range(LINE_BYTES // 12))
-    attack = f'{{"op":"ping",{keys}}}'.encode()[:LINE_BYTES]
-    attack = attack[: attack.rindex(b",")] + b"}"
-    assert parse_request(attack) == PingRequest()
-    assert_linear(attack)
+    many_keys = f'{{"op":"ping",{keys}}}'.encode()[:LINE_BYTES]
+    many_keys = many_keys[: many_keys.rindex(b",")] + b"}"
     same_key = fill('{"op":"ping"', ',"k":[]', "}")
+    assert parse_request(many_keys) == PingRequest()
     assert parse_request(same_key) == PingRequest()
-    assert_linear(same_key)
+    assert_linear(many_keys, same_key)
 
 
 def test_attack_bad_bytes_at_the_end_are_linear() -> None:
-    for attack in (
+    attacks = [
         fill('{"op":"ping","x":"', "a", '"}')[:-2] + b'\xff"}',
         fill('{"op":"ping","x":[', "1,", "NaN]}"),
         fill('{"op":"ping","x":[', "1,", "Infinity]}"),
         fill('{"op":"ping","x":"', "a", '"} x'),
-    ):
+    ]
+    for attack in attacks:
         refused_as_bad_request(attack)
-        assert_linear(attack)
+    assert_linear(*attacks)
 
 
 def test_benign_line_is_a_valid_batch_of_the_largest_size() -> None:
