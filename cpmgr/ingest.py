@@ -100,6 +100,7 @@ _LINGER: Final = 1.0  # seconds a refused connection is kept half-open at most
 _ACCEPT_PAUSE: Final = 0.5  # after accept() failed for want of descriptors or memory
 _ABORT_AFTER: Final = 1.0  # after close()'s grace and the cancellation of what still ran
 _CR: Final = 13
+_OPEN_BRACE: Final = 123
 
 
 # --- the socket file ------------------------------------------------------------------------
@@ -428,7 +429,7 @@ class _Connection(asyncio.Protocol):
                     "RequestTooLarge", "request line over %d bytes: closing the connection", limit
                 )
                 return
-            if not line or is_blank(line):
+            if not line or (line[0] != _OPEN_BRACE and is_blank(line)):
                 continue
             try:
                 request = parse_request(line)
@@ -442,6 +443,14 @@ class _Connection(asyncio.Protocol):
     def _handle(self, request: Request) -> bool:
         """Answer or start one request; False when later lines must wait for it."""
         server = self._server
+        if (
+            server.plain_commits
+            and not self._running
+            and type(request) is CommitRequest
+            and not request.wait
+        ):
+            self._emit(server.commit_now(request, self.uid))  # the hot path
+            return True
         refusal = server.refusal(request, self.uid)
         if refusal is not None:
             self._emit(refusal)
@@ -676,6 +685,7 @@ class IngestServer:
         # Requests that wait for nothing skip the coroutine, unless the ops are replaced.
         self._fast = handlers is None
         self._journaled = journal is not None
+        self.plain_commits = self._fast and not self._journaled
         self._fd_reserve = _FD_RESERVE + config.commit.max_in_flight
         self._fd_ceiling = 2**31
         self._acceptor: _Acceptor | None = None
@@ -852,10 +862,14 @@ class IngestServer:
 
     def refusal(self, request: Request, uid: int | None) -> bytes | None:
         """The answer refusing `request` before it runs (draining, or a forbidden group)."""
-        if isinstance(request, CommitRequest) and not self._accepting:
+        if not self._accepting and isinstance(request, CommitRequest):
             return encode_error(request.request_id, "ShuttingDown", "the daemon is shutting down")
         group = getattr(request, "group", None)
-        if group is not None and not self.dispatcher.may_use(group, uid):
+        if (
+            group is not None
+            and self.dispatcher.restricted
+            and not self.dispatcher.may_use(group, uid)
+        ):
             self.observer.request_error("Forbidden")
             return encode_error(
                 request.request_id, "Forbidden", f"peer uid is not allowed to use group {group!r}"
@@ -873,6 +887,20 @@ class IngestServer:
         if isinstance(request, StatusRequest | FlushRequest):
             return self.dispatcher.visible_groups(uid)
         return None
+
+    def commit_now(self, request: CommitRequest, uid: int | None) -> bytes:
+        """The answer line of a commit without `wait`, with no journal (the common request)."""
+        if not self._accepting or self.dispatcher.restricted:
+            refusal = self.refusal(request, uid)
+            if refusal is not None:
+                return refusal
+        try:
+            return encode_ok(request.request_id, **self.dispatcher.commit_now(request))
+        except ProtocolError as exc:
+            self.observer.request_error(exc.code)
+            return encode_failure(exc, request.request_id)
+        except Exception:
+            return self._internal_error(request)
 
     def answer_now(self, request: Request, uid: int | None) -> bytes:
         """The answer line of an `immediate` request."""
