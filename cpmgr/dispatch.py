@@ -294,6 +294,65 @@ class Dispatcher:
             await self._wait(committer, request, seqs)
         return {"accepted": len(request.items)} if request.batch else {}
 
+    async def commit_journaled(
+        self, requests: Sequence[CommitRequest]
+    ) -> list[Fields | ProtocolError]:
+        """Journaled commits without `wait`, in order, with one journal write for all: each
+        gets its answer fields or the error refusing it (a journal failure refuses all)."""
+        assert self._journal is not None
+        outcomes: list[Fields | ProtocolError] = []
+        accepted: list[tuple[int, CommitRequest, list[tuple[str, int]]]] = []
+        for index, request in enumerate(requests):
+            try:
+                self._require_group(request.group)
+                self._check(request)
+                self._check_reserved(request)
+                self._check_shard_limit(request)
+            except ProtocolError as exc:
+                outcomes.append(exc)
+                continue
+            accepted.append((index, request, self._reserve(request)))
+            outcomes.append({})
+        try:
+            await self._record([r for _, r, _ in accepted])
+        except ProtocolError as exc:
+            for index, _, _ in accepted:
+                outcomes[index] = exc
+            return outcomes
+        finally:
+            for _, _, keys in accepted:
+                self._unreserve(keys)
+        for index, request, _ in accepted:
+            outcomes[index] = self._apply_recorded(request)
+        return outcomes
+
+    async def _record(self, requests: Sequence[CommitRequest]) -> None:
+        assert self._journal is not None
+        entries = [(r.group, i.shard, i.checkpoint, i.consumer) for r in requests for i in r.items]
+        try:
+            await self._journal.record_accepted(entries)
+        except CpmgrError as exc:
+            raise ProtocolError("JournalError", f"not accepted: {exc}") from exc
+        except asyncio.CancelledError:
+            # The records are written (the journal writes before it waits for the fsync): the
+            # values must reach the store too, or after a restart the journal would hold values
+            # the store never had. No answer goes out, so applying them is harmless.
+            for request in requests:
+                with contextlib.suppress(ProtocolError):
+                    self._apply(request)
+            raise
+
+    def _apply_recorded(self, request: CommitRequest) -> Fields | ProtocolError:
+        try:
+            # A reload may have removed the group while the journal was writing.
+            self._require_group(request.group)
+            self._apply(request)
+        except ProtocolError as exc:
+            return exc
+        count = len(request.items)
+        self._received[request.group] = self._received.get(request.group, 0) + count
+        return {"accepted": count} if request.batch else {}
+
     async def _accept(self, request: CommitRequest) -> dict[int, int]:
         if self._journal is None:
             self._check_shard_limit(request)
@@ -302,18 +361,8 @@ class Dispatcher:
         self._check_reserved(request)
         self._check_shard_limit(request)
         keys = self._reserve(request)
-        entries = [(request.group, i.shard, i.checkpoint, i.consumer) for i in request.items]
         try:
-            await self._journal.record_accepted(entries)
-        except CpmgrError as exc:
-            raise ProtocolError("JournalError", f"not accepted: {exc}") from exc
-        except asyncio.CancelledError:
-            # The record is written (the journal writes before it waits for the fsync): the
-            # value must reach the store too, or after a restart the journal would hold a
-            # value the store never had. No answer goes out, so applying it is harmless.
-            with contextlib.suppress(ProtocolError):
-                self._apply(request)
-            raise
+            await self._record([request])
         finally:
             self._unreserve(keys)
         # A reload may have removed the group while the journal was writing.

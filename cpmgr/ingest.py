@@ -308,7 +308,8 @@ class _Acceptor:
 # --- connections ----------------------------------------------------------------------------
 
 # An answer, or the task that will produce it (with the id to answer if it is cancelled).
-_Slot = bytes | tuple[RequestId, asyncio.Task[bytes]]
+_Pending = tuple[tuple[RequestId, ...], asyncio.Task[list[bytes]]]
+_Slot = bytes | _Pending
 # A line waiting behind a slow request; None stands for "the next line was too long".
 _Waiting = bytes | None
 
@@ -327,6 +328,7 @@ class _Connection(asyncio.Protocol):
         self._lines: collections.deque[_Waiting] = collections.deque()
         self._waiting_bytes = 0  # the size of those lines
         self._held: Request | None = None  # parsed, waiting for earlier requests to finish
+        self._batch: list[CommitRequest] = []  # journaled commits journaled together
         self._slots: collections.deque[_Slot] = collections.deque()
         self._out: list[bytes] = []
         self._running = 0  # tasks answering requests of this connection
@@ -410,6 +412,8 @@ class _Connection(asyncio.Protocol):
     def _process(self) -> None:
         """Handle waiting lines in order until one has to wait for earlier requests."""
         self._process_lines()
+        if self._batch:
+            self._seal()
         lines = self._lines
         self._waiting_bytes = sum(len(line) for line in lines if line) if lines else 0
 
@@ -455,6 +459,10 @@ class _Connection(asyncio.Protocol):
         if refusal is not None:
             self._emit(refusal)
             return True
+        if server.batched_journal and type(request) is CommitRequest and not request.wait:
+            return self._join_batch(request)
+        if self._batch:
+            self._seal()
         concurrent = server.runs_concurrently(request)
         if self._running and not concurrent:
             # Anything else sees the effect of every earlier request: let those finish first.
@@ -473,13 +481,32 @@ class _Connection(asyncio.Protocol):
             return False
         return True
 
+    def _join_batch(self, request: CommitRequest) -> bool:
+        # Journaled commits of a chunk are journaled together: one write (and, with fsync:
+        # always, one fsync) for all of them; their answers keep their places.
+        if self._running >= _MAX_PIPELINED:
+            self._seal()
+            self._held = request
+            self._resume_at = _MAX_PIPELINED - 1
+            return False
+        self._batch.append(request)
+        return True
+
+    def _seal(self) -> None:
+        batch, self._batch = self._batch, []
+        task = asyncio.get_running_loop().create_task(self._server.answer_batch(batch))
+        self._track(tuple(r.request_id for r in batch), task)
+
     def _start(self, request: Request) -> None:
-        task = asyncio.get_running_loop().create_task(self._server.answer(request, self.uid))
+        task = asyncio.get_running_loop().create_task(self._server.answer_one(request, self.uid))
+        self._track((request.request_id,), task)
+
+    def _track(self, ids: tuple[RequestId, ...], task: asyncio.Task[list[bytes]]) -> None:
         self._running += 1
-        self._slots.append((request.request_id, task))
+        self._slots.append((ids, task))
         task.add_done_callback(self._task_done)
 
-    def _task_done(self, _task: asyncio.Task[bytes]) -> None:
+    def _task_done(self, _task: asyncio.Task[list[bytes]]) -> None:
         self._running -= 1
         self._drain_slots()
         if self._resume_at >= 0 and self._running <= self._resume_at:
@@ -490,6 +517,8 @@ class _Connection(asyncio.Protocol):
         self._check_finished()
 
     def _emit(self, answer: bytes) -> None:
+        if self._batch:
+            self._seal()
         if self._slots:
             self._slots.append(answer)
         else:
@@ -502,7 +531,7 @@ class _Connection(asyncio.Protocol):
             if isinstance(head, bytes):
                 self._out.append(head)
             elif head[1].done():
-                self._out.append(_task_answer(*head))
+                self._out.extend(_task_answers(*head))
             else:
                 return
             slots.popleft()
@@ -648,9 +677,9 @@ def _fits(line: bytes | bytearray, limit: int) -> bool:
     return len(line) == limit + 1 and line[-1] == _CR
 
 
-def _task_answer(request_id: RequestId, task: asyncio.Task[bytes]) -> bytes:
+def _task_answers(ids: tuple[RequestId, ...], task: asyncio.Task[list[bytes]]) -> list[bytes]:
     if task.cancelled():
-        return encode_error(request_id, "ShuttingDown", "the daemon is closing")
+        return [encode_error(i, "ShuttingDown", "the daemon is closing") for i in ids]
     return task.result()
 
 
@@ -686,6 +715,7 @@ class IngestServer:
         self._fast = handlers is None
         self._journaled = journal is not None
         self.plain_commits = self._fast and not self._journaled
+        self.batched_journal = self._fast and self._journaled
         self._fd_reserve = _FD_RESERVE + config.commit.max_in_flight
         self._fd_ceiling = 2**31
         self._acceptor: _Acceptor | None = None
@@ -912,6 +942,27 @@ class IngestServer:
             return encode_failure(exc, request.request_id)
         except Exception:
             return self._internal_error(request)
+
+    async def answer_one(self, request: Request, uid: int | None) -> list[bytes]:
+        return [await self.answer(request, uid)]
+
+    async def answer_batch(self, requests: list[CommitRequest]) -> list[bytes]:
+        """The answer lines of journaled commits without `wait`, journaled together."""
+        if not self._accepting:
+            message = "the daemon is shutting down"
+            return [encode_error(r.request_id, "ShuttingDown", message) for r in requests]
+        try:
+            outcomes = await self.dispatcher.commit_journaled(requests)
+        except Exception:
+            return [self._internal_error(r) for r in requests]
+        answers = []
+        for request, outcome in zip(requests, outcomes, strict=True):
+            if isinstance(outcome, ProtocolError):
+                self.observer.request_error(outcome.code)
+                answers.append(encode_failure(outcome, request.request_id))
+            else:
+                answers.append(encode_ok(request.request_id, **outcome))
+        return answers
 
     async def answer(self, request: Request, uid: int | None) -> bytes:
         """The answer line of any request."""

@@ -1,0 +1,91 @@
+"""Journaled commits that arrive together are journaled together, and still answered one by
+one, in order, each with its own outcome."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from test_ingest import commit, connect, cp, make_config, running
+
+from cpmgr.config import Config
+from cpmgr.errors import CpmgrError
+from cpmgr.store import CheckpointStore
+
+Entry = tuple[str, int, str, str | None]
+
+
+@dataclass
+class CountingJournal:
+    calls: list[list[Entry]] = field(default_factory=list)
+    fail: bool = False
+
+    async def record_accepted(self, entries: Sequence[Entry]) -> None:
+        if self.fail:
+            raise CpmgrError("disk full")
+        self.calls.append(list(entries))
+
+
+@pytest.fixture
+def config() -> Iterator[Config]:
+    path = Path(tempfile.mkdtemp(prefix="cp", dir="/tmp"))
+    yield make_config(path / "cpmgr.sock")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def lines(*requests: object) -> bytes:
+    return b"".join(
+        (r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in requests
+    )
+
+
+async def test_a_burst_of_commits_is_one_journal_write(config: Config) -> None:
+    journal = CountingJournal()
+    async with running(config, journal=journal) as server, connect(server.path) as peer:
+        await peer.send(lines(*(commit(shard=s % 8, number=s, id=s) for s in range(100))))
+        answers = [await peer.answer() for _ in range(100)]
+    assert [a["id"] for a in answers] == list(range(100))
+    assert all(a["ok"] for a in answers)
+    assert sum(len(c) for c in journal.calls) == 100
+    assert len(journal.calls) < 5, f"{len(journal.calls)} journal writes for one burst"
+
+
+async def test_each_commit_of_a_burst_keeps_its_own_answer_and_place(config: Config) -> None:
+    journal = CountingJournal()
+    store = CheckpointStore(g.name for g in config.groups)
+    async with running(config, store, journal=journal) as server, connect(server.path) as peer:
+        await peer.send(
+            lines(
+                commit(shard=1, number=10, id="a"),
+                commit(shard=1, number=9, id="older"),
+                b"not json",
+                commit(shard=1, number=11, id="b"),
+                {"op": "commit", "group": "nope", "shard": 1, "checkpoint": cp(1), "id": "c"},
+                {"op": "get", "group": "orders", "shard": 1, "id": "get"},
+                commit(shard=1, number=8, force=True, id="d"),
+            )
+        )
+        answers = [await peer.answer() for _ in range(7)]
+    assert [a.get("id") for a in answers] == ["a", "older", None, "b", "c", "get", "d"]
+    codes = [a["error"]["code"] if not a["ok"] else "ok" for a in answers]
+    assert codes == ["ok", "CheckpointRegression", "BadRequest", "ok", "UnknownGroup", "ok", "ok"]
+    assert answers[5]["shards"][0]["pending"] == cp(11)  # sees every commit before it
+    assert [e[2] for c in journal.calls for e in c] == [cp(10), cp(11), cp(8)]
+    assert store.shard_view("orders", 1).pending == cp(8)  # type: ignore[union-attr]
+
+
+async def test_a_failed_journal_write_refuses_every_commit_it_held(config: Config) -> None:
+    journal = CountingJournal(fail=True)
+    store = CheckpointStore(g.name for g in config.groups)
+    async with running(config, store, journal=journal) as server, connect(server.path) as peer:
+        await peer.send(lines(*(commit(shard=s, number=5, id=s) for s in range(10))))
+        answers = [await peer.answer() for _ in range(10)]
+        assert {a["error"]["code"] for a in answers} == {"JournalError"}
+        journal.fail = False
+        assert await peer.ask(commit(shard=0, number=6)) == {"ok": True}
+    assert store.tracked_count("orders") == 1
