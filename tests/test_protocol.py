@@ -568,6 +568,24 @@ def test_arbitrary_bytes_parse_or_raise_protocol_error(raw: bytes) -> None:
         parse_request(raw)
 
 
+TOKENS = [b"{", b"}", b"[", b"]", b'"', b"\\", b":", b",", b" ", b"\n", b"\xff", b"\xc3"]
+TOKENS += [b"1", b"-0", b"1e999", b"NaN", b"null", b"true", b'"op"', b'"commit"', b'"id"']
+TOKENS += [b'"group"', b'"g"', b'"shard"', b'"checkpoint"', b'"MTUy"', b'"checkpoints"']
+TOKENS += [b'"consumer"', b'"c"', b'"\\ud800"', b'"timeout"', b'"ping"', b'"get"', b'"flush"']
+
+
+@FAST
+@given(st.lists(st.sampled_from(TOKENS), max_size=60).map(b"".join))
+def test_token_soup_parses_or_raises_protocol_error_and_is_answered(raw: bytes) -> None:
+    try:
+        request = parse_request(raw)
+    except ProtocolError as exc:
+        answer = json.loads(encode_failure(exc))
+        assert answer["ok"] is False
+        return
+    assert parse_request(encode_request(request)) == request
+
+
 @FAST
 @given(request_like)
 def test_arbitrary_request_objects_parse_or_raise_protocol_error(obj: dict[str, Any]) -> None:
@@ -626,6 +644,47 @@ def test_valid_requests_round_trip(request: Request) -> None:
     assert parse_request(encode_request(request)) == request
 
 
+def dumped(answer: dict[str, Any]) -> bytes:
+    """An answer as json.dumps() writes it: the bytes clients have always received."""
+    return json.dumps(answer, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
+
+
+any_text = st.text(st.characters(exclude_categories=()), max_size=12)  # lone surrogates too
+wire_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(-(10**300), 10**300)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | any_text
+)
+
+
+RESERVED = {"ok", "id", "error", "code", "message", "error_fields", "request_id"}
+field_names = any_text.filter(lambda name: name not in RESERVED)
+
+
+@FAST
+@given(wire_scalars, st.dictionaries(field_names, wire_scalars, max_size=3))
+def test_answers_are_the_bytes_json_dumps_writes(value: Any, fields: dict[str, Any]) -> None:
+    rid = RequestId.of(value)
+    assert encode_ok() == dumped({"ok": True})
+    assert encode_ok(rid) == dumped({"ok": True, "id": value})
+    assert encode_ok(rid, **fields) == dumped({"ok": True, **fields, "id": value})
+    error = {"code": "Timeout", "message": "m"}
+    assert encode_error(rid, "Timeout", "m", **fields) == dumped(
+        {"ok": False, **fields, "error": error, "id": value}
+    )
+
+
+@FAST
+@given(wire_scalars)
+def test_every_id_that_parses_is_echoed_exactly(value: Any) -> None:
+    raw = json.dumps({"op": "ping", "id": value}).encode()
+    request = parse_request(raw)
+    assert encode_ok(request.request_id) == dumped({"ok": True, "id": value})
+
+
 def nesting(value: Any) -> int:
     """How deep containers nest in a JSON value (a scalar is 0, `[]` is 1)."""
     if isinstance(value, dict):
@@ -674,7 +733,7 @@ def test_depth_is_checked_wherever_the_nesting_is(
     assert nesting(obj) <= MAX_DEPTH
 
 
-@FAST
+@settings(FAST, max_examples=100)
 @given(json_values, st.integers(0, MAX_DEPTH + 3))
 def test_deep_values_anywhere_are_refused(value: Any, depth: int) -> None:
     obj = {"op": "ping", "x": chain_of(depth, value)}
