@@ -1,4 +1,4 @@
-"""The socket protocol (CONTRACT.md section 3): one line of bytes -> a typed request or a
+"""The socket protocol (docs/protocol.md): one line of bytes -> a typed request or a
 ProtocolError with its code, and the encoding of answers. No I/O.
 
 Decisions where the contract is silent:
@@ -22,17 +22,30 @@ Decisions where the contract is silent:
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, ClassVar, Final, Literal, TypeGuard
+from typing import Any, Final, TypeGuard
 
 from cpmgr.errors import ProtocolError
+from cpmgr.requests import (
+    NO_ID,
+    CommitItem,
+    CommitRequest,
+    FlushRequest,
+    GetRequest,
+    JsonScalar,
+    PingRequest,
+    Request,
+    RequestError,
+    RequestId,
+    StatusRequest,
+    cursor_number,
+    decode_cursor,
+)
 
 __all__ = [
     "MAX_DEPTH",
@@ -62,12 +75,6 @@ __all__ = [
 MAX_DEPTH: Final = 32
 MAX_SHARD: Final = 2**31 - 1
 MAX_TIMEOUT: Final = 3600.0
-# Longest decimal cursor decode_cursor() turns into an int; beyond it Python's int parsing gets
-# slow (and refuses past 4300 digits), and no real cursor comes close.
-_MAX_CURSOR_DIGITS: Final = 256
-
-JsonScalar = str | int | float | bool | None
-Op = Literal["commit", "flush", "get", "status", "ping"]
 
 _BLANK: Final = b" \t\r\n"
 _TOO_DEEP: Final = f"JSON nested deeper than {MAX_DEPTH} levels"
@@ -87,118 +94,6 @@ _OK: Final = b'{"ok":true}\n'
 # an echoed id may hold a lone surrogate that UTF-8 cannot encode.
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 _encode_string: Final = json.encoder.encode_basestring_ascii
-
-
-@dataclass(frozen=True, slots=True)
-class RequestId:
-    """The `id` of a request, if it had one (`present` tells `"id": null` from no `id`)."""
-
-    value: JsonScalar = None
-    present: bool = False
-
-    @classmethod
-    def of(cls, value: JsonScalar) -> RequestId:
-        return cls(value, True)
-
-
-NO_ID: Final = RequestId()
-
-
-class RequestError(ProtocolError):
-    """A refused request, with the `id` to echo and any extra answer fields.
-
-    `error_fields` go inside the answer's `error` object (e.g. `dropped`), `fields` at its top
-    level (e.g. `committed` and `failed` for `flush`).
-    """
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        request_id: RequestId = NO_ID,
-        error_fields: Mapping[str, object] | None = None,
-        fields: Mapping[str, object] | None = None,
-    ) -> None:
-        super().__init__(code, message)
-        self.request_id = request_id
-        self.error_fields: Mapping[str, object] = dict(error_fields or {})
-        self.fields: Mapping[str, object] = dict(fields or {})
-
-
-# CommitItem and CommitRequest are built for every commit line: plain slots dataclasses, since
-# a frozen one costs three times as much to build (object.__setattr__ per field). Treat them
-# as immutable all the same.
-@dataclass(slots=True)
-class CommitItem:
-    """One checkpoint of a commit; `consumer` None means the group's default consumer."""
-
-    shard: int
-    checkpoint: str
-    consumer: str | None = None
-    # Position in a batch's `checkpoints` as sent, for error messages (not part of the value).
-    index: int = field(default=0, compare=False)
-    # decode_cursor(checkpoint), worked out once here so the store and ingest need not decode
-    # it again; filled in when not given.
-    number: int | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.number is None:
-            self.number = decode_cursor(self.checkpoint)
-
-
-@dataclass(slots=True)
-class CommitRequest:
-    """`commit`, single (`batch` False, one item) or batch (`checkpoints`, shards distinct)."""
-
-    op: ClassVar[Op] = "commit"
-    group: str
-    items: tuple[CommitItem, ...]
-    batch: bool = False
-    force: bool = False
-    wait: bool = False
-    timeout: float | None = None
-    request_id: RequestId = NO_ID
-
-
-@dataclass(frozen=True, slots=True)
-class FlushRequest:
-    """`flush` of one group, or of all groups when `group` is None."""
-
-    op: ClassVar[Op] = "flush"
-    group: str | None = None
-    timeout: float | None = None
-    request_id: RequestId = NO_ID
-
-
-@dataclass(frozen=True, slots=True)
-class GetRequest:
-    """`get` of one shard, or of every shard of the group when `shard` is None."""
-
-    op: ClassVar[Op] = "get"
-    group: str
-    shard: int | None = None
-    remote: bool = False
-    request_id: RequestId = NO_ID
-
-
-@dataclass(frozen=True, slots=True)
-class StatusRequest:
-    """`status`."""
-
-    op: ClassVar[Op] = "status"
-    request_id: RequestId = NO_ID
-
-
-@dataclass(frozen=True, slots=True)
-class PingRequest:
-    """`ping`."""
-
-    op: ClassVar[Op] = "ping"
-    request_id: RequestId = NO_ID
-
-
-Request = CommitRequest | FlushRequest | GetRequest | StatusRequest | PingRequest
 
 
 def is_blank(line: bytes) -> bool:
@@ -420,8 +315,7 @@ def _item(obj: Mapping[str, Any], default_consumer: str | None, index: int) -> C
     raw = _canonical_base64(checkpoint) if type(checkpoint) is str else None
     if raw is None:
         raise ProtocolError("InvalidShardCheckPoint", f"checkpoint: {_CHECKPOINT_RULE}")
-    # The cursor's number, from this one decoding (decode_cursor() with a known-good input).
-    number = int(raw) if len(raw) <= _MAX_CURSOR_DIGITS and raw.isdigit() else None
+    number = cursor_number(raw)  # what decode_cursor() finds, from this one decoding
     if consumer is None:
         consumer = default_consumer
     return CommitItem(shard, checkpoint, consumer, index, number)
@@ -519,18 +413,6 @@ _BUILDERS: Final[Mapping[str, Callable[[Mapping[str, Any], RequestId], Request]]
 
 def _quote(text: str) -> str:
     return json.dumps(text[:64] + ("..." if len(text) > 64 else ""))
-
-
-def decode_cursor(checkpoint: str) -> int | None:
-    """The decimal number a checkpoint encodes, or None if it does not encode one."""
-    try:
-        raw = base64.b64decode(checkpoint, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    # isdigit() on bytes means ASCII digits only; int() would also take "_", spaces and signs.
-    if not raw or len(raw) > _MAX_CURSOR_DIGITS or not raw.isdigit():
-        return None
-    return int(raw)
 
 
 def encode_ok(request_id: RequestId = NO_ID, /, **fields: object) -> bytes:

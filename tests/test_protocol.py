@@ -1,4 +1,4 @@
-"""The request parser and answer encoder: every field rule of CONTRACT.md section 3."""
+"""The request parser and answer encoder: every field rule of docs/protocol.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostile request lines cost CPU linear in their size and are answered (CONTRACT.md section 3).
+"""Hostile request lines cost CPU linear in their size and are answered (docs/protocol.md).
 
 Each attack line is about `max_line_bytes` (1 MiB, the largest line the socket reads) and its
 CPU per byte is bounded generously against a benign line of the same size measured in the

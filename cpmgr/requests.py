@@ -1,0 +1,165 @@
+"""The typed socket requests (docs/protocol.md) that protocol.parse_request() returns, the
+refusal that carries a request's id, and the number a checkpoint's cursor encodes. No I/O."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Final, Literal
+
+from cpmgr.errors import ProtocolError
+
+__all__ = [
+    "NO_ID",
+    "CommitItem",
+    "CommitRequest",
+    "FlushRequest",
+    "GetRequest",
+    "JsonScalar",
+    "Op",
+    "PingRequest",
+    "Request",
+    "RequestError",
+    "RequestId",
+    "StatusRequest",
+    "cursor_number",
+    "decode_cursor",
+]
+
+JsonScalar = str | int | float | bool | None
+Op = Literal["commit", "flush", "get", "status", "ping"]
+
+# Longest decimal cursor turned into an int; beyond it Python's int parsing gets slow (and
+# refuses past 4300 digits), and no real cursor comes close.
+_MAX_CURSOR_DIGITS: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class RequestId:
+    """The `id` of a request, if it had one (`present` tells `"id": null` from no `id`)."""
+
+    value: JsonScalar = None
+    present: bool = False
+
+    @classmethod
+    def of(cls, value: JsonScalar) -> RequestId:
+        return cls(value, True)
+
+
+NO_ID: Final = RequestId()
+
+
+class RequestError(ProtocolError):
+    """A refused request, with the `id` to echo and any extra answer fields.
+
+    `error_fields` go inside the answer's `error` object (e.g. `dropped`), `fields` at its top
+    level (e.g. `committed` and `failed` for `flush`).
+    """
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        request_id: RequestId = NO_ID,
+        error_fields: Mapping[str, object] | None = None,
+        fields: Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__(code, message)
+        self.request_id = request_id
+        self.error_fields: Mapping[str, object] = dict(error_fields or {})
+        self.fields: Mapping[str, object] = dict(fields or {})
+
+
+# CommitItem and CommitRequest are built for every commit line: plain slots dataclasses, since
+# a frozen one costs three times as much to build (object.__setattr__ per field). Treat them
+# as immutable all the same.
+@dataclass(slots=True)
+class CommitItem:
+    """One checkpoint of a commit; `consumer` None means the group's default consumer."""
+
+    shard: int
+    checkpoint: str
+    consumer: str | None = None
+    # Position in a batch's `checkpoints` as sent, for error messages (not part of the value).
+    index: int = field(default=0, compare=False)
+    # decode_cursor(checkpoint), worked out once here so the store and ingest need not decode
+    # it again; filled in when not given.
+    number: int | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.number is None:
+            self.number = decode_cursor(self.checkpoint)
+
+
+@dataclass(slots=True)
+class CommitRequest:
+    """`commit`, single (`batch` False, one item) or batch (`checkpoints`, shards distinct)."""
+
+    op: ClassVar[Op] = "commit"
+    group: str
+    items: tuple[CommitItem, ...]
+    batch: bool = False
+    force: bool = False
+    wait: bool = False
+    timeout: float | None = None
+    request_id: RequestId = NO_ID
+
+
+@dataclass(frozen=True, slots=True)
+class FlushRequest:
+    """`flush` of one group, or of all groups when `group` is None."""
+
+    op: ClassVar[Op] = "flush"
+    group: str | None = None
+    timeout: float | None = None
+    request_id: RequestId = NO_ID
+
+
+@dataclass(frozen=True, slots=True)
+class GetRequest:
+    """`get` of one shard, or of every shard of the group when `shard` is None."""
+
+    op: ClassVar[Op] = "get"
+    group: str
+    shard: int | None = None
+    remote: bool = False
+    request_id: RequestId = NO_ID
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """`status`."""
+
+    op: ClassVar[Op] = "status"
+    request_id: RequestId = NO_ID
+
+
+@dataclass(frozen=True, slots=True)
+class PingRequest:
+    """`ping`."""
+
+    op: ClassVar[Op] = "ping"
+    request_id: RequestId = NO_ID
+
+
+Request = CommitRequest | FlushRequest | GetRequest | StatusRequest | PingRequest
+
+
+def decode_cursor(checkpoint: str) -> int | None:
+    """The decimal number a checkpoint encodes, or None if it does not encode one."""
+    try:
+        raw = base64.b64decode(checkpoint, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return cursor_number(raw)
+
+
+def cursor_number(raw: bytes) -> int | None:
+    """The number of a cursor's decoded bytes: ASCII decimal digits only, at most 256 of them."""
+    # isdigit() on bytes means ASCII digits only; int() would also take "_", spaces and signs.
+    if not raw or len(raw) > _MAX_CURSOR_DIGITS or not raw.isdigit():
+        return None
+    return int(raw)
