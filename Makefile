@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck check bench clean venv
+.PHONY: run test lint typecheck check bench soak clean venv
 
 venv: $(STAMP)
 
@@ -30,8 +30,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Every performance goal, PASS/FAIL against same-run baselines, in under 5 minutes.
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# A real `cpmgr run` under 10% faults for 10 minutes (MINUTES=1 to shorten); not part of test.
+MINUTES ?= 10
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --minutes $(MINUTES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

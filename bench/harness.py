@@ -158,6 +158,7 @@ class ClientResult:
     start: float
     end: float
     latencies: list[float]
+    summary: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,7 @@ class LoadShape:
     rate: float | None = None  # lines/s per client: open loop
     duration: float = 10.0
     first: int = 0  # number of the first line (its cursor)
+    summary: bool = False  # open loop: latency percentiles only, not every latency
 
     def argv(self, socket_path: str, index: int) -> list[str]:
         options = ["--socket", socket_path, "--index", str(index), "--lines", str(self.lines)]
@@ -232,6 +234,8 @@ class LoadShape:
         options += ["--first", str(self.first)]
         if self.rate:
             options += ["--rate", str(self.rate)]
+        if self.summary:
+            options += ["--summary"]
         return [sys.executable, LOADGEN, *options]
 
 

@@ -4,9 +4,10 @@ answers get while the committer works, next to a bare asyncio streams server at 
 
 The clients run open loop (bench/loadgen.py `--rate`): line n of a client is due at n / rate
 seconds and its answer's latency counts from then. Every line carries a cursor that names its
-line number, so each value in the emulator's per-shard history tells when it was sent; the gap
-between two consecutive committed values of a shard is the time between the two snapshots
-that committed them. A shard that missed an interval shows a gap of about two intervals.
+line number, so each value in the emulator's per-shard history tells when the daemon accepted
+it (when its answer arrived); the gap between the acceptance of two consecutive committed values
+of a shard is about the time between the two snapshots that committed them. A shard that
+missed an interval shows a gap of about two intervals.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import itertools
 from collections.abc import Callable
 from typing import Any, Final
 
-from harness import BenchError, Load, LoadShape, percentile, table
+from harness import BenchError, ClientResult, Load, LoadShape, percentile, table
 from ingest_bench import run_dir
 from loadgen import CURSOR_BASE
 from report import Goal, Section, Settings, at_most, ms
@@ -42,18 +43,23 @@ def _line_number(checkpoint: str) -> int:
     return int(base64.b64decode(checkpoint)) - CURSOR_BASE
 
 
-def commit_gaps(state: dict[str, Any], shards: int, rate: float) -> list[float]:
-    """Per shard, the longest time between the send times of two consecutive committed
-    values (the first counted from the load's start, when every client starts); inf for a
-    shard never committed. `rate` is one client's lines/s."""
+def commit_gaps(state: dict[str, Any], load: Load, per_client: int, rate: float) -> list[float]:
+    """Per shard, the longest time between the acceptance of two consecutive committed values
+    (the first counted from the load's start); inf for a shard never committed. A value was
+    accepted when its answer left the daemon, which its client saw at due time + latency."""
     history: dict[str, list[str]] = state["history"]
+    begin = min(client.start for client in load.clients)
     worst = []
-    for shard in range(shards):
-        times = [0.0] + [_line_number(value) / rate for value in history.get(shard_key(shard), [])]
-        if len(times) == 1:
-            worst.append(float("inf"))
-            continue
-        worst.append(max(later - earlier for earlier, later in itertools.pairwise(times)))
+    for client in load.clients:
+
+        def accepted(n: int, client: ClientResult = client) -> float:
+            return client.start + n / rate + client.latencies[n] - begin
+
+        for shard in range(client.index * per_client, (client.index + 1) * per_client):
+            values = history.get(shard_key(shard), [])
+            times = [0.0] + [accepted(_line_number(value)) for value in values]
+            gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+            worst.append(max(gaps) if gaps else float("inf"))
     return worst
 
 
@@ -102,7 +108,7 @@ async def steady_rate(settings: Settings, progress: Callable[[str], None]) -> Se
             streams = await bare.load(shape)
             await bare.stop()
     progress(f"  streams: p99 {ms(percentile(streams.latencies, 99))} ms")
-    gaps = commit_gaps(state, settings.rate_shards, shape.rate or 1.0)
+    gaps = commit_gaps(state, load, shape.shards, shape.rate or 1.0)
     calls = update_calls(state)
     if update_calls(state, "OK") != calls:
         raise BenchError(f"the emulator answered errors: {state['requests']}")

@@ -1,24 +1,26 @@
 """One load-generating client process: commit lines over a Unix socket.
 
     python bench/loadgen.py --socket PATH --index I [--lines N] [--shards S] [--batch B]
-                            [--first F] [--window W | --rate R] [--duration SECONDS]
+                            [--first F] [--window W | --rate R [--summary]]
+                            [--duration SECONDS]
 
-It connects, builds every request line up front, prints `ready`, waits for `go` on stdin, then
-sends until N lines are answered or `duration` has passed, in one of two ways:
+It connects, prints `ready`, waits for `go` on stdin, then sends until N lines are answered or `duration` has passed, in one of two ways:
 - closed loop (default): windows of W lines (one write per window), reading the W answers before
-  sending the next window: as fast as the server answers;
+  sending the next window: as fast as the server answers (every line is built before `ready`);
 - open loop (`--rate R`): line n is due n / R seconds after the start and is sent as soon as it
   is due, whatever the answers; a second thread reads the answers and records each one's latency
-  from the moment its line was due (so a server that falls behind shows it, not the sender).
+  from the moment its line was due (so a server that falls behind shows it, not the sender);
+  lines are built as they fall due, so a long run needs no memory for them.
 
 Each line commits one checkpoint, or B of them (`checkpoints`, a batch) with `--batch B`; line
 n's cursors encode n, and lines are numbered from F (a later run with a higher F moves every
 shard forward).
 
-It prints one JSON line: {"index", "sent", "ok", "first_error", "start", "end", "latencies"}
-(times on the system-wide monotonic clock, so the parent can line up several clients;
-`latencies` in seconds, open loop only). Standard library only, so the client costs as little
-CPU as possible on a machine it shares with the server.
+It prints one JSON line: {"index", "sent", "ok", "first_error", "start", "end", "latencies",
+"summary"} (times on the system-wide monotonic clock, so the parent can line up several clients;
+`latencies` in seconds, open loop only; with `--summary`, only their count, p50, p99, p999 and
+max in `summary`). Standard library only, so the client costs as little CPU as possible on a
+machine it shares with the server.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Final
 
 GROUP: Final = "bench"
@@ -80,12 +83,11 @@ def batch_line(index: int, number: int, shards: int, batch: int) -> bytes:
     return f'{{"op":"commit","group":"{GROUP}","checkpoints":[{items}]}}\n'.encode()
 
 
-def build_lines(index: int, lines: int, shards: int, batch: int, first: int = 0) -> list[bytes]:
-    """Lines `first` to `first + lines - 1` of client `index`."""
-    numbers = range(first, first + lines)
+def line_maker(index: int, shards: int, batch: int, first: int = 0) -> Callable[[int], bytes]:
+    """The k-th line (from 0) client `index` sends: line number `first + k`."""
     if batch <= 1:
-        return [commit_line(index, n, shards) for n in numbers]
-    return [batch_line(index, n, shards, batch) for n in numbers]
+        return lambda k: commit_line(index, first + k, shards)
+    return lambda k: batch_line(index, first + k, shards, batch)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,23 @@ class Result:
     start: float
     end: float
     latencies: list[float] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+
+
+def summarize(latencies: list[float]) -> dict[str, float]:
+    """Count, p50, p99, p99.9 and max (nearest rank) of a non-empty list."""
+    ordered = sorted(latencies)
+
+    def rank(pct: float) -> float:
+        return ordered[max(1, math.ceil(pct / 100 * len(ordered))) - 1]
+
+    return {
+        "count": len(ordered),
+        "p50": rank(50),
+        "p99": rank(99),
+        "p999": rank(99.9),
+        "max": ordered[-1],
+    }
 
 
 class _Answers:
@@ -158,10 +177,17 @@ def run_closed(
 
 
 def run_open(
-    sock: socket.socket, lines: Sequence[bytes], *, rate: float, duration: float, index: int
+    sock: socket.socket,
+    line: Callable[[int], bytes],
+    *,
+    total: int,
+    rate: float,
+    index: int,
+    summary: bool = False,
 ) -> Result:
-    """Send line n at `start + n / rate` (late lines at once); latencies from when each was due."""
-    total = min(len(lines), max(1, int(rate * duration)))
+    """Send line n at `start + n / rate` (late lines at once) until `total` are sent and
+    answered; latencies from when each was due (only their summary if `summary`). Lines are
+    built as they are sent, so a long run needs no memory for them."""
     answers = _Answers(sock)
     latencies: list[float] = []
     start = time.monotonic()
@@ -181,13 +207,16 @@ def run_open(
     while sent < total:
         due = min(total, int((time.monotonic() - start) * rate) + 1)
         if due > sent:
-            sock.sendall(b"".join(lines[sent:due]))
+            sock.sendall(b"".join(line(k) for k in range(sent, due)))
             sent = due
         else:
             time.sleep(max(0.0, start + sent / rate - time.monotonic()))
     reader.join()
     end = time.monotonic()
-    return Result(index, sent, answers.ok, answers.first_error, start, end, latencies)
+    result = Result(index, sent, answers.ok, answers.first_error, start, end, latencies)
+    if summary and latencies:
+        return replace(result, latencies=[], summary=summarize(latencies))
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -201,15 +230,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--rate", type=float, default=None, help="lines/s, open loop")
     parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument(
+        "--summary", action="store_true", help="open loop: latency percentiles, not the list"
+    )
     args = parser.parse_args(argv)
-    lines = build_lines(args.index, args.lines, args.shards, args.batch, args.first)
+    make = line_maker(args.index, args.shards, args.batch, args.first)
+    # Open loop builds each line when it is due; closed loop builds them all before `go`, so
+    # the measured time holds no line building.
+    lines = [] if args.rate else [make(k) for k in range(args.lines)]
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(args.socket)
         print("ready", flush=True)
         if sys.stdin.readline().strip() != "go":
             return 1
         if args.rate:
-            result = run_open(sock, lines, rate=args.rate, duration=args.duration, index=args.index)
+            total = min(args.lines, max(1, int(args.rate * args.duration)))
+            result = run_open(
+                sock, make, total=total, rate=args.rate, index=args.index, summary=args.summary
+            )
         else:
             result = run_closed(
                 sock, lines, window=args.window, duration=args.duration, index=args.index
