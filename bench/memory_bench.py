@@ -47,7 +47,7 @@ async def cycles(
             async with running_daemon(directory, config) as server:
                 idle = server.rss_bytes()
                 while len(done) < settings.memory_cycles and (
-                    len(done) < 2 or time.monotonic() < deadline
+                    not done or time.monotonic() < deadline
                 ):
                     started = time.monotonic()
                     calls = (await sink_state(sink))["calls"]
@@ -77,7 +77,7 @@ async def memory(
         f"\n\nRSS of the idle daemon before the first cycle: {idle / MB:.1f} MB; "
         f"peak (VmHWM) over the run: {peak / MB:.1f} MB."
     )
-    growth = done[-1].committed - done[0].committed
+    growth = done[-1].committed - done[0].committed  # 0 after a single cycle
     complete = len(done) >= settings.memory_cycles
     goals: tuple[Goal, ...] = (
         at_most(
