@@ -240,10 +240,15 @@ class LoadShape:
 
 
 async def run_load(
-    socket_path: str, shape: LoadShape, server_cpu: Callable[[], float] = lambda: 0.0
+    socket_path: str,
+    shape: LoadShape,
+    server_cpu: Callable[[], float] = lambda: 0.0,
+    *,
+    slack: float = STARTUP_TIMEOUT,
 ) -> Load:
     """Start the client processes on the socket, release them together, collect; `server_cpu`
-    reads the CPU time of the server under test."""
+    reads the CPU time of the server under test. A client silent for `slack` seconds beyond
+    the load's duration is a BenchError."""
     async with contextlib.AsyncExitStack() as stack:
         procs = [
             await stack.enter_async_context(spawned(*shape.argv(socket_path, index)))
@@ -258,7 +263,7 @@ async def run_load(
             assert proc.stdin is not None
             proc.stdin.write(b"go\n")
         answers = [
-            await read_line(proc, shape.duration + STARTUP_TIMEOUT, f"client {i}")
+            await read_line(proc, shape.duration + slack, f"client {i}")
             for i, proc in enumerate(procs)
         ]
         cpu = server_cpu() - cpu_before

@@ -4,7 +4,8 @@
                             [--first F] [--window W | --rate R [--summary]]
                             [--duration SECONDS]
 
-It connects, prints `ready`, waits for `go` on stdin, then sends until N lines are answered or `duration` has passed, in one of two ways:
+It connects, prints `ready`, waits for `go` on stdin, then sends until N lines are answered or
+`duration` has passed, in one of two ways:
 - closed loop (default): windows of W lines (one write per window), reading the W answers before
   sending the next window: as fast as the server answers (every line is built before `ready`);
 - open loop (`--rate R`): line n is due n / R seconds after the start and is sent as soon as it
