@@ -244,6 +244,9 @@ async def test_faults_endpoint_merges_fields(session: aiohttp.ClientSession) -> 
             "reset_rate": 0.0,
             "latency_ms": [1.0, 2.0],
             "force": {},
+            "late_rate": 0.0,
+            "late_ms": [0.0, 0.0],
+            "late": {},
         }
         await post_faults(session, handle, {"force": {"a/b/c": [503, "ServerBusy"]}})
         status, settings = await post_faults(session, handle, {"force": {"d/e/f": [400, "X"]}})

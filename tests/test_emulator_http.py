@@ -561,6 +561,7 @@ def run_cli(argv: list[str]) -> int:
         (["--access-key-id", "only-id"], "--access-key-secret"),
         (["--error-rate", "1.5"], "error_rate"),
         (["--latency-ms", "nan:5"], "latency_ms"),
+        (["--late-rate", "0.2"], "late_ms"),
         (["--error-rate", "0.6", "--reset-rate", "0.6"], "must not exceed 1"),
         (["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"], "tls"),
         (["--tls-cert", "/nonexistent/cert.pem"], "--tls-key"),

@@ -8,7 +8,10 @@ checkpoints) and `faults` (seeded fault injection). This module is its command l
 Defaults worth knowing: the project is the first label of the Host header; with no
 `--logstore` nothing is declared, so every API answers 404 until a logstore is declared (flag,
 `--state` file, or `POST /_emulator/logstores`); without keys any signature, or none, is
-accepted; the admin endpoints under `/_emulator/` are unsigned, never faulted, not counted.
+accepted; the admin endpoints under `/_emulator/` are unsigned, never faulted, not counted;
+a late-landing UpdateCheckPoint (`--late-rate`, `late` in POST /_emulator/faults) is applied
+after its hold even if the client disconnected, answered only if the client still waits, and
+dropped if the emulator stops first.
 """
 
 from __future__ import annotations
@@ -131,6 +134,20 @@ def add_emulator_arguments(parser: argparse.ArgumentParser) -> None:
         help="delay before each answer, uniform in [MIN, MAX]",
     )
     parser.add_argument(
+        "--late-rate",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="share of UpdateCheckPoints held without an answer and applied --late-ms later",
+    )
+    parser.add_argument(
+        "--late-ms",
+        type=_argparse_type(parse_latency),
+        default=(0.0, 0.0),
+        metavar="MIN:MAX",
+        help="how long a late UpdateCheckPoint is held, uniform in [MIN, MAX]",
+    )
+    parser.add_argument(
         "--state",
         type=Path,
         default=None,
@@ -154,6 +171,8 @@ def options_from_args(args: argparse.Namespace) -> EmulatorOptions:
         throttle_rate=args.throttle_rate,
         reset_rate=args.reset_rate,
         latency_ms=args.latency_ms,
+        late_rate=args.late_rate,
+        late_ms=args.late_ms,
     )
     return EmulatorOptions(
         host=host,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from cpmgr.emulator.faults import FaultInjector, FaultSettings
+from cpmgr.emulator.faults import Decision, FaultInjector, FaultSettings, LateLanding
 from cpmgr.emulator.state import (
     DEFAULT_GROUP_TIMEOUT,
     ApiError,
@@ -401,6 +401,7 @@ class EmulatorApp:
         self.faults = faults
         self.keys = dict(keys)
         self._sleep = sleep
+        self._late_tasks: set[asyncio.Task[web.Response]] = set()
 
     def build(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._middleware])
@@ -455,7 +456,12 @@ class EmulatorApp:
                 params=params,
                 body=await self._read_body(request),
             )
-            if await self._inject_fault(call):
+            decision = self.faults.decide(call.group_key, can_land_late=api == "UpdateCheckPoint")
+            if decision.late_seconds is not None:
+                self._authenticate(request, call)
+                code = ""  # counted when the held request is applied
+                return await self._land_late(api, handler, call, decision.late_seconds)
+            if await self._inject_fault(decision):
                 code = "Reset"
                 _abort_connection(request)
                 return web.Response(status=200)  # never sent: the connection is gone
@@ -467,14 +473,14 @@ class EmulatorApp:
             code = exc.code
             raise
         finally:
-            self.state.count_request(api, code)
+            if code:
+                self.state.count_request(api, code)
 
-    async def _inject_fault(self, call: SlsCall) -> bool:
+    async def _inject_fault(self, decision: Decision) -> bool:
         """Wait the drawn latency; raise the drawn error, or answer True for a reset.
 
         Runs before the handler, so a failed request never changes the state.
         """
-        decision = self.faults.decide(call.group_key)
         if decision.delay_seconds > 0:
             await self._sleep(decision.delay_seconds)
         fault = decision.fault
@@ -483,6 +489,49 @@ class EmulatorApp:
         if fault.kind == "reset":
             return True
         raise ApiError(fault.status, fault.code, fault.message)
+
+    async def _land_late(
+        self, api: str, handler: Handler, call: SlsCall, seconds: float
+    ) -> web.Response:
+        """Apply `call` after `seconds` in a task of its own; answer its outcome if still asked.
+
+        The task is not the request handler, so a client that disconnects (or aiohttp
+        cancelling the handler) cannot stop the request from landing.
+        """
+        self.state.late_pending += 1
+        task = asyncio.get_running_loop().create_task(self._apply_late(api, handler, call, seconds))
+        self._late_tasks.add(task)
+        task.add_done_callback(self._late_tasks.discard)
+        return await asyncio.shield(task)
+
+    async def _apply_late(
+        self, api: str, handler: Handler, call: SlsCall, seconds: float
+    ) -> web.Response:
+        try:
+            await self._sleep(seconds)
+        finally:
+            self.state.late_pending -= 1  # applied now, or dropped by close()
+        try:
+            response = handler(self.state, call)
+        except ApiError as exc:
+            self.state.count_request(api, exc.code)
+            return _error_response(exc)
+        self.state.count_request(api, "OK")
+        return response
+
+    async def settle_late(self) -> None:
+        """Return once every request held by the late-landing fault has been applied."""
+        while self._late_tasks:
+            await asyncio.wait(set(self._late_tasks))
+
+    async def close(self) -> None:
+        """Drop the held requests that have not landed yet (the emulator is stopping)."""
+        tasks = set(self._late_tasks)
+        if tasks:
+            log.info("stopping with %d late request(s) not applied", len(tasks))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @staticmethod
     async def _read_body(request: web.Request) -> bytes:
@@ -686,6 +735,7 @@ class EmulatorHandle:
             return
         self._closed = True
         try:
+            await self.app.close()
             await self._runner.cleanup()
         finally:
             if self._state_file is not None:
@@ -759,6 +809,9 @@ async def running_emulator(
     reset_rate: float = 0.0,
     latency_ms: tuple[float, float] = (0.0, 0.0),
     force: Mapping[str, tuple[int, str]] | None = None,
+    late_rate: float = 0.0,
+    late_ms: tuple[float, float] = (0.0, 0.0),
+    late: Mapping[str, LateLanding] | None = None,
     host: str = "127.0.0.1",
     port: int = 0,
     state_file: str | Path | None = None,
@@ -787,6 +840,9 @@ async def running_emulator(
             reset_rate=reset_rate,
             latency_ms=latency_ms,
             force=dict(force or {}),
+            late_rate=late_rate,
+            late_ms=late_ms,
+            late=dict(late or {}),
         ),
         state_file=Path(state_file) if state_file is not None else None,
         tls_cert=Path(tls_cert) if tls_cert is not None else None,

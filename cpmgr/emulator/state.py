@@ -159,6 +159,8 @@ class EmulatorState:
         self.logstores: dict[tuple[str, str], Logstore] = {}
         self.history: dict[str, list[str]] = defaultdict(list)
         self.requests: dict[str, Counter[str]] = defaultdict(Counter)
+        # Requests held by the late-landing fault and not applied yet (see faults.py).
+        self.late_pending = 0
 
     # --- declarations -------------------------------------------------------------------
 
@@ -361,6 +363,7 @@ class EmulatorState:
             "history": {key: list(values) for key, values in sorted(self.history.items())},
             "requests": {api: dict(codes) for api, codes in sorted(self.requests.items())},
             "consumers": consumers,
+            "late_pending": self.late_pending,
         }
 
     # --- persistence ----------------------------------------------------------------------
