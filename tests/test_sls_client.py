@@ -10,6 +10,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import pytest
@@ -605,3 +606,250 @@ async def test_lifecycle(sls: FakeSLS) -> None:
     with pytest.raises(RuntimeError):
         await client.update_checkpoint(PROJECT, LOGSTORE, GROUP, 0, CHECKPOINT)
     assert len(sls.seen) == 1
+
+
+# --- the HTTP transport: framing, keep-alive and the prepared hot path -----------------------
+
+
+@pytest.mark.parametrize(
+    "checkpoint",
+    ["", 'quote " and \\ backslash', "line\nbreak\t\x01", "ünïcödé ✓", "MTAw" * 300],
+)
+async def test_checkpoint_body_is_compact_json_of_any_string(
+    sls: FakeSLS, make_client: MakeClient, checkpoint: str
+) -> None:
+    client = await make_client(credentials=lambda: STS_CREDS)
+    await client.update_checkpoint(PROJECT, LOGSTORE, GROUP, 12, checkpoint, consumer="c-1")
+    expected = json.dumps({"shard": 12, "checkpoint": checkpoint}, separators=(",", ":"))
+    assert sls.last.body == expected.encode()
+    assert json.loads(sls.last.body)["checkpoint"] == checkpoint
+    _verify_signature(sls.last, STS_CREDS, None)
+
+
+async def test_date_follows_the_clock_second_by_second(
+    sls: FakeSLS, make_client: MakeClient
+) -> None:
+    moments = iter(
+        [NOW, NOW.replace(microsecond=900_000), NOW.replace(second=6), NOW.replace(minute=5)]
+    )
+    client = await make_client(clock=lambda: next(moments))
+    for shard in range(4):
+        await client.update_checkpoint(PROJECT, LOGSTORE, GROUP, shard, CHECKPOINT)
+    assert [seen.headers["Date"] for seen in sls.seen] == [
+        "Tue, 02 Jan 2024 03:04:05 GMT",
+        "Tue, 02 Jan 2024 03:04:05 GMT",
+        "Tue, 02 Jan 2024 03:04:06 GMT",
+        "Tue, 02 Jan 2024 03:05:05 GMT",
+    ]
+    for seen in sls.seen:
+        _verify_signature(seen, CREDS, None)
+
+
+async def test_default_clock_sends_the_current_date(sls: FakeSLS, make_client: MakeClient) -> None:
+    client = SLSClient(endpoint=f"http://127.0.0.1:{sls.port}", credentials=lambda: CREDS)
+    async with client:
+        before = datetime.now(UTC).replace(microsecond=0)
+        await client.update_checkpoint(PROJECT, LOGSTORE, GROUP, 0, CHECKPOINT)
+        after = datetime.now(UTC)
+    sent = parsedate_to_datetime(sls.last.headers["Date"])
+    assert before <= sent <= after
+    _verify_signature(sls.last, CREDS, None)
+
+
+async def test_a_project_that_cannot_be_a_host_header_is_refused_before_sending(
+    sls: FakeSLS, make_client: MakeClient
+) -> None:
+    client = await make_client()
+    err = await _failure(client.update_checkpoint("evil\r\nX-Injected: 1", LOGSTORE, GROUP, 0, ""))
+    assert (err.code, err.status, err.failure_class) == ("ParameterInvalid", 400, "permanent")
+    assert sls.seen == []
+
+
+async def test_a_large_answer_over_many_segments(sls: FakeSLS, make_client: MakeClient) -> None:
+    entries = [
+        {"shard": n, "checkpoint": CHECKPOINT, "updateTime": n, "consumer": f"c-{n}"}
+        for n in range(5000)
+    ]
+    sls.answer = reply(200, entries)
+    client = await make_client()
+    result = await client.get_checkpoint(PROJECT, LOGSTORE, GROUP)
+    assert result == [RemoteCheckpoint(n, CHECKPOINT, n, f"c-{n}") for n in range(5000)]
+
+
+async def test_after_a_timeout_the_connection_is_not_reused(
+    sls: FakeSLS, make_client: MakeClient
+) -> None:
+    release = asyncio.Event()
+    first = True
+
+    async def hang_once(request: web.Request) -> web.StreamResponse:
+        nonlocal first
+        if first:
+            first = False
+            await release.wait()
+        return web.Response()
+
+    sls.answer = hang_once
+    client = await make_client(request_timeout=0.2)
+    err = await _failure(client.update_checkpoint(PROJECT, LOGSTORE, GROUP, 0, CHECKPOINT))
+    assert err.code == "Timeout"
+    release.set()
+    await client.update_checkpoint(PROJECT, LOGSTORE, GROUP, 1, CHECKPOINT)
+    assert len({seen.peer for seen in sls.seen}) == 2  # the late answer could not be mistaken
+
+
+async def test_close_fails_requests_in_flight(sls: FakeSLS, make_client: MakeClient) -> None:
+    arrived = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse:
+        arrived.set()
+        await asyncio.Event().wait()
+        return web.Response()
+
+    sls.answer = hang
+    client = await make_client()
+    pending = asyncio.ensure_future(
+        client.update_checkpoint(PROJECT, LOGSTORE, GROUP, 0, CHECKPOINT)
+    )
+    await asyncio.wait_for(arrived.wait(), 5)
+    await client.close()
+    err = await _failure(pending)
+    assert (err.code, err.status) == ("ConnectionError", 0)
+
+
+@dataclass
+class ScriptedServer:
+    """A loopback server answering each complete request with the next scripted bytes, then
+    closing the connection when the script says so (`(b"", True)`: close without answering)."""
+
+    script: list[tuple[bytes, bool]]
+    requests: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    port: int = 0
+
+    def protocol(self) -> asyncio.Protocol:
+        return _Scripted(self)
+
+
+class _Scripted(asyncio.Protocol):
+    def __init__(self, server: ScriptedServer) -> None:
+        self.server = server
+        self.buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.server.connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        head, separator, rest = self.buffer.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if not separator or len(rest) < length:
+            return
+        self.server.requests.append(head + separator + rest[:length])
+        self.buffer = rest[length:]
+        answer, close = self.server.script.pop(0)
+        self.transport.write(answer)
+        if close:
+            self.transport.close()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedServer]:
+    fake = ScriptedServer(script=[])
+    server = await asyncio.get_running_loop().create_server(fake.protocol, "127.0.0.1", 0)
+    fake.port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield fake
+
+
+OK_EMPTY = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "reused"),
+    [
+        (OK_EMPTY, True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", False),
+        (b"HTTP/1.1 100 Continue\r\n\r\n" + OK_EMPTY, True),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", True),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", False),
+    ],
+    ids=["keep-alive", "connection-close", "100-continue", "chunked", "http-1.0"],
+)
+async def test_answer_framings_and_when_the_connection_is_reused(
+    scripted: ScriptedServer, make_client: MakeClient, answer: bytes, reused: bool
+) -> None:
+    scripted.script = [(answer, False), (OK_EMPTY, False)]
+    client = await make_client(endpoint=f"http://127.0.0.1:{scripted.port}")
+    await client.update_checkpoint(PROJECT, LOGSTORE, GROUP, 0, CHECKPOINT)
+    await client.update_checkpoint(PROJECT, LOGSTORE, GROUP, 1, CHECKPOINT)
+    assert len(scripted.requests) == 2
+    assert scripted.connections == (1 if reused else 2)
+
+
+async def test_chunked_and_read_to_close_bodies_are_parsed(
+    scripted: ScriptedServer, make_client: MakeClient
+) -> None:
+    error = b'{"errorCode":"ServerBusy","errorMessage":"busy now"}'
+    chunks = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(part), part) for part in (error[:9], error[9:]))
+    listing = json.dumps([{"name": GROUP, "timeout": 60, "order": False}]).encode()
+    scripted.script = [
+        (
+            b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\nx-log-requestid: R-1\r\n\r\n"
+            + chunks
+            + b"0\r\nTrailer: x\r\n\r\n",
+            False,
+        ),
+        # No length: the body ends when the server closes the connection.
+        (b"HTTP/1.1 200 OK\r\n\r\n" + listing, True),
+    ]
+    client = await make_client(endpoint=f"http://127.0.0.1:{scripted.port}")
+    err = await _failure(client.update_checkpoint(PROJECT, LOGSTORE, GROUP, 0, CHECKPOINT))
+    assert (err.code, err.status, err.message, err.request_id) == (
+        "ServerBusy",
+        503,
+        "busy now",
+        "R-1",
+    )
+    assert await client.list_consumer_groups(PROJECT, LOGSTORE) == [ConsumerGroup(GROUP, 60, False)]
+
+
+@pytest.mark.parametrize(
+    ("answer", "close"),
+    [
+        (b"SMTP ready\r\n\r\n", False),
+        (b"HTTP/1.1 2xx OK\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n", False),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", False),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Le", True),
+        (b"", True),
+    ],
+    ids=[
+        "not-http",
+        "bad-status",
+        "bad-header",
+        "bad-length",
+        "bad-chunk",
+        "cut",
+        "cut-head",
+        "closed",
+    ],
+)
+async def test_malformed_or_cut_answers_are_retryable_connection_errors(
+    scripted: ScriptedServer, make_client: MakeClient, answer: bytes, close: bool
+) -> None:
+    scripted.script = [(answer, close), (OK_EMPTY, False)]
+    client = await make_client(endpoint=f"http://127.0.0.1:{scripted.port}")
+    err = await _failure(client.update_checkpoint(PROJECT, LOGSTORE, GROUP, 0, CHECKPOINT))
+    assert (err.code, err.status) == ("ConnectionError", 0)
+    assert err.retryable
+    await client.update_checkpoint(PROJECT, LOGSTORE, GROUP, 1, CHECKPOINT)  # a fresh connection
+    assert scripted.connections == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -57,6 +58,9 @@ _ADMIN_PREFIX = "/_emulator/"
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:
+    exact = headers.get(name)  # also the case-insensitive lookup of aiohttp's CIMultiDict
+    if exact is not None:
+        return exact
     wanted = name.lower()
     for key, value in headers.items():
         if key.lower() == wanted:
@@ -69,6 +73,12 @@ def _secret(keys: Mapping[str, str], key_id: str) -> str:
     if secret is None:
         raise ApiError(401, "Unauthorized", f"AccessKeyId not found: {key_id}")
     return secret
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_http_date(text: str) -> datetime:
+    """Parsed once per distinct Date: clients send the same one for a whole second."""
+    return parsedate_to_datetime(text)
 
 
 def _check_request_time(moment: datetime, now: float, shown: str) -> None:
@@ -109,14 +119,17 @@ def _verify_v1(keys: Mapping[str, str], request: SignedRequest, now: float) -> N
     if not date:
         raise ApiError(400, "MissingDate", "the Date header is missing")
     try:
-        moment = parsedate_to_datetime(date)
+        moment = _parse_http_date(date)
     except (TypeError, ValueError) as exc:
         raise ApiError(400, "InvalidDateFormat", f"invalid Date header: {date}") from exc
     _check_request_time(moment, now, date)
     content_md5 = request.header("Content-MD5")
     if content_md5 and content_md5.upper() != hashlib.md5(request.body).hexdigest().upper():
         raise _signature_mismatch("Content-MD5 does not match the body")
-    signing_headers = {**request.headers, "Date": date}
+    # Signed with the date it carries; a copy only when that came from x-log-date.
+    signing_headers = (
+        request.headers if request.header("Date") else {**request.headers, "Date": date}
+    )
     expected = sign_v1(
         Credentials(key_id, secret), request.method, request.path, request.params, signing_headers
     )

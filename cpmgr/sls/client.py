@@ -1,27 +1,39 @@
-"""The async SLS client: one aiohttp session; build, sign, send, and map every failure to SLSError.
+"""The async SLS client: build, sign, send over keep-alive connections, map failures to SLSError.
 
-See SLS-API.md sections 1-3 for the wire format and CONTRACT.md section 5 for the failure table.
+UpdateCheckPoint is the hot path (thousands per second on the daemon's one loop), so what stays
+the same from call to call is prepared once per (endpoint, project, logstore, group, consumer,
+forceSuccess): the request line, the fixed headers and the canonical resource v1 signs. A call
+then only formats the body, its MD5, the Date (formatted once per second) and one HMAC, and
+writes one byte string (see `cpmgr.sls.http` for why not aiohttp's client).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import ssl
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from types import TracebackType
-from typing import Literal, TypeGuard, TypeVar
+from typing import Final, Literal, TypeGuard, TypeVar
 from urllib.parse import quote
-
-import aiohttp
-from yarl import URL
 
 from cpmgr import __version__
 from cpmgr.errors import SLSError
 from cpmgr.sls.endpoint import Endpoint, parse_endpoint
-from cpmgr.sls.signer import Credentials, SignatureVersion, signed_headers
+from cpmgr.sls.http import ConnectionPool, HttpAnswer
+from cpmgr.sls.signer import (
+    API_VERSION,
+    Credentials,
+    SignatureVersion,
+    V1Template,
+    http_date,
+    signed_headers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +45,10 @@ CredentialsSource = Callable[[], Credentials]
 HTTP_OK = 200
 REQUEST_ID_HEADER = "x-log-requestid"
 _MAX_MESSAGE_CHARS = 512
+_CRLF: Final = "\r\n"
+# Distinct (endpoint, project, logstore, group, consumer, forceSuccess) kept prepared; past
+# this the cache starts over rather than grow with every consumer name ever seen.
+_MAX_PREPARED: Final = 4096
 
 
 @dataclass(frozen=True)
@@ -60,9 +76,18 @@ class _Answer:
     body: bytes
     request_id: str
 
+    @classmethod
+    def of(cls, answer: HttpAnswer) -> _Answer:
+        return cls(answer.status, answer.body, answer.headers.get(REQUEST_ID_HEADER, ""))
+
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def _header_safe(value: str) -> bool:
+    """ASCII without CR, LF or other control characters: the value cannot split a header."""
+    return value.isascii() and value.isprintable()
 
 
 def _encode(value: str) -> str:
@@ -178,11 +203,96 @@ def _parse_list(api: str, answer: _Answer, entry: Callable[[object], _T]) -> lis
         raise _malformed(api, answer) from None
 
 
+# (endpoint override, project, logstore, group, consumer, forceSuccess)
+_CheckpointKey = tuple[str | None, str, str, str, str, bool]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """One request shape, prepared once: where it goes and what is the same every time."""
+
+    endpoint: Endpoint
+    method: Literal["GET", "POST"]
+    raw_path: str  # what is signed
+    params: Mapping[str, str]
+    host: str
+    request_line: str  # "POST /path?query HTTP/1.1\r\n"
+    v1_head: str  # request line, Host, User-Agent and the fixed v1 headers, each ending CRLF
+    v1: V1Template
+    sends_length: bool  # Content-Length even for an empty body (POST)
+
+
+def _prepare(
+    endpoint: Endpoint,
+    method: Literal["GET", "POST"],
+    project: str,
+    resource: tuple[str, str],
+    params: Mapping[str, str],
+    *,
+    has_body: bool,
+    user_agent: str,
+) -> _Prepared:
+    raw_path, encoded_path = resource
+    host = endpoint.host_header(project)
+    if not (_header_safe(host) and _header_safe(user_agent)):
+        message = f"project {project!r} or user agent cannot go into an HTTP header"
+        raise SLSError("ParameterInvalid", 400, message)
+    query = _encode_query(params)
+    request_line = f"{method} {encoded_path}{'?' if query else ''}{query} HTTP/1.1\r\n"
+    fixed = f"x-log-apiversion: {API_VERSION}\r\n"
+    fixed += "Content-Type: application/json\r\n" if has_body else "x-log-bodyrawsize: 0\r\n"
+    fixed += "x-log-signaturemethod: hmac-sha1\r\n"
+    return _Prepared(
+        endpoint=endpoint,
+        method=method,
+        raw_path=raw_path,
+        params=dict(params),
+        host=host,
+        request_line=request_line,
+        v1_head=f"{request_line}Host: {host}\r\nUser-Agent: {user_agent}\r\n{fixed}",
+        v1=V1Template.prepare(method, raw_path, params, has_body=has_body),
+        sends_length=method == "POST",
+    )
+
+
+def _length_header(prepared: _Prepared, body: bytes) -> str:
+    return f"Content-Length: {len(body)}\r\n" if body or prepared.sends_length else ""
+
+
+def _checkpoint_body(shard: int, checkpoint: str) -> bytes:
+    """`{"shard":N,"checkpoint":"..."}`, byte for byte what compact json.dumps writes."""
+    return f'{{"shard":{shard},"checkpoint":{encode_basestring_ascii(checkpoint)}}}'.encode()
+
+
+class _DateCache:
+    """The Date header, formatted again only when the clock's second changes."""
+
+    def __init__(self, clock: Callable[[], datetime]) -> None:
+        self._clock = clock
+        # The default clock's second is read from time.time(), cheaper than a datetime.
+        self._seconds: Callable[[], float] | None = time.time if clock is _utc_now else None
+        self._second = -1
+        self._text = ""
+
+    def text(self) -> str:
+        if self._seconds is not None:
+            second = int(self._seconds())
+            if second != self._second:
+                self._second, self._text = second, http_date(datetime.fromtimestamp(second, UTC))
+            return self._text
+        now = self._clock()
+        second = int(now.timestamp() // 1)
+        if second != self._second:
+            self._second, self._text = second, http_date(now)
+        return self._text
+
+
 class SLSClient:
-    """Consumer-group and checkpoint calls to SLS over one keep-alive aiohttp session.
+    """Consumer-group and checkpoint calls to SLS over keep-alive connections.
 
     Every failure is raised as `SLSError`: the server's errorCode, `HTTP<status>` for an
     answer without one, `Timeout` or `ConnectionError` (status 0) for transport failures.
+    At most `connection_limit` requests are in flight (and connections open) per endpoint.
     """
 
     def __init__(
@@ -210,9 +320,11 @@ class SLSClient:
         self._request_timeout = request_timeout
         self._connection_limit = connection_limit
         self._clock = clock
+        self._dates = _DateCache(clock)
         self._ssl_context = ssl_context
         self._user_agent = user_agent
-        self._session: aiohttp.ClientSession | None = None
+        self._pools: dict[Endpoint, ConnectionPool] | None = None
+        self._checkpoint_requests: dict[_CheckpointKey, _Prepared] = {}
 
     def __repr__(self) -> str:
         ep = self._default_endpoint
@@ -222,24 +334,17 @@ class SLSClient:
         )
 
     async def start(self) -> None:
-        """Create the session; a no-op if it is already running."""
-        if self._session is not None:
-            return
-        # ssl=True verifies certificates against the system store; a context replaces that.
-        connector = aiohttp.TCPConnector(
-            limit=self._connection_limit,
-            ssl=self._ssl_context if self._ssl_context is not None else True,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self._request_timeout),
-        )
+        """Get ready to send; a no-op if it is already running."""
+        if self._pools is None:
+            self._pools = {}
+            if self._default_endpoint.scheme == "https":
+                self._tls_context()  # loading the CA store takes a while: not on a commit
 
     async def close(self) -> None:
-        """Close the session and its connections; safe to call more than once."""
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        """Close every connection; safe to call more than once."""
+        pools, self._pools = self._pools, None
+        for pool in (pools or {}).values():
+            await pool.close()
 
     async def __aenter__(self) -> SLSClient:
         await self.start()
@@ -267,21 +372,32 @@ class SLSClient:
         region: str | None = None,
     ) -> None:
         """UpdateCheckPoint (ConsumerGroupUpdateCheckPoint) for one shard."""
+        key: _CheckpointKey = (endpoint, project, logstore, group, consumer, force_success)
+        prepared = self._checkpoint_requests.get(key)
+        if prepared is None:
+            prepared = self._prepare_checkpoint(key)
+        await self._send(prepared, _checkpoint_body(shard, checkpoint), region)
+
+    def _prepare_checkpoint(self, key: _CheckpointKey) -> _Prepared:
+        endpoint, project, logstore, group, consumer, force_success = key
         params = {
             "type": "checkpoint",
             "consumer": consumer,
             "forceSuccess": "true" if force_success else "false",
         }
-        body = _compact_json({"shard": shard, "checkpoint": checkpoint})
-        await self._call(
+        prepared = _prepare(
+            self._endpoint(endpoint),
             "POST",
             project,
             _resource(logstore, group),
-            params=params,
-            body=body,
-            endpoint=endpoint,
-            region=region,
+            params,
+            has_body=True,
+            user_agent=self._user_agent,
         )
+        if len(self._checkpoint_requests) >= _MAX_PREPARED:
+            self._checkpoint_requests.clear()
+        self._checkpoint_requests[key] = prepared
+        return prepared
 
     async def get_checkpoint(
         self,
@@ -380,64 +496,97 @@ class SLSClient:
         endpoint: str | None,
         region: str | None,
     ) -> _Answer:
-        """Sign and send one request; return the 200 answer or raise SLSError."""
-        session = self._require_session()
-        target = self._endpoint(endpoint)
-        raw_path, encoded_path = resource
-        params = params or {}
-        creds = self._credentials()
-        headers = signed_headers(
-            creds,
+        """Prepare, sign and send one request; return the 200 answer or raise SLSError."""
+        prepared = _prepare(
+            self._endpoint(endpoint),
             method,
-            raw_path,
-            params,
-            host=target.host_header(project),
-            body=body,
-            now=self._clock(),
-            version=self._signature_version,
-            region=region or self._region,
+            project,
+            resource,
+            params or {},
+            has_body=bool(body),
+            user_agent=self._user_agent,
         )
-        headers["User-Agent"] = self._user_agent
-        url = target.url(encoded_path, _encode_query(params))
-        answer = await self._send(session, method, url, headers=headers, body=body, creds=creds)
-        log.debug("%s %s -> %d (%s)", method, raw_path, answer.status, answer.request_id)
+        return await self._send(prepared, body, region)
+
+    async def _send(self, prepared: _Prepared, body: bytes, region: str | None) -> _Answer:
+        pools = self._require_started()
+        creds = self._credentials()
+        if not _header_safe(creds.security_token):
+            message = "the security token holds characters an HTTP header cannot carry"
+            raise SLSError("InvalidSecurityToken", 400, message)
+        if self._signature_version == "v1":
+            data = self._v1_request(prepared, body, creds)
+        else:
+            data = self._signed_request(prepared, body, creds, region or self._region)
+        pool = pools.get(prepared.endpoint) or self._new_pool(pools, prepared.endpoint)
+        try:
+            answer = _Answer.of(await pool.request(data, timeout=self._request_timeout))
+        # TimeoutError first: it is an OSError too.
+        except TimeoutError as exc:
+            message = f"no complete answer from {pool.host} within {self._request_timeout}s"
+            raise SLSError("Timeout", 0, message) from exc
+        except OSError as exc:
+            message = _scrub(f"{type(exc).__name__}: {exc}", creds)
+            raise SLSError("ConnectionError", 0, message) from exc
+        log.debug(
+            "%s %s -> %d (%s)", prepared.method, prepared.raw_path, answer.status, answer.request_id
+        )
         if answer.status != HTTP_OK:
             raise _error_from_answer(answer, creds)
         return answer
 
-    async def _send(
-        self,
-        session: aiohttp.ClientSession,
-        method: str,
-        url: URL,
-        *,
-        headers: dict[str, str],
-        body: bytes,
-        creds: Credentials,
-    ) -> _Answer:
-        """One HTTP exchange; transport failures become `Timeout` / `ConnectionError`."""
-        try:
-            async with session.request(
-                method,
-                url,
-                headers=headers,
-                data=body or None,
-                # What was signed is what is sent: no Content-Type aiohttp picked itself.
-                skip_auto_headers=("Content-Type",),
-                allow_redirects=False,
-            ) as response:
-                payload = await response.read()
-                request_id = response.headers.get(REQUEST_ID_HEADER, "")
-                return _Answer(response.status, payload, request_id)
-        # TimeoutError first: it is an OSError, and aiohttp's timeouts are also ClientErrors.
-        except TimeoutError as exc:
-            message = f"no complete answer from {url.host} within {self._request_timeout}s"
-            raise SLSError("Timeout", 0, message) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            message = _scrub(f"{type(exc).__name__}: {exc}", creds)
-            raise SLSError("ConnectionError", 0, message) from exc
+    def _v1_request(self, prepared: _Prepared, body: bytes, creds: Credentials) -> bytes:
+        """The whole v1-signed request from its prepared parts: the hot path."""
+        date = self._dates.text()
+        md5 = hashlib.md5(body).hexdigest().upper() if body else ""
+        authorization = prepared.v1.authorization(creds, date=date, content_md5=md5)
+        token = creds.security_token
+        head = (
+            f"{prepared.v1_head}Date: {date}\r\n"
+            f"{f'Content-MD5: {md5}{_CRLF}' if md5 else ''}"
+            f"{f'x-acs-security-token: {token}{_CRLF}' if token else ''}"
+            f"Authorization: {authorization}\r\n{_length_header(prepared, body)}\r\n"
+        )
+        return head.encode() + body
 
-    def _require_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def _signed_request(
+        self, prepared: _Prepared, body: bytes, creds: Credentials, region: str | None
+    ) -> bytes:
+        """Any request signed by `signed_headers` (v4)."""
+        headers = signed_headers(
+            creds,
+            prepared.method,
+            prepared.raw_path,
+            prepared.params,
+            host=prepared.host,
+            body=body,
+            now=self._clock(),
+            version=self._signature_version,
+            region=region,
+        )
+        headers["User-Agent"] = self._user_agent
+        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        return f"{prepared.request_line}{lines}{_length_header(prepared, body)}\r\n".encode() + body
+
+    def _new_pool(
+        self, pools: dict[Endpoint, ConnectionPool], endpoint: Endpoint
+    ) -> ConnectionPool:
+        secure = endpoint.scheme == "https"
+        pool = pools[endpoint] = ConnectionPool(
+            endpoint.host,
+            endpoint.port or (443 if secure else 80),
+            ssl_context=self._tls_context() if secure else None,
+            limit=self._connection_limit,
+        )
+        return pool
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            # Certificates verified against the system store, as aiohttp's ssl=True did.
+            self._ssl_context = ssl.create_default_context()
+        return self._ssl_context
+
+    def _require_started(self) -> dict[Endpoint, ConnectionPool]:
+        if self._pools is None:
             raise RuntimeError("SLSClient is not started: call start() or use `async with`")
-        return self._session
+        return self._pools

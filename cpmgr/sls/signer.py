@@ -7,6 +7,7 @@ See SLS-API.md section 3. The caller passes the query parameters exactly as they
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -39,6 +40,10 @@ def _is_log_header(lowered_name: str) -> bool:
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:
+    """The value of header `name`, whatever the case of its name in `headers`."""
+    exact = headers.get(name)  # also the case-insensitive lookup of aiohttp's CIMultiDict
+    if exact is not None:
+        return exact
     wanted = name.lower()
     for key, value in headers.items():
         if key.lower() == wanted:
@@ -50,10 +55,9 @@ def v1_string_to_sign(
     method: str, path: str, params: Mapping[str, str], headers: Mapping[str, str]
 ) -> str:
     """The v1 string-to-sign. `x-log-date` is left out: the SDKs add it after signing."""
+    lowered = ((key.lower(), value) for key, value in headers.items())
     log_headers = sorted(
-        (key.lower(), value)
-        for key, value in headers.items()
-        if _is_log_header(key.lower()) and key.lower() != "x-log-date"
+        (name, value) for name, value in lowered if _is_log_header(name) and name != "x-log-date"
     )
     canonical_headers = "".join(f"{name}:{value}\n" for name, value in log_headers)
     resource = path
@@ -78,9 +82,65 @@ def sign_v1(
     headers: Mapping[str, str],
 ) -> str:
     """The Authorization header value for a v1-signed request."""
-    message = v1_string_to_sign(method, path, params, headers).encode()
-    digest = hmac.new(creds.access_key_secret.encode(), message, hashlib.sha1).digest()
-    return f"LOG {creds.access_key_id}:{base64.b64encode(digest).decode()}"
+    mac = _keyed_sha1(creds.access_key_secret).copy()
+    mac.update(v1_string_to_sign(method, path, params, headers).encode())
+    return f"LOG {creds.access_key_id}:{base64.b64encode(mac.digest()).decode()}"
+
+
+@dataclass(frozen=True)
+class V1Template:
+    """The parts of a v1 string-to-sign that stay the same from one call to the next.
+
+    For a request with the headers `signed_headers` builds (no other x-log-/x-acs- headers),
+    `authorization` gives what `sign_v1` gives, with far less work per call.
+    """
+
+    method: str
+    content_type: str  # "" for a request without a body
+    canonical_tail: str  # the fixed x-log- headers, then the canonical resource
+
+    @classmethod
+    def prepare(
+        cls,
+        method: str,
+        path: str,
+        params: Mapping[str, str],
+        *,
+        has_body: bool,
+        content_type: str = "application/json",
+    ) -> V1Template:
+        resource = path
+        if params:
+            resource += "?" + "&".join(f"{key}={params[key]}" for key in sorted(params))
+        # Sorted, as v1_string_to_sign sorts them; x-acs-security-token sorts before all three.
+        fixed = f"x-log-apiversion:{API_VERSION}\n"
+        if not has_body:
+            fixed += "x-log-bodyrawsize:0\n"
+        fixed += "x-log-signaturemethod:hmac-sha1\n"
+        return cls(method.upper(), content_type if has_body else "", fixed + resource)
+
+    def authorization(self, creds: Credentials, *, date: str, content_md5: str) -> str:
+        """The Authorization value for this request sent at `date` with `content_md5`."""
+        token = creds.security_token
+        token_line = f"x-acs-security-token:{token}\n" if token else ""
+        message = (
+            f"{self.method}\n{content_md5}\n{self.content_type}\n{date}\n"
+            f"{token_line}{self.canonical_tail}"
+        )
+        mac = _keyed_sha1(creds.access_key_secret).copy()
+        mac.update(message.encode())
+        return f"LOG {creds.access_key_id}:{base64.b64encode(mac.digest()).decode()}"
+
+
+@functools.lru_cache(maxsize=8)
+def _keyed_sha1(secret: str) -> hmac.HMAC:
+    """An HMAC-SHA1 keyed with `secret` and fed nothing: copying it skips the key setup."""
+    return hmac.new(secret.encode(), digestmod=hashlib.sha1)
+
+
+def http_date(moment: datetime) -> str:
+    """The Date header value (RFC 1123, GMT) of `moment`."""
+    return format_datetime(moment.astimezone(UTC), usegmt=True)
 
 
 def _rfc3986(value: str) -> str:
@@ -184,7 +244,7 @@ def signed_headers(
         headers["Authorization"] = sign_v4(creds, method, path, params, headers, region=region)
         return headers
     headers["x-log-signaturemethod"] = "hmac-sha1"
-    headers["Date"] = format_datetime(now.astimezone(UTC), usegmt=True)
+    headers["Date"] = http_date(now)
     if body:
         headers["Content-MD5"] = hashlib.md5(body).hexdigest().upper()
     headers["Authorization"] = sign_v1(creds, method, path, params, headers)

@@ -1,0 +1,357 @@
+"""A small HTTP/1.1 keep-alive client for SLS's JSON API: prepared request bytes in, answers out.
+
+Why not aiohttp's ClientSession: each of its requests costs more CPU (URL objects, header
+multidicts, tracing hooks, payload and decompression setup) than the whole UpdateCheckPoint
+budget, and the committer sends thousands per second on the loop that also serves the socket.
+SLS needs very little of HTTP: one request at a time per connection, answers with
+`Content-Length` (chunked and read-to-close are handled too), no redirects, no compression
+(none is asked for). So requests are written as one prepared byte string, and answers are
+parsed by a small incremental parser on an `asyncio.Protocol`.
+
+Decisions where the contract is silent:
+- At most `limit` requests are in flight per endpoint, so at most `limit` connections exist.
+  Idle connections are reused last-in first-out and closed after `IDLE_SECONDS` unused (as
+  aiohttp's default keep-alive), or as soon as the server closes them.
+- One deadline covers the wait for a free slot, connecting (TLS included), sending and the whole
+  answer. A connection whose request timed out or failed is closed, never reused.
+- An answer larger than `MAX_ANSWER_BYTES` or not parseable as HTTP/1.x is a transport failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+IDLE_SECONDS: Final = 15.0
+MAX_HEAD_BYTES: Final = 64 * 1024
+MAX_ANSWER_BYTES: Final = 64 * 1024 * 1024
+CLOSE_SECONDS: Final = 1.0
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    """One answer: status, headers with lower-cased names (the last value wins), body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class HttpProtocolError(ConnectionError):
+    """The server sent something that is not a well-formed HTTP/1.x answer."""
+
+
+class _Answer:
+    """Incremental parser of one answer on a keep-alive connection."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = b""
+        self.keep_alive = True
+        self._head_done = False
+        self._length: int | None = None  # None with chunked or read-to-close bodies
+        self._chunked = False
+        self._chunks: list[bytes] = []
+
+    def feed(self, buffer: bytearray) -> bool:
+        """Consume what `buffer` holds of the answer; True once the answer is complete."""
+        if not self._head_done and not self._parse_head(buffer):
+            return False
+        if self._chunked:
+            return self._feed_chunked(buffer)
+        if self._length is None:
+            return False  # read to close: `finish_at_eof` completes it
+        if len(buffer) < self._length:
+            return False
+        self.body = bytes(buffer[: self._length])
+        del buffer[: self._length]
+        return True
+
+    def finish_at_eof(self, buffer: bytearray) -> bool:
+        """The connection ended: True if that completes a read-to-close answer."""
+        if self._head_done and self._length is None and not self._chunked:
+            self.body = bytes(buffer)
+            buffer.clear()
+            self.keep_alive = False
+            return True
+        return False
+
+    def _parse_head(self, buffer: bytearray) -> bool:
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD_BYTES:
+                    raise HttpProtocolError("answer headers too large")
+                return False
+            lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+            del buffer[: end + 4]
+            self._status_line(lines[0])
+            self.headers = dict(_header_line(line) for line in lines[1:])
+            if not 100 <= self.status < 200:
+                break
+            # An interim answer (100 Continue): the real one follows.
+        self._head_done = True
+        self._framing()
+        return True
+
+    def _status_line(self, line: str) -> None:
+        version, _, rest = line.partition(" ")
+        code = rest[:3]
+        if not version.startswith("HTTP/1.") or not (code.isascii() and code.isdigit()):
+            raise HttpProtocolError(f"malformed status line {line[:80]!r}")
+        self.status = int(code)
+        if version == "HTTP/1.0":
+            self.keep_alive = False
+
+    def _framing(self) -> None:
+        connection = self.headers.get("connection", "").lower()
+        if connection == "close":
+            self.keep_alive = False
+        elif connection == "keep-alive":
+            self.keep_alive = True
+        if self.status in _NO_BODY_STATUSES:
+            self._length = 0
+        elif "chunked" in self.headers.get("transfer-encoding", "").lower():
+            self._chunked = True
+        elif "content-length" in self.headers:
+            self._length = _content_length(self.headers["content-length"])
+        else:
+            self.keep_alive = False  # the body runs to the end of the connection
+
+    def _feed_chunked(self, buffer: bytearray) -> bool:
+        while True:
+            line_end = buffer.find(b"\r\n")
+            if line_end < 0:
+                return False
+            size = _chunk_size(bytes(buffer[:line_end]))
+            if size == 0:
+                return self._finish_trailers(buffer, line_end + 2)
+            if len(buffer) < line_end + 2 + size + 2:
+                return False
+            self._chunks.append(bytes(buffer[line_end + 2 : line_end + 2 + size]))
+            del buffer[: line_end + 2 + size + 2]
+            if sum(len(chunk) for chunk in self._chunks) > MAX_ANSWER_BYTES:
+                raise HttpProtocolError("answer body too large")
+
+    def _finish_trailers(self, buffer: bytearray, start: int) -> bool:
+        end = buffer.find(b"\r\n", start)
+        while end > start:  # skip trailer lines up to the empty one
+            start = end + 2
+            end = buffer.find(b"\r\n", start)
+        if end < 0:
+            return False
+        del buffer[: end + 2]
+        self.body = b"".join(self._chunks)
+        return True
+
+
+def _header_line(line: str) -> tuple[str, str]:
+    name, colon, value = line.partition(":")
+    if not colon:
+        raise HttpProtocolError(f"malformed header line {line[:80]!r}")
+    return name.strip().lower(), value.strip()
+
+
+def _content_length(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_ANSWER_BYTES:
+        raise HttpProtocolError(f"bad Content-Length {text[:40]!r}")
+    return int(text)
+
+
+def _chunk_size(line: bytes) -> int:
+    digits = line.split(b";", 1)[0].strip()
+    try:
+        size = int(digits, 16)
+    except ValueError:
+        raise HttpProtocolError(f"bad chunk size line {line[:40]!r}") from None
+    if size < 0 or size > MAX_ANSWER_BYTES:
+        raise HttpProtocolError("bad chunk size")
+    return size
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection carrying one request at a time."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, *, on_lost: Callable[[_Connection], None]
+    ) -> None:
+        self._loop = loop
+        self._on_lost = on_lost
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._answer: _Answer | None = None
+        self._waiter: asyncio.Future[HttpAnswer] | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.lost: asyncio.Future[None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def send(self, data: bytes) -> asyncio.Future[HttpAnswer]:
+        """Write one request; the future resolves with its answer or a transport error."""
+        assert self._transport is not None and self._waiter is None
+        self._answer = _Answer()
+        self._waiter = self._loop.create_future()
+        self._transport.write(data)
+        return self._waiter
+
+    def data_received(self, data: bytes) -> None:
+        if self._answer is None or self._waiter is None:
+            self._fail(HttpProtocolError("data from the server while no request was sent"))
+            return
+        self._buffer += data
+        if len(self._buffer) > MAX_ANSWER_BYTES:
+            self._fail(HttpProtocolError("answer body too large"))
+            return
+        try:
+            complete = self._answer.feed(self._buffer)
+        except HttpProtocolError as exc:
+            self._fail(exc)
+            return
+        if complete:
+            self._complete(self._answer)
+
+    def eof_received(self) -> bool | None:
+        answer = self._answer
+        if answer is not None and self._waiter is not None and answer.finish_at_eof(self._buffer):
+            self._complete(answer)
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._on_lost(self)
+        if not self.lost.done():
+            self.lost.set_result(None)
+        reason = exc or ConnectionResetError("the server closed the connection without an answer")
+        self._settle_error(reason)
+
+    def _complete(self, answer: _Answer) -> None:
+        waiter, self._waiter, self._answer = self._waiter, None, None
+        if self._buffer or not answer.keep_alive:
+            self.close()  # leftover bytes or an announced close: never reuse
+        if waiter is not None and not waiter.done():
+            waiter.set_result(HttpAnswer(answer.status, answer.headers, answer.body))
+
+    def _fail(self, exc: Exception) -> None:
+        self._settle_error(exc)
+        self.close()
+
+    def _settle_error(self, exc: BaseException) -> None:
+        waiter, self._waiter, self._answer = self._waiter, None, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class ConnectionPool:
+    """Keep-alive connections to one `host:port` (TLS when `ssl_context` is given)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        limit: int,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.host = host
+        self._port = port
+        self._ssl = ssl_context
+        self._slots = asyncio.Semaphore(limit)
+        self._idle: list[_Connection] = []
+        self._open: set[_Connection] = set()  # idle or busy, until the connection is lost
+        self._loop = asyncio.get_running_loop()
+        self._clock = clock or self._loop.time
+
+    async def request(self, data: bytes, *, timeout: float) -> HttpAnswer:
+        """Send `data` (a whole request) and return the answer.
+
+        Raises TimeoutError when the deadline passes, OSError (ConnectionError,
+        HttpProtocolError, ssl errors) when the transport fails.
+        """
+        deadline = self._loop.time() + timeout
+        slots = self._slots
+        if slots.locked():
+            async with asyncio.timeout_at(deadline):
+                await slots.acquire()
+        else:
+            await slots.acquire()
+        try:
+            connection = self._idle_connection()
+            if connection is None:
+                async with asyncio.timeout_at(deadline):
+                    connection = await self._connect()
+            waiter = connection.send(data)
+            timer = self._loop.call_at(deadline, _expire, waiter)
+            try:
+                answer = await waiter
+            except BaseException:
+                connection.close()  # mid-request: the connection's state is unknown
+                raise
+            finally:
+                timer.cancel()
+            if not connection.closed:
+                connection.idle_since = self._clock()
+                self._idle.append(connection)
+            return answer
+        finally:
+            slots.release()
+
+    def _idle_connection(self) -> _Connection | None:
+        now = self._clock()
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.closed:
+                continue
+            if now - connection.idle_since > IDLE_SECONDS:
+                connection.close()
+                continue
+            return connection
+        return None
+
+    async def _connect(self) -> _Connection:
+        _, connection = await self._loop.create_connection(
+            lambda: _Connection(self._loop, on_lost=self._open.discard),
+            self.host,
+            self._port,
+            ssl=self._ssl,
+            server_hostname=self.host if self._ssl is not None else None,
+        )
+        self._open.add(connection)
+        return connection
+
+    async def close(self) -> None:
+        """Close every connection (requests in flight fail with a connection error) and wait,
+        briefly, until they are closed."""
+        connections = list(self._open)
+        self._idle.clear()
+        for connection in connections:
+            connection.close()
+        lost = [connection.lost for connection in connections]
+        if lost:
+            await asyncio.wait(lost, timeout=CLOSE_SECONDS)
+            for connection in connections:
+                if not connection.lost.done():
+                    connection.abort()  # a TLS peer that does not answer the close
+
+
+def _expire(waiter: asyncio.Future[HttpAnswer]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
