@@ -599,3 +599,100 @@ def test_cli_port_in_use_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
         port = taken.getsockname()[1]
         assert run_cli(["--listen", f"127.0.0.1:{port}"]) == 1
     assert "cannot serve" in capsys.readouterr().err
+
+
+# --- the HTTP/1.1 layer: framing, pipelining, bad requests --------------------------------
+
+
+def raw_commit(shard: int, *, extra: str = "", body: bytes | None = None) -> bytes:
+    payload = commit_body(shard) if body is None else body
+    head = (
+        f"POST {GROUP_PATH}?type=checkpoint&consumer=&forceSuccess=true HTTP/1.1\r\n"
+        f"Host: {HOST}\r\nContent-Length: {len(payload)}\r\n{extra}\r\n"
+    )
+    return head.encode() + payload
+
+
+async def read_answers(reader: asyncio.StreamReader, count: int) -> list[tuple[int, bytes]]:
+    """`count` answers off a raw connection: (status, body) each."""
+    answers = []
+    for _ in range(count):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode("latin-1").split("\r\n")
+        length = next(
+            int(line.split(":", 1)[1])
+            for line in lines
+            if line.lower().startswith("content-length")
+        )
+        answers.append((int(lines[0].split()[1]), await reader.readexactly(length)))
+    return answers
+
+
+async def test_pipelined_requests_are_answered_in_order(open_emulator: EmulatorHandle) -> None:
+    open_emulator.faults.update({"latency_ms": [30, 30]})  # the first waits: order must hold
+    reader, writer = await asyncio.open_connection(open_emulator.host, open_emulator.port)
+    writer.write(raw_commit(0) + raw_commit(1) + raw_commit(7))
+    answers = await read_answers(reader, 3)
+    writer.close()
+    assert [status for status, _ in answers] == [200, 200, 404]
+    assert json.loads(answers[2][1])["errorCode"] == "ShardNotExist"
+    assert list(open_emulator.state.snapshot()["history"]) == [f"{P}/{L}/{G}/0", f"{P}/{L}/{G}/1"]
+
+
+async def test_chunked_body_and_expect_continue_are_understood(
+    open_emulator: EmulatorHandle,
+) -> None:
+    body = commit_body(2)
+    chunked = (
+        f"POST {GROUP_PATH}?type=checkpoint&consumer=&forceSuccess=true HTTP/1.1\r\n"
+        f"Host: {HOST}\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection(open_emulator.host, open_emulator.port)
+    writer.write(chunked)
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) == (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+    )
+    writer.write(b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (5, body[:5], len(body) - 5, body[5:]))
+    assert await read_answers(reader, 1) == [(200, b"")]
+    writer.close()
+    assert open_emulator.state.snapshot()["checkpoints"] == {f"{P}/{L}/{G}/2": CP}
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"NOT HTTP\r\n\r\n",
+        b"GET nowhere HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nbad header line\r\n\r\n",
+        b"POST / HTTP/1.1\r\nContent-Length: many\r\n\r\n",
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET / HTTP/1.1\r\nX-Big: " + b"a" * (70 * 1024),
+    ],
+    ids=["not-http", "bad-target", "bad-header", "bad-length", "bad-chunk", "head-too-large"],
+)
+async def test_unreadable_requests_get_400_and_the_connection_closes(
+    open_emulator: EmulatorHandle, request_bytes: bytes
+) -> None:
+    reader, writer = await asyncio.open_connection(open_emulator.host, open_emulator.port)
+    writer.write(request_bytes)
+    [(status, body)] = await read_answers(reader, 1)
+    assert (status, json.loads(body)["errorCode"]) == (400, "ParameterInvalid")
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the emulator
+    writer.close()
+    async with aiohttp.ClientSession() as session:  # and it still serves everyone else
+        answer = await send(session, open_emulator, "GET", GROUP_PATH, creds=None)
+    assert answer.status == 200
+
+
+async def test_http_1_0_and_connection_close_end_the_connection(
+    open_emulator: EmulatorHandle,
+) -> None:
+    for request_bytes in (
+        raw_commit(0).replace(b"HTTP/1.1", b"HTTP/1.0"),
+        raw_commit(1, extra="Connection: close\r\n"),
+    ):
+        reader, writer = await asyncio.open_connection(open_emulator.host, open_emulator.port)
+        writer.write(request_bytes)
+        assert await read_answers(reader, 1) == [(200, b"")]
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()

@@ -1,9 +1,9 @@
 """`cpmgr emulator`: an SLS-compatible consumer-group server for laptops, CI and tests.
 
 The server lives in `app` (routes, signatures, faults), `state` (groups, heartbeats,
-checkpoints) and `faults` (seeded fault injection). This module is its command line:
-`add_emulator_arguments` and `run_emulator_from_args`, wired into `cpmgr emulator` and
-`python -m cpmgr.emulator`. Tests use `running_emulator(...)`.
+checkpoints), `faults` (seeded fault injection) and `http` (its small HTTP/1.1 server). This
+module is its command line: `add_emulator_arguments` and `run_emulator_from_args`, wired into
+`cpmgr emulator` and `python -m cpmgr.emulator`. Tests use `running_emulator(...)`.
 
 Defaults worth knowing: the project is the first label of the Host header; with no
 `--logstore` nothing is declared, so every API answers 404 until a logstore is declared (flag,

@@ -25,9 +25,8 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from aiohttp import web
-
 from cpmgr.emulator.faults import Decision, FaultInjector, FaultSettings, LateLanding
+from cpmgr.emulator.http import ABORT, HttpAnswer, HttpRequest, HttpServer, Reply
 from cpmgr.emulator.state import (
     DEFAULT_GROUP_TIMEOUT,
     ApiError,
@@ -58,10 +57,11 @@ _ADMIN_PREFIX = "/_emulator/"
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:
-    exact = headers.get(name)  # also the case-insensitive lookup of aiohttp's CIMultiDict
-    if exact is not None:
-        return exact
     wanted = name.lower()
+    # The server's headers are keyed lower-case: one lookup; other mappings are scanned.
+    found = headers.get(wanted)
+    if found is not None:
+        return found
     for key, value in headers.items():
         if key.lower() == wanted:
             return value
@@ -261,21 +261,23 @@ def _force_success(params: Mapping[str, str]) -> bool:
 
 # --- SLS API handlers -----------------------------------------------------------------------
 
-Handler = Callable[[EmulatorState, SlsCall], web.Response]
+Handler = Callable[[EmulatorState, SlsCall], HttpAnswer]
+
+_EMPTY_OK = HttpAnswer(200)
 
 
-def _ok(payload: object = None) -> web.Response:
+def _ok(payload: object = None) -> HttpAnswer:
     # Exactly 200 with an empty body: the SDKs accept no other success status.
     if payload is None:
-        return web.Response(status=200)
-    return web.json_response(payload)
+        return _EMPTY_OK
+    return HttpAnswer.json(payload)
 
 
-def _list_groups(state: EmulatorState, call: SlsCall) -> web.Response:
+def _list_groups(state: EmulatorState, call: SlsCall) -> HttpAnswer:
     return _ok(state.list_groups(call.project, call.logstore))
 
 
-def _create_group(state: EmulatorState, call: SlsCall) -> web.Response:
+def _create_group(state: EmulatorState, call: SlsCall) -> HttpAnswer:
     data = _json_object(call.body)
     state.create_group(
         call.project,
@@ -287,7 +289,7 @@ def _create_group(state: EmulatorState, call: SlsCall) -> web.Response:
     return _ok()
 
 
-def _update_group(state: EmulatorState, call: SlsCall) -> web.Response:
+def _update_group(state: EmulatorState, call: SlsCall) -> HttpAnswer:
     data = _json_object(call.body)
     timeout = _optional_int_field(data, "timeout")
     order = _bool_field(data, "order")
@@ -297,12 +299,12 @@ def _update_group(state: EmulatorState, call: SlsCall) -> web.Response:
     return _ok()
 
 
-def _delete_group(state: EmulatorState, call: SlsCall) -> web.Response:
+def _delete_group(state: EmulatorState, call: SlsCall) -> HttpAnswer:
     state.delete_group(call.project, call.logstore, call.group)
     return _ok()
 
 
-def _heartbeat(state: EmulatorState, call: SlsCall) -> web.Response:
+def _heartbeat(state: EmulatorState, call: SlsCall) -> HttpAnswer:
     consumer = call.params.get("consumer", "")
     if not consumer:
         raise parameter_invalid("consumer is required")
@@ -313,7 +315,7 @@ def _heartbeat(state: EmulatorState, call: SlsCall) -> web.Response:
     return _ok(state.heartbeat(call.project, call.logstore, call.group, consumer, shards))
 
 
-def _update_checkpoint(state: EmulatorState, call: SlsCall) -> web.Response:
+def _update_checkpoint(state: EmulatorState, call: SlsCall) -> HttpAnswer:
     force_success = _force_success(call.params)
     data = _json_object(call.body)
     state.update_checkpoint(
@@ -328,7 +330,7 @@ def _update_checkpoint(state: EmulatorState, call: SlsCall) -> web.Response:
     return _ok()
 
 
-def _get_checkpoint(state: EmulatorState, call: SlsCall) -> web.Response:
+def _get_checkpoint(state: EmulatorState, call: SlsCall) -> HttpAnswer:
     raw = call.params.get("shard")
     if raw is not None and not _INTEGER.fullmatch(raw):
         raise parameter_invalid(f"shard must be an integer, not {raw!r}")
@@ -336,7 +338,7 @@ def _get_checkpoint(state: EmulatorState, call: SlsCall) -> web.Response:
     return _ok(state.get_checkpoints(call.project, call.logstore, call.group, shard))
 
 
-def _list_shards(state: EmulatorState, call: SlsCall) -> web.Response:
+def _list_shards(state: EmulatorState, call: SlsCall) -> HttpAnswer:
     return _ok(state.list_shards(call.project, call.logstore))
 
 
@@ -363,44 +365,43 @@ def _resolve(resource: str, method: str, params: Mapping[str, str]) -> tuple[str
     raise ApiError(405, "InvalidMethod", f"method {method} is not supported on this resource")
 
 
-# --- the aiohttp application -----------------------------------------------------------------
+# --- the application -------------------------------------------------------------------------
 
 
 def _request_id() -> str:
     return os.urandom(12).hex().upper()
 
 
-def _error_response(error: ApiError) -> web.Response:
-    return web.json_response(
-        {"errorCode": error.code, "errorMessage": error.message}, status=error.status
-    )
+def _error_answer(error: ApiError) -> HttpAnswer:
+    return HttpAnswer.json({"errorCode": error.code, "errorMessage": error.message}, error.status)
 
 
-def _from_http_exception(exc: web.HTTPException, request: web.Request) -> ApiError:
-    if exc.status == 413:
-        return ApiError(413, "PostBodyTooLarge", f"the body exceeds {MAX_BODY_BYTES} bytes")
-    if exc.status in (404, 405):
-        message = f"unknown API: {request.method} {request.path}"
-        return ApiError(exc.status, "InvalidMethod", message)
-    if exc.status >= 500:
-        return ApiError(500, "InternalServerError", "internal server error")
-    return parameter_invalid(exc.reason)
+def _with_request_id(answer: HttpAnswer) -> HttpAnswer:
+    if answer.abort:
+        return answer
+    return HttpAnswer(answer.status, answer.body, answer.content_type, _id_header())
 
 
-def _abort_connection(request: web.Request) -> None:
+def _id_header() -> dict[str, str]:
+    return {"x-log-requestid": _request_id()}
+
+
+def _abort_connection(request: HttpRequest) -> None:
     """Drop the connection without an answer, with a TCP reset where the platform allows."""
-    transport = request.transport
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
+    sock = request.transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
+    request.transport.abort()
+
+
+# "/logstores/{logstore}/consumergroups[/{group}]" and "/logstores/{logstore}/shards"
+_SLS_PATH = re.compile(r"/logstores/([^/]+)/(?:consumergroups(?:/([^/]+))?|(shards))")
+AdminHandler = Callable[[HttpRequest], HttpAnswer]
 
 
 class EmulatorApp:
-    """Routes, middleware and handlers over one state, one fault injector and the keys."""
+    """Routes and handlers over one state, one fault injector and the keys."""
 
     def __init__(
         self,
@@ -414,123 +415,139 @@ class EmulatorApp:
         self.faults = faults
         self.keys = dict(keys)
         self._sleep = sleep
-        self._late_tasks: set[asyncio.Task[web.Response]] = set()
+        self._late_tasks: set[asyncio.Task[HttpAnswer]] = set()
+        self._admin: dict[str, dict[str, AdminHandler]] = {
+            "/_emulator/state": {"GET": self._get_state},
+            "/_emulator/faults": {"GET": self._get_faults, "POST": self._post_faults},
+            "/_emulator/logstores": {"POST": self._post_logstore},
+        }
 
-    def build(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._middleware])
-        for resource, path in (
-            ("groups", "/logstores/{logstore}/consumergroups"),
-            ("group", "/logstores/{logstore}/consumergroups/{group}"),
-            ("shards", "/logstores/{logstore}/shards"),
-        ):
-            app.router.add_route("*", path, self._sls_handler(resource))
-        app.router.add_get("/_emulator/state", self._get_state)
-        app.router.add_get("/_emulator/faults", self._get_faults)
-        app.router.add_post("/_emulator/faults", self._post_faults)
-        app.router.add_post("/_emulator/logstores", self._post_logstore)
-        return app
+    def respond(self, request: HttpRequest) -> Reply:
+        """One request's answer, or a coroutine giving it when the request must wait.
 
-    @web.middleware
-    async def _middleware(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        """SLS-style answers for every failure, and a request id on every answer."""
+        Every failure is an SLS-style error answer; every answer carries a request id.
+        """
         try:
-            response = await handler(request)
+            reply = self._route(request)
         except ApiError as exc:
-            response = _error_response(exc)
-        except web.HTTPException as exc:
-            error = _from_http_exception(exc, request)
-            if not request.path.startswith(_ADMIN_PREFIX):
-                self.state.count_request("Unknown", error.code)
-            response = _error_response(error)
+            return _with_request_id(_error_answer(exc))
         except Exception:
-            log.exception("unexpected error serving %s %s", request.method, request.path)
-            response = _error_response(ApiError(500, "InternalServerError", "internal error"))
-        response.headers["x-log-requestid"] = _request_id()
-        return response
+            return _with_request_id(_unexpected(request))
+        if isinstance(reply, HttpAnswer):
+            return _with_request_id(reply)
+        return self._finish(request, reply)
 
-    def _sls_handler(self, resource: str) -> Callable[[web.Request], Awaitable[web.Response]]:
-        async def handle(request: web.Request) -> web.Response:
-            return await self._serve(request, resource)
+    async def _finish(self, request: HttpRequest, reply: Awaitable[HttpAnswer]) -> HttpAnswer:
+        try:
+            return _with_request_id(await reply)
+        except ApiError as exc:
+            return _with_request_id(_error_answer(exc))
+        except Exception:
+            return _with_request_id(_unexpected(request))
 
-        return handle
+    def _route(self, request: HttpRequest) -> Reply:
+        match = _SLS_PATH.fullmatch(request.path)
+        if match is not None:
+            logstore, group, shards = match.groups()
+            resource = "shards" if shards else ("group" if group else "groups")
+            return self._serve(request, resource, logstore, group or "")
+        methods = self._admin.get(request.path)
+        if methods is None:
+            if not request.path.startswith(_ADMIN_PREFIX):
+                self.state.count_request("Unknown", "InvalidMethod")
+            raise ApiError(404, "InvalidMethod", f"unknown API: {request.method} {request.path}")
+        handler = methods.get(request.method)
+        if handler is None:
+            raise ApiError(405, "InvalidMethod", f"unknown API: {request.method} {request.path}")
+        return handler(request)
 
-    async def _serve(self, request: web.Request, resource: str) -> web.Response:
-        """Resolve, read, inject faults, authenticate, then run the handler; count the outcome."""
+    def _serve(self, request: HttpRequest, resource: str, logstore: str, group: str) -> Reply:
+        """Resolve, read, draw the faults; then answer at once or after the drawn wait."""
         api, code = "Unknown", "InternalServerError"
         try:
-            params = dict(request.query)
+            params = request.query
             api, handler = _resolve(resource, request.method, params)
             call = SlsCall(
-                project=project_from_host(request.headers.get("Host")),
-                logstore=request.match_info["logstore"],
-                group=request.match_info.get("group", ""),
+                project=project_from_host(request.header("Host")),
+                logstore=logstore,
+                group=group,
                 params=params,
-                body=await self._read_body(request),
+                body=_read_body(request),
             )
             decision = self.faults.decide(call.group_key, can_land_late=api == "UpdateCheckPoint")
             if decision.late_seconds is not None:
-                self._authenticate(request, call)
-                code = ""  # counted when the held request is applied
-                return await self._land_late(api, handler, call, decision.late_seconds)
-            if await self._inject_fault(decision):
-                code = "Reset"
-                _abort_connection(request)
-                return web.Response(status=200)  # never sent: the connection is gone
-            self._authenticate(request, call)
-            response = handler(self.state, call)
-            code = "OK"
-            return response
+                self._authenticate(request, call)  # on arrival, as SLS would
+            code = ""  # counted where the request is answered
+            if decision.late_seconds is not None:
+                return self._land_late(api, handler, call, decision.late_seconds)
+            if decision.delay_seconds > 0:
+                return self._after_delay(request, api, handler, call, decision)
+            return self._apply(request, api, handler, call, decision)
         except ApiError as exc:
-            code = exc.code
+            code = code and exc.code
             raise
         finally:
             if code:
                 self.state.count_request(api, code)
 
-    async def _inject_fault(self, decision: Decision) -> bool:
-        """Wait the drawn latency; raise the drawn error, or answer True for a reset.
+    async def _after_delay(
+        self, request: HttpRequest, api: str, handler: Handler, call: SlsCall, decision: Decision
+    ) -> HttpAnswer:
+        await self._sleep(decision.delay_seconds)
+        return self._apply(request, api, handler, call, decision)
 
-        Runs before the handler, so a failed request never changes the state.
+    def _apply(
+        self, request: HttpRequest, api: str, handler: Handler, call: SlsCall, decision: Decision
+    ) -> HttpAnswer:
+        """The drawn fault, else authenticate and run the handler; counts the outcome.
+
+        A faulted request never changes the state.
         """
-        if decision.delay_seconds > 0:
-            await self._sleep(decision.delay_seconds)
-        fault = decision.fault
-        if fault is None:
-            return False
-        if fault.kind == "reset":
-            return True
-        raise ApiError(fault.status, fault.code, fault.message)
+        code = "InternalServerError"
+        try:
+            fault = decision.fault
+            if fault is not None and fault.kind == "reset":
+                code = "Reset"
+                _abort_connection(request)
+                return ABORT
+            if fault is not None:
+                raise ApiError(fault.status, fault.code, fault.message)
+            self._authenticate(request, call)
+            answer = handler(self.state, call)
+            code = "OK"
+            return answer
+        except ApiError as exc:
+            code = exc.code
+            raise
+        finally:
+            self.state.count_request(api, code)
 
-    async def _land_late(
-        self, api: str, handler: Handler, call: SlsCall, seconds: float
-    ) -> web.Response:
+    def _land_late(self, api: str, handler: Handler, call: SlsCall, seconds: float) -> Reply:
         """Apply `call` after `seconds` in a task of its own; answer its outcome if still asked.
 
-        The task is not the request handler, so a client that disconnects (or aiohttp
-        cancelling the handler) cannot stop the request from landing.
+        The task is not the one answering the request, so a client that disconnects (or the
+        answering task being cancelled) cannot stop the request from landing.
         """
         self.state.late_pending += 1
         task = asyncio.get_running_loop().create_task(self._apply_late(api, handler, call, seconds))
         self._late_tasks.add(task)
         task.add_done_callback(self._late_tasks.discard)
-        return await asyncio.shield(task)
+        return _shielded(task)
 
     async def _apply_late(
         self, api: str, handler: Handler, call: SlsCall, seconds: float
-    ) -> web.Response:
+    ) -> HttpAnswer:
         try:
             await self._sleep(seconds)
         finally:
             self.state.late_pending -= 1  # applied now, or dropped by close()
         try:
-            response = handler(self.state, call)
+            answer = handler(self.state, call)
         except ApiError as exc:
             self.state.count_request(api, exc.code)
-            return _error_response(exc)
+            return _error_answer(exc)
         self.state.count_request(api, "OK")
-        return response
+        return answer
 
     async def settle_late(self) -> None:
         """Return once every request held by the late-landing fault has been applied."""
@@ -546,15 +563,7 @@ class EmulatorApp:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    @staticmethod
-    async def _read_body(request: web.Request) -> bytes:
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge as exc:
-            message = f"the body exceeds {MAX_BODY_BYTES} bytes"
-            raise ApiError(413, "PostBodyTooLarge", message) from exc
-
-    def _authenticate(self, request: web.Request, call: SlsCall) -> None:
+    def _authenticate(self, request: HttpRequest, call: SlsCall) -> None:
         if not self.keys:
             return  # no keys configured: any signature, or none, is accepted
         signed = SignedRequest(
@@ -564,30 +573,45 @@ class EmulatorApp:
 
     # --- admin endpoints (unsigned, never faulted, not counted) ---------------------------
 
-    async def _get_state(self, request: web.Request) -> web.Response:
-        return web.json_response(self.state.snapshot())
+    def _get_state(self, request: HttpRequest) -> HttpAnswer:
+        return HttpAnswer.json(self.state.snapshot())
 
-    async def _get_faults(self, request: web.Request) -> web.Response:
-        return web.json_response(self.faults.settings.as_json())
+    def _get_faults(self, request: HttpRequest) -> HttpAnswer:
+        return HttpAnswer.json(self.faults.settings.as_json())
 
-    async def _post_faults(self, request: web.Request) -> web.Response:
+    def _post_faults(self, request: HttpRequest) -> HttpAnswer:
         try:
-            settings = self.faults.update(_json_object(await self._read_body(request)))
+            settings = self.faults.update(_json_object(_read_body(request)))
         except ApiError as exc:
             raise parameter_invalid(exc.message) from exc
         except ConfigError as exc:
             raise parameter_invalid("; ".join(exc.problems)) from exc
         log.info("fault settings now %s", settings.as_json())
-        return web.json_response(settings.as_json())
+        return HttpAnswer.json(settings.as_json())
 
-    async def _post_logstore(self, request: web.Request) -> web.Response:
-        data = _json_object(await self._read_body(request))
+    def _post_logstore(self, request: HttpRequest) -> HttpAnswer:
+        data = _json_object(_read_body(request))
         store = self.state.add_logstore(
             _str_field(data, "project"), _str_field(data, "logstore"), _int_field(data, "shards")
         )
-        return web.json_response(
+        return HttpAnswer.json(
             {"project": store.project, "logstore": store.name, "shards": store.shard_count}
         )
+
+
+async def _shielded(task: asyncio.Task[HttpAnswer]) -> HttpAnswer:
+    return await asyncio.shield(task)
+
+
+def _read_body(request: HttpRequest) -> bytes:
+    if request.body_too_large:
+        raise ApiError(413, "PostBodyTooLarge", f"the body exceeds {MAX_BODY_BYTES} bytes")
+    return request.body
+
+
+def _unexpected(request: HttpRequest) -> HttpAnswer:
+    log.exception("unexpected error serving %s %s", request.method, request.path)
+    return _error_answer(ApiError(500, "InternalServerError", "internal error"))
 
 
 # --- options, startup and the handle ---------------------------------------------------------
@@ -722,7 +746,7 @@ class EmulatorHandle:
 
     def __init__(
         self,
-        runner: web.AppRunner,
+        server: HttpServer,
         emulator: EmulatorApp,
         *,
         host: str,
@@ -730,7 +754,7 @@ class EmulatorHandle:
         tls: bool,
         state_file: Path | None,
     ) -> None:
-        self._runner = runner
+        self._server = server
         self._closed = False
         self._state_file = state_file
         self.app = emulator
@@ -749,7 +773,7 @@ class EmulatorHandle:
         self._closed = True
         try:
             await self.app.close()
-            await self._runner.cleanup()
+            await self._server.close()
         finally:
             if self._state_file is not None:
                 self.state.save_file(self._state_file)
@@ -777,22 +801,10 @@ async def start_emulator(
         state, FaultInjector(options.faults, seed=options.seed), keys=keys, sleep=sleep
     )
     ssl_context = _ssl_context(options)
-    runner = web.AppRunner(
-        emulator.build(),
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
-    )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, options.host, options.port, ssl_context=ssl_context)
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    port = int(runner.addresses[0][1])
+    server = HttpServer(emulator.respond, max_body=MAX_BODY_BYTES)
+    port = await server.start(options.host, options.port, ssl_context=ssl_context)
     return EmulatorHandle(
-        runner,
+        server,
         emulator,
         host=options.host,
         port=port,

@@ -520,7 +520,7 @@ class SLSClient:
             data = self._signed_request(prepared, body, creds, region or self._region)
         pool = pools.get(prepared.endpoint) or self._new_pool(pools, prepared.endpoint)
         try:
-            answer = _Answer.of(await pool.request(data, timeout=self._request_timeout))
+            answer = _Answer.of(await pool.request(data))
         # TimeoutError first: it is an OSError too.
         except TimeoutError as exc:
             message = f"no complete answer from {pool.host} within {self._request_timeout}s"
@@ -577,6 +577,7 @@ class SLSClient:
             endpoint.port or (443 if secure else 80),
             ssl_context=self._tls_context() if secure else None,
             limit=self._connection_limit,
+            timeout=self._request_timeout,
         )
         return pool
 

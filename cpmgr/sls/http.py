@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -128,7 +129,7 @@ class _Answer:
             line_end = buffer.find(b"\r\n")
             if line_end < 0:
                 return False
-            size = _chunk_size(bytes(buffer[:line_end]))
+            size = parse_chunk_size(bytes(buffer[:line_end]))
             if size == 0:
                 return self._finish_trailers(buffer, line_end + 2)
             if len(buffer) < line_end + 2 + size + 2:
@@ -163,7 +164,8 @@ def _content_length(text: str) -> int:
     return int(text)
 
 
-def _chunk_size(line: bytes) -> int:
+def parse_chunk_size(line: bytes) -> int:
+    """The size in a chunked-encoding size line (extensions ignored); HttpProtocolError if bad."""
     digits = line.split(b";", 1)[0].strip()
     try:
         size = int(digits, 16)
@@ -260,7 +262,11 @@ class _Connection(asyncio.Protocol):
 
 
 class ConnectionPool:
-    """Keep-alive connections to one `host:port` (TLS when `ssl_context` is given)."""
+    """Keep-alive connections to one `host:port` (TLS when `ssl_context` is given).
+
+    Every request has the same `timeout`, so deadlines expire in the order requests started:
+    one timer at a time serves them all (a timer per request costs a heap push and pop).
+    """
 
     def __init__(
         self,
@@ -269,53 +275,96 @@ class ConnectionPool:
         *,
         ssl_context: ssl.SSLContext | None,
         limit: int,
+        timeout: float,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.host = host
         self._port = port
         self._ssl = ssl_context
-        self._slots = asyncio.Semaphore(limit)
+        self._timeout = timeout
+        self._free = limit  # request slots
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()  # idle or busy, until the connection is lost
         self._loop = asyncio.get_running_loop()
         self._clock = clock or self._loop.time
+        self._deadlines: dict[asyncio.Future[HttpAnswer], float] = {}  # in deadline order
+        self._sweeper: asyncio.TimerHandle | None = None
 
-    async def request(self, data: bytes, *, timeout: float) -> HttpAnswer:
+    async def request(self, data: bytes) -> HttpAnswer:
         """Send `data` (a whole request) and return the answer.
 
         Raises TimeoutError when the deadline passes, OSError (ConnectionError,
         HttpProtocolError, ssl errors) when the transport fails.
         """
-        deadline = self._loop.time() + timeout
-        slots = self._slots
-        if slots.locked():
-            async with asyncio.timeout_at(deadline):
-                await slots.acquire()
+        now = self._loop.time()
+        deadline = now + self._timeout
+        if self._free > 0:
+            self._free -= 1
         else:
-            await slots.acquire()
+            await self._wait_for_slot(deadline)
         try:
-            connection = self._idle_connection()
+            connection = self._idle_connection(now)
             if connection is None:
                 async with asyncio.timeout_at(deadline):
                     connection = await self._connect()
             waiter = connection.send(data)
-            timer = self._loop.call_at(deadline, _expire, waiter)
+            self._watch(waiter, deadline)
             try:
                 answer = await waiter
             except BaseException:
                 connection.close()  # mid-request: the connection's state is unknown
                 raise
             finally:
-                timer.cancel()
+                self._deadlines.pop(waiter, None)
             if not connection.closed:
                 connection.idle_since = self._clock()
                 self._idle.append(connection)
             return answer
         finally:
-            slots.release()
+            self._release_slot()
 
-    def _idle_connection(self) -> _Connection | None:
-        now = self._clock()
+    async def _wait_for_slot(self, deadline: float) -> None:
+        slot = self._loop.create_future()
+        self._slot_waiters.append(slot)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await slot
+        except BaseException:
+            if slot.done() and not slot.cancelled():
+                self._release_slot()  # handed a slot just as the wait ended: pass it on
+            else:
+                slot.cancel()
+            raise
+
+    def _release_slot(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes straight to the next in line
+                return
+        self._free += 1
+
+    def _watch(self, waiter: asyncio.Future[HttpAnswer], deadline: float) -> None:
+        self._deadlines[waiter] = deadline
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_at(deadline, self._sweep)
+
+    def _sweep(self) -> None:
+        """Fail the requests whose deadline passed; wake again at the next deadline."""
+        self._sweeper = None
+        now = self._loop.time()
+        deadlines = self._deadlines
+        while deadlines:
+            waiter, deadline = next(iter(deadlines.items()))
+            if deadline > now:
+                self._sweeper = self._loop.call_at(deadline, self._sweep)
+                return
+            del deadlines[waiter]
+            if not waiter.done():
+                waiter.set_exception(TimeoutError())
+
+    def _idle_connection(self, now: float) -> _Connection | None:
         while self._idle:
             connection = self._idle.pop()
             if connection.closed:
@@ -344,14 +393,12 @@ class ConnectionPool:
         self._idle.clear()
         for connection in connections:
             connection.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         lost = [connection.lost for connection in connections]
         if lost:
             await asyncio.wait(lost, timeout=CLOSE_SECONDS)
             for connection in connections:
                 if not connection.lost.done():
                     connection.abort()  # a TLS peer that does not answer the close
-
-
-def _expire(waiter: asyncio.Future[HttpAnswer]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())

@@ -33,6 +33,9 @@ class Credentials:
     security_token: str = field(default="", repr=False)
 
 
+_LOG_PREFIXES = ("x-log-", "x-acs-")
+
+
 def _is_log_header(lowered_name: str) -> bool:
     if lowered_name.startswith("x-log-meta-"):
         return False
@@ -41,10 +44,13 @@ def _is_log_header(lowered_name: str) -> bool:
 
 def _header(headers: Mapping[str, str], name: str) -> str:
     """The value of header `name`, whatever the case of its name in `headers`."""
-    exact = headers.get(name)  # also the case-insensitive lookup of aiohttp's CIMultiDict
-    if exact is not None:
-        return exact
     wanted = name.lower()
+    # Two direct lookups first: the name as given, then lower-cased (as HTTP servers keep them).
+    found = headers.get(name)
+    if found is None:
+        found = headers.get(wanted)
+    if found is not None:
+        return found
     for key, value in headers.items():
         if key.lower() == wanted:
             return value
@@ -55,10 +61,12 @@ def v1_string_to_sign(
     method: str, path: str, params: Mapping[str, str], headers: Mapping[str, str]
 ) -> str:
     """The v1 string-to-sign. `x-log-date` is left out: the SDKs add it after signing."""
-    lowered = ((key.lower(), value) for key, value in headers.items())
-    log_headers = sorted(
-        (name, value) for name, value in lowered if _is_log_header(name) and name != "x-log-date"
-    )
+    log_headers = []
+    for key, value in headers.items():  # a plain loop: this runs for every request verified
+        name = key.lower()
+        if name.startswith(_LOG_PREFIXES) and name != "x-log-date" and _is_log_header(name):
+            log_headers.append((name, value))
+    log_headers.sort()
     canonical_headers = "".join(f"{name}:{value}\n" for name, value in log_headers)
     resource = path
     if params:
