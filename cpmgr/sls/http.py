@@ -92,7 +92,12 @@ class _Answer:
             lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
             del buffer[: end + 4]
             self._status_line(lines[0])
-            self.headers = dict(_header_line(line) for line in lines[1:])
+            headers = self.headers = {}
+            for line in lines[1:]:  # inline: this runs for every answer
+                name, colon, value = line.partition(":")
+                if not colon:
+                    raise HttpProtocolError(f"malformed header line {line[:80]!r}")
+                headers[name.strip().lower()] = value.strip()
             if not 100 <= self.status < 200:
                 break
             # An interim answer (100 Continue): the real one follows.
@@ -149,13 +154,6 @@ class _Answer:
         del buffer[: end + 2]
         self.body = b"".join(self._chunks)
         return True
-
-
-def _header_line(line: str) -> tuple[str, str]:
-    name, colon, value = line.partition(":")
-    if not colon:
-        raise HttpProtocolError(f"malformed header line {line[:80]!r}")
-    return name.strip().lower(), value.strip()
 
 
 def _content_length(text: str) -> int:
