@@ -1,33 +1,55 @@
 """The committer: on a timer, commit every dirty shard with UpdateCheckPoint.
 
-A cycle snapshots the dirty shards of the groups that are due and starts one job per shard
-(SLS has no batch call, so a cycle is the batch). A job retries with exponential backoff and
-full jitter, each attempt sending the newest accepted value, and reports its outcome to the
-store, the observer and any `wait`/`flush` caller. The store guarantees one job per shard.
+SLS has no batch call, so a cycle is the batch. A due group's dirty shards go into a work queue
+as one list of shard numbers; a bounded pool of workers (`commit.max_in_flight` tasks, created
+while there is work) pulls them, marks each in flight in the store and sends it. A failed
+attempt that may be retried is scheduled with a timer (exponential backoff, full jitter), so a
+backing-off shard never holds a worker; its retry sends the newest accepted value. Outcomes go
+to the store, the observer and any `wait`/`flush` caller. The store guarantees one request in
+flight per shard; nothing here is proportional to the number of shards in one loop turn except
+sorting a group's dirty set at cycle start.
+
+Work is taken in this order: retries whose backoff elapsed, then `wait`/`flush` work, then
+timer cycles, so a caller waiting for one shard is not queued behind a 100,000-shard cycle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import logging
 import random
 import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from cpmgr.backoff import backoff_delay
 from cpmgr.config import CommitConfig, Config, GroupConfig
 from cpmgr.errors import SLSError
+from cpmgr.limiter import ConcurrencyLimiter
 from cpmgr.outcomes import TIMED_OUT, CommitOutcome, FlushResult, ShardFailure
 from cpmgr.sls.client import RemoteCheckpoint
 from cpmgr.store import Attempt, CheckpointStore, ErrorInfo
 
+__all__ = [
+    "CheckpointAPI",
+    "CommitObserver",
+    "CommitOutcome",
+    "Committer",
+    "ConcurrencyLimiter",
+    "NullObserver",
+]
+
 log = logging.getLogger(__name__)
 
 ShardKey = tuple[str, int]
+
+# Shards a worker may skip (already committed, in flight) before it lets the loop run others.
+_SKIPS_PER_TURN: Final = 256
+_CLOSING: Final = CommitOutcome(ok=False, code="ShuttingDown", message="closing")
 
 
 class CheckpointAPI(Protocol):
@@ -88,77 +110,86 @@ class NullObserver:
         pass
 
 
-class ConcurrencyLimiter:
-    """A semaphore whose size follows AIMD: halve on throttling, creep back on success."""
+# --- work ---------------------------------------------------------------------------------------
 
-    def __init__(
-        self,
-        maximum: int,
-        *,
-        cooldown: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.maximum = maximum
-        self.limit = float(maximum)
-        self.in_use = 0
-        self._cooldown = cooldown
-        self._clock = clock
-        self._last_decrease = -float("inf")
-        self._waiters: list[asyncio.Future[None]] = []
+
+@dataclass(eq=False)
+class _Cycle:
+    """One timer cycle: done when every shard it queued has been committed or skipped."""
+
+    started: float
+    queued: int = 0  # shards still in its batches
+    running: int = 0  # its jobs not finished yet
+    committed: int = 0  # jobs it started
 
     @property
-    def current(self) -> int:
-        return max(1, int(self.limit))
-
-    async def acquire(self) -> None:
-        if self.in_use < self.current and not self._waiters:
-            self.in_use += 1
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # the slot was handed to us just as we were cancelled
-            else:
-                self._waiters.remove(waiter)
-            raise
-
-    def release(self) -> None:
-        self.in_use -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self.in_use < self.current:
-            waiter = self._waiters.pop(0)
-            if not waiter.done():
-                self.in_use += 1
-                waiter.set_result(None)
-
-    def throttled(self) -> bool:
-        """Halve the limit (at most once per cooldown); True if it changed."""
-        now = self._clock()
-        if now - self._last_decrease < self._cooldown or self.limit <= 1:
-            return False
-        self._last_decrease = now
-        self.limit = max(1.0, self.limit / 2)
-        return True
-
-    def succeeded(self) -> bool:
-        """Grow the limit by about one per window of successes; True if the integer changed."""
-        if self.limit >= self.maximum:
-            return False
-        before = self.current
-        self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
-        self._wake()
-        return self.current != before
+    def done(self) -> bool:
+        return self.queued == 0 and self.running == 0
 
 
-@dataclass
+@dataclass(eq=False)
+class _Batch:
+    """Shards of one group to commit, pulled one at a time by the workers."""
+
+    group: str
+    shards: list[int]
+    cycle: _Cycle | None = None
+    pos: int = 0
+
+    def take(self) -> int | None:
+        if self.pos >= len(self.shards):
+            return None
+        shard = self.shards[self.pos]
+        self.pos += 1
+        if self.cycle is not None:
+            self.cycle.queued -= 1
+        return shard
+
+    @property
+    def left(self) -> int:
+        return len(self.shards) - self.pos
+
+
+@dataclass(eq=False)
+class _Job:
+    """One shard's commit: the value being sent, attempts made, when it started."""
+
+    attempt: Attempt
+    started: float
+    cycle: _Cycle | None
+    attempts: int = 0
+    retry_timer: asyncio.TimerHandle | None = None
+    worker: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
 class _Waiter:
     seq: int
     future: asyncio.Future[CommitOutcome]
+
+
+@dataclass(eq=False)
+class _Flush:
+    """A flush of one group, shared by every caller that asks while nothing new is accepted."""
+
+    group: str
+    barrier: int  # the group's last accepted seq when the snapshot was taken
+    remaining: dict[int, int]  # shard -> seq still to settle
+    committed: int = 0
+    failed: list[ShardFailure] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def settle(self, shard: int, outcome: CommitOutcome) -> None:
+        if self.remaining.pop(shard, None) is None:
+            return
+        if outcome.ok:
+            self.committed += 1
+        elif outcome.code != "Timeout":
+            self.failed.append(
+                ShardFailure(self.group, shard, outcome.code, outcome.message, outcome.dropped)
+            )
+        if not self.remaining:
+            self.done.set()
 
 
 @dataclass
@@ -184,7 +215,6 @@ class Committer:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
-        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
         on_credentials_error: Callable[[], None] | None = None,
         on_committed: Callable[[str, int, str], None] | None = None,
         on_dropped: Callable[[str, int, str], None] | None = None,
@@ -195,17 +225,23 @@ class Committer:
         self._clock = clock
         self._wall_clock = wall_clock
         self._rng = rng or random.Random()
-        self._sleep = sleep
         self._on_credentials_error = on_credentials_error
         self._on_committed = on_committed
         self._on_dropped = on_dropped
         self._limiter = ConcurrencyLimiter(config.commit.max_in_flight, clock=clock)
         self._commit_cfg: CommitConfig = config.commit
         self._groups: dict[str, _GroupState] = {}
-        self._jobs: dict[ShardKey, asyncio.Task[None]] = {}
-        self._sending: dict[ShardKey, Attempt] = {}  # the value each job sends now
-        self._cycle_watchers: set[asyncio.Task[None]] = set()
-        self._waiters: dict[ShardKey, list[_Waiter]] = defaultdict(list)
+        self._jobs: dict[ShardKey, _Job] = {}
+        self._retries: collections.deque[ShardKey] = collections.deque()
+        self._urgent: collections.deque[_Batch] = collections.deque()
+        self._regular: collections.deque[_Batch] = collections.deque()
+        self._workers: set[asyncio.Task[None]] = set()
+        self._busy = 0  # workers in the middle of an attempt
+        # Shards whose last success may be overtaken by an earlier unanswered attempt: they are
+        # sent again once that attempt's window has passed (store.on_success).
+        self._verify_timers: dict[ShardKey, asyncio.TimerHandle] = {}
+        self._waiters: dict[ShardKey, list[_Waiter]] = collections.defaultdict(list)
+        self._flushes: dict[str, list[_Flush]] = collections.defaultdict(list)
         self._wakeup = asyncio.Event()
         self._closing = False
         self._loop_task: asyncio.Task[None] | None = None
@@ -218,7 +254,7 @@ class Committer:
             self._loop_task = asyncio.create_task(self._run(), name="cpmgr-committer")
 
     async def close(self) -> None:
-        """Stop the timer and cancel any job still running (idempotent)."""
+        """Stop the timer and the workers; values in flight stay pending (idempotent)."""
         self._closing = True
         self._wakeup.set()
         if self._loop_task is not None:
@@ -226,17 +262,19 @@ class Committer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
             self._loop_task = None
-        jobs = [*self._jobs.values(), *self._cycle_watchers]
-        for job in jobs:
-            job.cancel()
-        await asyncio.gather(*jobs, return_exceptions=True)
-        self._fail_all_waiters(CommitOutcome(ok=False, code="ShuttingDown", message="closing"))
+        self._urgent.clear()
+        self._regular.clear()
+        self._retries.clear()
+        for timer in self._verify_timers.values():
+            timer.cancel()
+        self._verify_timers.clear()
+        await self._stop_jobs(lambda key: True)
+        self._fail_all_waiters(_CLOSING)
 
     def apply_config(self, config: Config) -> None:
         """Swap in groups and commit settings (SIGHUP); pending values are kept by the store."""
         self._commit_cfg = config.commit
-        self._limiter.maximum = config.commit.max_in_flight
-        self._limiter.limit = min(self._limiter.limit, float(config.commit.max_in_flight))
+        self._limiter.resize(config.commit.max_in_flight)
         self._observer.concurrency_changed(self._limiter.current)
         now = self._clock()
         groups: dict[str, _GroupState] = {}
@@ -248,7 +286,7 @@ class Committer:
         self._groups = groups
         self._wakeup.set()
 
-    # ------------------------------------------------------------------ the timer loop
+    # ------------------------------------------------------------------ the timer
 
     async def _run(self) -> None:
         while not self._closing:
@@ -264,93 +302,176 @@ class Committer:
             await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
 
     def run_due_cycles(self) -> int:
-        """Start jobs for every group whose interval has elapsed; returns how many started."""
+        """Queue every dirty shard of the groups whose interval has elapsed; how many."""
         now = self._clock()
-        jobs: list[asyncio.Task[None]] = []
+        cycle = _Cycle(started=now)
         for name, state in self._groups.items():
             if state.next_due <= now:
                 state.next_due = now + state.interval
-                jobs += self.commit_now(group=name)
-        if jobs:
-            watcher = asyncio.create_task(self._observe_cycle(jobs, now))
-            self._cycle_watchers.add(watcher)
-            watcher.add_done_callback(self._cycle_watchers.discard)
-        return len(jobs)
+                shards = self._store.dirty_shards(name)
+                if shards:
+                    cycle.queued += len(shards)
+                    self._regular.append(_Batch(name, shards, cycle))
+        if cycle.queued:
+            self._ensure_workers()
+        return cycle.queued
 
-    async def _observe_cycle(self, jobs: list[asyncio.Task[None]], started: float) -> None:
-        await asyncio.gather(*jobs, return_exceptions=True)
-        self._observer.cycle_finished(self._clock() - started, len(jobs))
+    def commit_now(self, *, group: str | None = None, shards: Collection[int] | None = None) -> int:
+        """Queue (ahead of timer cycles) every dirty shard, of one group and/or some shards;
+        how many were queued."""
+        queued = 0
+        for name in self._store.groups() if group is None else [group]:
+            dirty = self._store.dirty_shards(name)
+            if shards is not None:
+                wanted = set(shards)
+                dirty = [s for s in dirty if s in wanted]
+            chosen = dirty
+            if chosen:
+                queued += len(chosen)
+                self._urgent.append(_Batch(name, chosen))
+        if queued:
+            self._ensure_workers()
+        return queued
 
-    def commit_now(
-        self, *, group: str | None = None, shards: Collection[int] | None = None
-    ) -> list[asyncio.Task[None]]:
-        """Start a job for every dirty shard not already in flight."""
-        return [
-            self._launch(attempt) for attempt in self._store.snapshot(group=group, shards=shards)
-        ]
+    def _queue_one(self, key: ShardKey) -> None:
+        if key in self._jobs or key in self._verify_timers or self._closing:
+            return  # its running job, or its verification, will answer for it
+        self._urgent.append(_Batch(key[0], [key[1]]))
+        self._ensure_workers()
 
-    def _launch(self, attempt: Attempt) -> asyncio.Task[None]:
-        key = (attempt.group, attempt.shard)
-        job = asyncio.create_task(
-            self._job(attempt), name=f"commit-{attempt.group}-{attempt.shard}"
+    # ------------------------------------------------------------------ workers
+
+    def _ensure_workers(self) -> None:
+        """Start one more worker if there is work, no worker is free to take it, and the pool
+        is below `max_in_flight`. A worker that takes a job calls this again, so the pool grows
+        to what the queue needs within a few loop turns."""
+        idle = len(self._workers) - self._busy
+        if self._closing or idle > 0 or len(self._workers) >= self._limiter.maximum:
+            return
+        if self._has_work():
+            worker = asyncio.create_task(self._work(), name="cpmgr-commit-worker")
+            self._workers.add(worker)
+            worker.add_done_callback(self._workers.discard)
+
+    def _has_work(self) -> bool:
+        return bool(self._retries or self._urgent or self._regular)
+
+    def _queued_count(self) -> int:
+        return (
+            len(self._retries)
+            + sum(b.left for b in self._urgent)
+            + sum(b.left for b in self._regular)
         )
+
+    async def _work(self) -> None:
+        task = asyncio.current_task()
+        while not self._closing:
+            job = self._next_job()
+            if job is None:
+                if not self._has_work():
+                    return
+                await asyncio.sleep(0)  # skipped many shards: let the loop breathe
+                continue
+            job.worker = task
+            self._busy += 1
+            self._ensure_workers()
+            try:
+                await self._attempt(job)
+            finally:
+                job.worker = None
+                self._busy -= 1
+
+    def _next_job(self) -> _Job | None:
+        """A job ready to send: a due retry, else a new one from the queues. None when the
+        queues are empty or after skipping a run of shards that need nothing."""
+        while self._retries:
+            job = self._jobs.get(self._retries.popleft())
+            if job is not None and job.retry_timer is None and job.worker is None:
+                return job
+        for _ in range(_SKIPS_PER_TURN):
+            batch, shard = self._take_shard()
+            if batch is None or shard is None:
+                return None
+            job = self._begin(batch, shard)
+            if job is not None:
+                return job
+        return None
+
+    def _take_shard(self) -> tuple[_Batch | None, int | None]:
+        for queue in (self._urgent, self._regular):
+            while queue:
+                batch = queue[0]
+                shard = batch.take()
+                if shard is not None:
+                    return batch, shard
+                queue.popleft()
+                self._cycle_progress(batch.cycle)
+        return None, None
+
+    def _begin(self, batch: _Batch, shard: int) -> _Job | None:
+        key = (batch.group, shard)
+        if key in self._jobs or key in self._verify_timers:
+            return None
+        attempt = self._store.begin(batch.group, shard)
+        if attempt is None:
+            self._answer_settled(key)
+            return None
+        job = _Job(attempt, self._clock(), batch.cycle)
+        if batch.cycle is not None:
+            batch.cycle.running += 1
+            batch.cycle.committed += 1
         self._jobs[key] = job
-        self._sending[key] = attempt
-        job.add_done_callback(lambda done: self._job_done(key, done))
         return job
 
-    def _job_done(self, key: ShardKey, job: asyncio.Task[None]) -> None:
-        if self._jobs.get(key) is not job:
-            return  # a newer job for the shard already took its place
-        del self._jobs[key]
-        attempt = self._sending.pop(key)
-        if job.cancelled():
-            # Closing or abandoned, possibly before the job even started: the value stays
-            # pending (and is reported as left behind).
-            info = ErrorInfo(code="ShuttingDown", message="commit cancelled", at=self._wall_clock())
-            self._store.on_retryable_failure(attempt, info)
-        elif (exc := job.exception()) is not None:
-            # A bug must not leave the shard marked in flight, never to be committed again.
-            log.error("commit job for %s/%d failed", key[0], key[1], exc_info=exc)
-            info = ErrorInfo(code="InternalError", message=repr(exc), at=self._wall_clock())
-            self._store.on_retryable_failure(attempt, info)
+    def _cycle_progress(self, cycle: _Cycle | None) -> None:
+        if cycle is not None and cycle.done:
+            cycle.queued = -1  # report once
+            self._observer.cycle_finished(self._clock() - cycle.started, cycle.committed)
 
-    # ------------------------------------------------------------------ one shard's commit
+    # ------------------------------------------------------------------ one attempt
 
-    async def _job(self, attempt: Attempt) -> None:
-        key = (attempt.group, attempt.shard)
-        started = self._clock()
-        attempt, error = await self._attempts(attempt)
-        self._record(attempt, error, self._clock() - started)
-        self._settle_waiters(key, attempt, error)
-
-    async def _attempts(self, attempt: Attempt) -> tuple[Attempt, SLSError | None]:
-        retry = self._commit_cfg.retry
-        error: SLSError | None = None
-        for number in range(1, retry.max_attempts + 1):
-            if number > 1:
-                await self._backoff(number - 1)
-                attempt = self._store.refresh(attempt)
-                self._sending[attempt.group, attempt.shard] = attempt
-                self._observer.retried(attempt.group)
-            error = await self._send(attempt)
-            if error is None or error.permanent:
-                return attempt, error
-            # Visible in `get` and in the shutdown report while the retries go on.
+    async def _attempt(self, job: _Job) -> None:
+        if job.attempts:
+            job.attempt = self._store.refresh(job.attempt)
+            self._observer.retried(job.attempt.group)
+        job.attempts += 1
+        attempt = job.attempt
+        sent_at = self._clock()
+        error = await self._send(attempt)
+        if error is None:
+            settled = self._store.on_success(attempt, at=self._wall_clock(), sent_at=sent_at)
+            self._finish(job, None, settled=settled)
+            return
+        if not error.permanent:
             self._store.note_error(attempt, self._error_info(error))
+            if error.may_have_landed:
+                until = sent_at + 2 * self._commit_cfg.request_timeout
+                self._store.on_ambiguous(attempt, until=until)
             if error.credentials_problem and self._on_credentials_error is not None:
                 self._on_credentials_error()
-        return attempt, error
+            if job.attempts < self._commit_cfg.retry.max_attempts and not self._closing:
+                self._schedule_retry(job)
+                return
+        self._finish(job, error)
 
-    async def _backoff(self, retry_number: int) -> None:
+    def _schedule_retry(self, job: _Job) -> None:
         retry = self._commit_cfg.retry
         delay = backoff_delay(
-            retry_number,
+            job.attempts,
             initial=retry.initial_backoff,
             maximum=retry.max_backoff,
             rng=self._rng.random,
         )
-        await self._sleep(delay)
+        key = (job.attempt.group, job.attempt.shard)
+        job.retry_timer = asyncio.get_running_loop().call_later(delay, self._retry_due, key)
+
+    def _retry_due(self, key: ShardKey) -> None:
+        job = self._jobs.get(key)
+        if job is None:
+            return
+        job.retry_timer = None
+        self._retries.append(key)
+        self._ensure_workers()
 
     async def _send(self, attempt: Attempt) -> SLSError | None:
         state = self._groups.get(attempt.group)
@@ -397,9 +518,37 @@ class Committer:
         if changed:
             self._observer.concurrency_changed(self._limiter.current)
 
+    # ------------------------------------------------------------------ outcomes
+
+    def _finish(self, job: _Job, error: SLSError | None, *, settled: bool = True) -> None:
+        attempt = job.attempt
+        key = (attempt.group, attempt.shard)
+        if self._jobs.get(key) is job:
+            del self._jobs[key]
+        if settled:
+            self._record(attempt, error, self._clock() - job.started)
+        else:
+            self._verify_later(key)
+        if job.cycle is not None:
+            job.cycle.running -= 1
+            self._cycle_progress(job.cycle)
+        self._answer(key, attempt, error)
+
+    def _verify_later(self, key: ShardKey) -> None:
+        """Send the shard again once the unanswered attempt's window has passed."""
+        delay = max(0.0, self._store.unsettled_until(*key) - self._clock())
+        old = self._verify_timers.pop(key, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        self._verify_timers[key] = loop.call_later(delay, self._verify_due, key)
+
+    def _verify_due(self, key: ShardKey) -> None:
+        self._verify_timers.pop(key, None)
+        self._queue_one(key)
+
     def _record(self, attempt: Attempt, error: SLSError | None, seconds: float) -> None:
         if error is None:
-            self._store.on_success(attempt, at=self._wall_clock())
             if self._on_committed is not None:
                 self._on_committed(attempt.group, attempt.shard, attempt.checkpoint)
             self._observer.commit_finished(attempt.group, "OK", seconds, ok=True)
@@ -441,33 +590,88 @@ class Committer:
             log.info("group %s: commits succeed again", name)
 
     async def abandon(self, group: str) -> None:
-        """Cancel the jobs of a group about to be forgotten (their values stay pending)."""
-        jobs = [job for (name, _), job in self._jobs.items() if name == group]
+        """Stop the work of a group about to be forgotten (its values stay pending)."""
+        for queue in (self._urgent, self._regular):
+            kept = [b for b in queue if b.group != group]
+            for batch in queue:
+                if batch.group == group and batch.cycle is not None:
+                    batch.cycle.queued -= batch.left
+                    self._cycle_progress(batch.cycle)
+            queue.clear()
+            queue.extend(kept)
+        for key in [k for k in self._verify_timers if k[0] == group]:
+            self._verify_timers.pop(key).cancel()
+        await self._stop_jobs(lambda key: key[0] == group)
+
+    async def _stop_jobs(self, which: Callable[[ShardKey], bool]) -> None:
+        """End the chosen jobs: their values stay pending, callers learn ShuttingDown."""
+        jobs = [job for key, job in self._jobs.items() if which(key)]
+        workers = {job.worker for job in jobs if job.worker is not None}
+        if self._closing:
+            workers |= self._workers
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
         for job in jobs:
-            job.cancel()
-        await asyncio.gather(*jobs, return_exceptions=True)
+            if job.retry_timer is not None:
+                job.retry_timer.cancel()
+            info = ErrorInfo(code="ShuttingDown", message="commit cancelled", at=self._wall_clock())
+            self._store.on_retryable_failure(job.attempt, info)
+            key = (job.attempt.group, job.attempt.shard)
+            if self._jobs.get(key) is job:
+                del self._jobs[key]
+            if job.cycle is not None:
+                job.cycle.running -= 1
+                self._cycle_progress(job.cycle)
+        self._ensure_workers()  # the workers cancelled with these jobs served others too
 
     # ------------------------------------------------------------------ wait and flush
 
-    def _settle_waiters(self, key: ShardKey, attempt: Attempt, error: SLSError | None) -> None:
-        waiters = self._waiters.get(key)
-        if not waiters:
-            return
-        remaining: list[_Waiter] = []
-        for waiter in waiters:
-            outcome = self._outcome_for(key, waiter.seq, attempt, error)
-            if waiter.future.done():
-                continue
+    def _answer(self, key: ShardKey, attempt: Attempt, error: SLSError | None) -> None:
+        """Tell `wait` and `flush` callers of the shard what its job achieved; queue it again
+        if one of them waits for a value newer than the job sent."""
+        again = False
+        for seq, deliver in self._watchers(key):
+            outcome = self._outcome_for(key, seq, attempt, error)
             if outcome is None:
-                remaining.append(waiter)
+                again = True
             else:
-                waiter.future.set_result(outcome)
-        if remaining:
-            self._waiters[key] = remaining
-            if not self._closing:
-                self.commit_now(group=key[0], shards=[key[1]])
-        else:
-            self._waiters.pop(key, None)
+                deliver(outcome)
+        self._prune_waiters(key)
+        if again:
+            self._queue_one(key)
+
+    def _answer_settled(self, key: ShardKey) -> None:
+        """The shard needs no request (committed, dropped or gone): answer its callers."""
+        for seq, deliver in self._watchers(key):
+            outcome = self._immediate_outcome(key[0], key[1], seq)
+            if outcome is not None:
+                deliver(outcome)
+        self._prune_waiters(key)
+
+    def _watchers(self, key: ShardKey) -> list[tuple[int, Callable[[CommitOutcome], None]]]:
+        """(seq waited for, how to deliver its outcome) of every caller waiting on the shard."""
+        group, shard = key
+        watchers: list[tuple[int, Callable[[CommitOutcome], None]]] = [
+            (w.seq, w.future.set_result) for w in self._waiters.get(key, ()) if not w.future.done()
+        ]
+        for flush in self._flushes.get(group, ()):
+            seq = flush.remaining.get(shard)
+            if seq is not None:
+                watchers.append((seq, functools.partial(flush.settle, shard)))
+        return watchers
+
+    def _prune_waiters(self, key: ShardKey) -> None:
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            waiters[:] = [w for w in waiters if not w.future.done()]
+            if not waiters:
+                del self._waiters[key]
+        flushes = self._flushes.get(key[0])
+        if flushes is not None:
+            flushes[:] = [f for f in flushes if not f.done.is_set()]
+            if not flushes:
+                del self._flushes[key[0]]
 
     def _outcome_for(
         self, key: ShardKey, seq: int, attempt: Attempt, error: SLSError | None
@@ -481,24 +685,25 @@ class Committer:
             return CommitOutcome(ok=False, code=code, message=message, dropped=True)
         if error is not None and seq <= attempt.seq:
             return CommitOutcome(ok=False, code=error.code, message=error.message, dropped=False)
-        return None  # a newer value than the job sent: commit again
+        return None  # a newer value than the job sent, or not settled yet: commit again
 
     async def wait_for(self, group: str, shard: int, seq: int, timeout: float) -> CommitOutcome:
-        """Commit `shard` now (joining a job in flight) until value `seq` or newer is committed."""
+        """Commit `shard` now (joining a job in flight) until value `seq` or newer is settled."""
         outcome = self._immediate_outcome(group, shard, seq)
         if outcome is not None:
             return outcome
         future: asyncio.Future[CommitOutcome] = asyncio.get_running_loop().create_future()
         key = (group, shard)
         self._waiters[key].append(_Waiter(seq, future))
-        if key not in self._jobs:
-            self.commit_now(group=group, shards=[shard])
+        self._queue_one(key)
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=timeout)
         except TimeoutError:
             return TIMED_OUT
         finally:
-            self._forget_waiter(key, future)
+            if not future.done():
+                future.cancel()
+            self._prune_waiters(key)
 
     def _immediate_outcome(self, group: str, shard: int, seq: int) -> CommitOutcome | None:
         fate = self._store.is_settled(group, shard, seq)
@@ -514,35 +719,53 @@ class Committer:
                 dropped=True,
             )
         if self._closing:
-            return CommitOutcome(ok=False, code="ShuttingDown", message="closing")
+            return _CLOSING
         return None
 
-    def _forget_waiter(self, key: ShardKey, future: asyncio.Future[CommitOutcome]) -> None:
-        waiters = self._waiters.get(key)
-        if waiters is None:
-            return
-        waiters[:] = [w for w in waiters if w.future is not future]
-        if not waiters:
-            self._waiters.pop(key, None)
-
     async def flush(self, *, group: str | None = None, timeout: float) -> FlushResult:
-        """Commit everything pending now (retrying up to max_attempts) and report per shard."""
-        pending = self._store.pending_seqs(group=group)
-        if not pending:
+        """Commit everything pending now (retrying up to max_attempts) and report per shard.
+        Callers share a group's flush in progress while nothing was accepted since it began."""
+        if self._closing:
+            return self._closing_result(group)
+        names = self._store.groups() if group is None else [group]
+        flushes = [f for name in names if (f := self._flush_of(name)) is not None]
+        if not flushes:
             return FlushResult(committed=0)
-        waits = {
-            (g, shard): asyncio.ensure_future(self.wait_for(g, shard, seq, timeout))
-            for g, shard, seq in pending
-        }
-        outcomes = dict(zip(waits, await asyncio.gather(*waits.values()), strict=True))
-        committed = sum(1 for o in outcomes.values() if o.ok)
-        failed = tuple(
-            ShardFailure(g, shard, o.code, o.message, o.dropped)
-            for (g, shard), o in sorted(outcomes.items())
-            if not o.ok and o.code != "Timeout"
+        waits = [asyncio.ensure_future(f.done.wait()) for f in flushes]
+        _done, late = await asyncio.wait(waits, timeout=timeout)
+        for wait in late:
+            wait.cancel()
+        failed = sorted(
+            (failure for f in flushes for failure in f.failed),
+            key=lambda f: (f.group, f.shard),
         )
-        timed_out = any(o.code == "Timeout" for o in outcomes.values())
-        return FlushResult(committed=committed, failed=failed, timed_out=timed_out)
+        return FlushResult(
+            committed=sum(f.committed for f in flushes),
+            failed=tuple(failed),
+            timed_out=bool(late),
+        )
+
+    def _flush_of(self, group: str) -> _Flush | None:
+        """The group's shared flush in progress, or a new one; None if nothing is pending."""
+        barrier = self._store.last_seq(group)
+        for flush in self._flushes.get(group, ()):
+            if flush.barrier == barrier and not flush.done.is_set():
+                return flush
+        pending = {shard: seq for _g, shard, seq in self._store.pending_seqs(group=group)}
+        if not pending:
+            return None
+        flush = _Flush(group, barrier, pending)
+        self._flushes[group].append(flush)
+        self._urgent.append(_Batch(group, sorted(pending)))
+        self._ensure_workers()
+        return flush
+
+    def _closing_result(self, group: str | None) -> FlushResult:
+        failed = tuple(
+            ShardFailure(g, shard, _CLOSING.code, _CLOSING.message, False)
+            for g, shard, _seq in self._store.pending_seqs(group=group)
+        )
+        return FlushResult(committed=0, failed=failed)
 
     def _fail_all_waiters(self, outcome: CommitOutcome) -> None:
         for waiters in self._waiters.values():
@@ -550,6 +773,11 @@ class Committer:
                 if not waiter.future.done():
                     waiter.future.set_result(outcome)
         self._waiters.clear()
+        for flushes in self._flushes.values():
+            for flush in flushes:
+                for shard in list(flush.remaining):
+                    flush.settle(shard, outcome)
+        self._flushes.clear()
 
     # ------------------------------------------------------------------ remote reads
 
@@ -568,7 +796,8 @@ class Committer:
 
     @property
     def in_flight(self) -> int:
-        return len(self._jobs)
+        """Shards being committed or queued to be."""
+        return len(self._jobs) + self._queued_count()
 
     @property
     def concurrency_limit(self) -> int:

@@ -134,6 +134,11 @@ class SLSError(CpmgrError):
         return is_throttling(self.code, self.status)
 
     @property
+    def may_have_landed(self) -> bool:
+        """No answer came back (a timeout, a reset): the request may still be applied later."""
+        return self.status == 0 and self.code in ("Timeout", "ConnectionError")
+
+    @property
     def ownership(self) -> bool:
         """The consumer does not hold the shard (or the shard is gone): both spellings."""
         return self.code.lower() in _OWNERSHIP_CODES

@@ -16,6 +16,11 @@ Decisions where the contract is silent:
 - A value equal to the pending one is a no-op; a consumer sent with it replaces the pending
   value's consumer.
 - A success clears the shard's `last_error`.
+- Settled means verified: an attempt that may have landed without an answer (a timeout, a
+  reset) can still be applied by SLS until `until` (the committer passes its send time plus
+  2 x `request_timeout`). A success for an attempt sent before that proves nothing about what
+  SLS holds afterwards, so the value stays pending (and `committed` stays the last settled
+  value) until an attempt sent after `until` succeeds.
 """
 
 from __future__ import annotations
@@ -97,6 +102,7 @@ class _Value:
 
 class _Shard:
     __slots__ = (
+        "ambiguous_until",
         "committed",
         "committed_at",
         "dirty_since",
@@ -122,6 +128,9 @@ class _Shard:
         # A value was sent since the last success: the server may hold it (a timeout is no
         # proof it did not land), so `committed` no longer says what the server has.
         self.uncertain = False
+        # Until when an unanswered attempt may still be applied by the server (the committer's
+        # monotonic clock); 0 when no such attempt is outstanding.
+        self.ambiguous_until = 0.0
 
     @property
     def committed_seq(self) -> int:
@@ -132,14 +141,31 @@ class _Shard:
         return self.pending if self.pending is not None else self.committed
 
 
+# A set keeps its table after a backlog drains; rebuild it when it is this much emptier.
+_SHRINK_FACTOR = 8
+_SHRINK_MIN = 1024
+
+
 class _Group:
-    __slots__ = ("dirty", "failures", "last_success", "shards")
+    __slots__ = ("dirty", "dirty_peak", "failures", "last_seq", "last_success", "shards")
 
     def __init__(self) -> None:
         self.shards: dict[int, _Shard] = {}
         self.dirty: set[int] = set()
+        self.dirty_peak = 0
         self.failures = 0
+        self.last_seq = 0  # seq of the newest value accepted into the group
         self.last_success: float | None = None
+
+    def mark_dirty(self, shard: int) -> None:
+        self.dirty.add(shard)
+        self.dirty_peak = max(self.dirty_peak, len(self.dirty))
+
+    def mark_clean(self, shard: int) -> None:
+        self.dirty.discard(shard)
+        if self.dirty_peak >= _SHRINK_MIN and len(self.dirty) * _SHRINK_FACTOR < self.dirty_peak:
+            self.dirty = set(self.dirty)
+            self.dirty_peak = len(self.dirty)
 
 
 class CheckpointStore:
@@ -256,10 +282,11 @@ class CheckpointStore:
                 self._mark_clean(table, shard, state)
                 return self._seq
         self._seq += 1
+        table.last_seq = self._seq
         state.pending = _Value(checkpoint, number, consumer, self._seq)
         if state.dirty_since is None:
             state.dirty_since = self._clock()
-            table.dirty.add(shard)
+            table.mark_dirty(shard)
         if state.in_flight is not None and state.newer_since is None:
             state.newer_since = self._clock()
         return self._seq
@@ -277,7 +304,7 @@ class CheckpointStore:
         unless it equals `committed` (the last value known committed, None if unknown)."""
         table = self._group(group)
         state = table.shards[shard] = _Shard()
-        table.dirty.discard(shard)
+        table.mark_clean(shard)
         if committed is not None:
             self._seq += 1
             state.committed = _Value(committed, decode_cursor(committed), None, self._seq)
@@ -285,7 +312,8 @@ class CheckpointStore:
             self._seq += 1
             state.pending = _Value(latest, decode_cursor(latest), consumer, self._seq)
             state.dirty_since = self._clock()
-            table.dirty.add(shard)
+            table.mark_dirty(shard)
+            table.last_seq = self._seq
 
     # --- the committer's side -------------------------------------------------------------
 
@@ -319,6 +347,25 @@ class CheckpointStore:
                     attempts.append(self._send(name, shard, state, state.pending))
         return attempts
 
+    def dirty_shards(self, group: str) -> list[int]:
+        """The group's dirty shards, in shard order (in flight or not)."""
+        table = self._groups.get(group)
+        return sorted(table.dirty) if table is not None else []
+
+    def last_seq(self, group: str) -> int:
+        """The seq of the newest value accepted into the group (0 if none)."""
+        table = self._groups.get(group)
+        return table.last_seq if table is not None else 0
+
+    def begin(self, group: str, shard: int) -> Attempt | None:
+        """The shard's pending value, now marked in flight; None if it is not dirty, already
+        in flight, or unknown."""
+        table = self._groups.get(group)
+        state = table.shards.get(shard) if table is not None else None
+        if state is None or state.in_flight is not None or state.pending is None:
+            return None
+        return self._send(group, shard, state, state.pending)
+
     def _send(self, group: str, shard: int, state: _Shard, value: _Value) -> Attempt:
         state.in_flight = value.seq
         state.uncertain = True
@@ -336,11 +383,36 @@ class CheckpointStore:
         self._send(attempt.group, attempt.shard, state, value)
         return replace(attempt, checkpoint=value.checkpoint, consumer=value.consumer, seq=value.seq)
 
-    def on_success(self, attempt: Attempt, *, at: float | None = None) -> None:
-        """The attempt's value is committed on the server."""
+    def on_ambiguous(self, attempt: Attempt, *, until: float) -> None:
+        """The attempt got no answer: the server may still apply it until `until`."""
+        state = self._state(attempt)
+        if state is not None:
+            state.ambiguous_until = max(state.ambiguous_until, until)
+
+    def on_success(
+        self, attempt: Attempt, *, at: float | None = None, sent_at: float | None = None
+    ) -> bool:
+        """The server answered success for the attempt's value. True if that settles it; False
+        if an earlier unanswered attempt may still land after it (sent before the window of
+        on_ambiguous() closed): the value then stays pending, to be sent again after
+        `unsettled_until()`."""
         state = self._state(attempt)
         if state is None:
-            return
+            return True
+        if sent_at is not None and sent_at < state.ambiguous_until:
+            self._release(state, attempt)
+            return False
+        state.ambiguous_until = 0.0
+        self._settle(state, attempt, at)
+        return True
+
+    def unsettled_until(self, group: str, shard: int) -> float:
+        """Until when an unanswered attempt may still land on the shard (0 if none)."""
+        table = self._groups.get(group)
+        state = table.shards.get(shard) if table is not None else None
+        return state.ambiguous_until if state is not None else 0.0
+
+    def _settle(self, state: _Shard, attempt: Attempt, at: float | None) -> None:
         table = self._groups[attempt.group]
         now = self._clock() if at is None else at
         newer_since = state.newer_since if state.in_flight == attempt.seq else None
@@ -416,7 +488,7 @@ class CheckpointStore:
     def _mark_clean(self, table: _Group, shard: int, state: _Shard) -> None:
         state.pending = None
         state.dirty_since = None
-        table.dirty.discard(shard)
+        table.mark_clean(shard)
 
     # --- views ----------------------------------------------------------------------------
 

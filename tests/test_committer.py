@@ -444,3 +444,132 @@ async def test_abandon_cancels_a_groups_jobs_and_keeps_their_values_pending() ->
 def test_backoff_does_not_overflow_with_many_attempts() -> None:
     rng = random.Random(2)
     assert 0.0 <= backoff_delay(100_000, initial=0.2, maximum=10.0, rng=rng.random) <= 10.0
+
+
+# ------------------------------------------------------------------------ settled means verified
+
+
+class HoldFirstRequest:
+    """The emulator's latency sleep: the first request waits until released (it then lands
+    late, after the client gave up); every later one passes at once."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.holding = asyncio.Event()
+        self.released = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            self.holding.set()
+            await self.released.wait()
+
+
+class SuccessSignal:
+    """Wraps the real client; `succeeded` is set when an UpdateCheckPoint of `checkpoint`
+    returns successfully."""
+
+    def __init__(self, inner: SLSClient, checkpoint: str) -> None:
+        self.inner = inner
+        self.checkpoint = checkpoint
+        self.succeeded = asyncio.Event()
+
+    async def update_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        await self.inner.update_checkpoint(*args, **kwargs)
+        if args[4] == self.checkpoint:
+            self.succeeded.set()
+
+    async def get_checkpoint(self, *args: Any, **kwargs: Any) -> list[RemoteCheckpoint]:
+        return await self.inner.get_checkpoint(*args, **kwargs)
+
+
+async def test_a_late_landing_attempt_is_overwritten_before_the_value_counts_as_committed() -> None:
+    config = make_config(
+        groups={"orders": "ls/cg"},
+        request_timeout="500ms",
+        retry={"max_attempts": 5, "initial_backoff": "1ms", "max_backoff": "1ms"},
+    )
+    hold = HoldFirstRequest()
+    async with committer_env(config, latency_ms=(1.0, 1.0), sleep=hold) as env:
+        signal = SuccessSignal(env.client, cursor(200))
+        env.committer._client = signal
+        first = env.store.accept("orders", 0, cursor(100))
+        waiting_first = asyncio.create_task(env.committer.wait_for("orders", 0, first, 30))
+        await hold.holding.wait()  # 100 reached SLS, which has not applied it yet
+        second = env.store.accept("orders", 0, cursor(200))
+        await signal.succeeded.wait()  # the retry carried 200, and SLS said OK
+        view = env.store.shard_view("orders", 0)
+        assert view is not None
+        # The timed-out 100 may still land: 200 is not settled, however SLS answered.
+        assert (view.committed, view.pending) == (None, cursor(200))
+        assert not waiting_first.done()
+        hold.released.set()  # ... and now 100 lands, after 200
+        assert (await env.committer.wait_for("orders", 0, second, 30)).ok
+        assert (await waiting_first).ok
+        assert env.history("ls/cg", 0) == [cursor(200), cursor(100), cursor(200)]
+        assert env.remote("ls/cg", 0) == cursor(200)
+        view = env.store.shard_view("orders", 0)
+        assert view is not None and (view.committed, view.pending) == (cursor(200), None)
+
+
+async def test_a_value_resent_after_an_unanswered_attempt_is_not_a_no_op() -> None:
+    config = make_config(
+        groups={"orders": "ls/cg"},
+        request_timeout="300ms",
+        retry={"max_attempts": 1, "initial_backoff": "1ms", "max_backoff": "1ms"},
+    )
+    hold = HoldFirstRequest()
+    async with committer_env(config, latency_ms=(1.0, 1.0), sleep=hold) as env:
+        seq = env.store.accept("orders", 0, cursor(100))
+        outcome = await env.committer.wait_for("orders", 0, seq, 30)
+        assert (outcome.ok, outcome.code, outcome.dropped) == (False, "Timeout", False)
+        hold.released.set()
+        # The same value again: SLS may or may not hold it, so it is sent (and verified).
+        assert env.store.accept("orders", 0, cursor(100)) == seq
+        assert (await env.committer.wait_for("orders", 0, seq, 30)).ok
+        assert env.remote("ls/cg", 0) == cursor(100)
+        assert env.update_calls().get("OK", 0) >= 2
+
+
+async def test_limiter_survives_a_waiter_cancelled_as_its_slot_frees() -> None:
+    limiter = ConcurrencyLimiter(1)
+    await limiter.acquire()
+    waiters = [asyncio.create_task(limiter.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)  # every waiter is queued
+    waiters[0].cancel()  # cancelled in the same loop turn as the slot is handed over
+    limiter.release()
+    first, second = await asyncio.gather(*waiters[:2], return_exceptions=True)
+    assert isinstance(first, asyncio.CancelledError)
+    assert second is None and limiter.in_use == 1  # the slot went to the next live waiter
+    limiter.release()
+    await waiters[2]
+    limiter.release()
+    assert limiter.in_use == 0
+
+
+async def test_a_cycle_of_many_shards_runs_on_a_bounded_pool_of_workers() -> None:
+    clock = FakeClock()
+    config = make_config(groups={"orders": "ls/cg"}, interval="5s", max_in_flight=4)
+    async with committer_env(config, clock=clock, logstores=(f"{PROJECT}/ls:500",)) as env:
+        for shard in range(500):
+            env.store.accept("orders", shard, cursor(shard + 1))
+        clock.now += 5.0
+        assert env.committer.run_due_cycles() == 500
+        peak = 0
+        while not env.observer.cycle_done.is_set():  # no task per shard: a pool of 4 at most
+            peak = max(peak, len(env.committer._workers))
+            await asyncio.sleep(0)
+        assert peak == 4
+        assert env.update_calls() == {"OK": 500}
+        assert env.store.pending_count("orders") == 0
+
+
+async def test_concurrent_flushes_with_nothing_new_share_one_flush() -> None:
+    config = make_config(groups={"orders": "ls/cg"})
+    async with committer_env(config, latency_ms=(5.0, 5.0)) as env:
+        for shard in range(16):
+            env.store.accept("orders", shard, cursor(7))
+        results = await asyncio.gather(*(env.committer.flush(timeout=30) for _ in range(50)))
+        assert {r.committed for r in results} == {16}
+        assert env.update_calls() == {"OK": 16}
+        assert not env.committer._flushes  # nothing is kept once every caller is answered
