@@ -178,6 +178,19 @@ class _Flush:
     committed: int = 0
     failed: list[ShardFailure] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    aborted: CommitOutcome | None = None  # closing: every remaining shard failed with this
+
+    def abort(self, outcome: CommitOutcome) -> None:
+        self.aborted = outcome
+        self.done.set()
+
+    def failures(self) -> list[ShardFailure]:
+        """The failed shards; after abort() also the remaining ones (built only when asked)."""
+        if self.aborted is None:
+            return self.failed
+        code, message = self.aborted.code, self.aborted.message
+        rest = [ShardFailure(self.group, s, code, message, False) for s in self.remaining]
+        return self.failed + rest
 
     def settle(self, shard: int, outcome: CommitOutcome) -> None:
         if self.remaining.pop(shard, None) is None:
@@ -736,7 +749,7 @@ class Committer:
         for wait in late:
             wait.cancel()
         failed = sorted(
-            (failure for f in flushes for failure in f.failed),
+            (failure for f in flushes for failure in f.failures()),
             key=lambda f: (f.group, f.shard),
         )
         return FlushResult(
@@ -751,7 +764,7 @@ class Committer:
         for flush in self._flushes.get(group, ()):
             if flush.barrier == barrier and not flush.done.is_set():
                 return flush
-        pending = {shard: seq for _g, shard, seq in self._store.pending_seqs(group=group)}
+        pending = self._store.pending_by_shard(group)
         if not pending:
             return None
         flush = _Flush(group, barrier, pending)
@@ -775,8 +788,7 @@ class Committer:
         self._waiters.clear()
         for flushes in self._flushes.values():
             for flush in flushes:
-                for shard in list(flush.remaining):
-                    flush.settle(shard, outcome)
+                flush.abort(outcome)
         self._flushes.clear()
 
     # ------------------------------------------------------------------ remote reads

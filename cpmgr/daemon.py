@@ -29,7 +29,7 @@ from cpmgr.journal import Journal
 from cpmgr.logs import configure_logging
 from cpmgr.metrics import Metrics
 from cpmgr.sls.client import SLSClient
-from cpmgr.store import CheckpointStore, ShardView
+from cpmgr.store import CheckpointStore
 from cpmgr.web import WebServer, build_app
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ EXIT_LEFT_BEHIND = 1
 # After the drain, requests still being handled get this long to send the answer they already
 # have (a `wait` whose value the final flush committed); the rest are answered ShuttingDown.
 CLOSE_GRACE = 1.0
+# Shards named one per line in the shutdown report, per group; the rest are counted in one line
+# (a 100,000-shard backlog must not turn the report into minutes of logging).
+LEFT_BEHIND_LINES = 100
 
 ShutdownTrigger = Callable[[], Awaitable[object]]
 
@@ -226,24 +229,37 @@ class Daemon:
             return EXIT_OK
         return EXIT_OK if self.journal is not None else EXIT_LEFT_BEHIND
 
-    def _log_left_behind(self, groups: Iterable[str]) -> list[ShardView]:
-        left = [
-            view
-            for group in groups
-            for view in self.store.shard_views(group)
-            if view.pending is not None
-        ]
-        for view in left:
-            error = view.last_error
-            log.error(
-                "left behind: group %s shard %d checkpoint %s (last error: %s)%s",
-                view.group,
-                view.shard,
-                view.pending,
-                f"{error.code}: {error.message}" if error else "none",
-                ", journaled" if self.journal is not None else "",
-            )
-        return left
+    def _log_left_behind(self, groups: Iterable[str]) -> int:
+        """Log the shards still pending, at most LEFT_BEHIND_LINES per group; how many."""
+        journaled = ", journaled" if self.journal is not None else ""
+        total = 0
+        for group in groups:
+            shards = self.store.dirty_shards(group)
+            total += len(shards)
+            for shard in shards[:LEFT_BEHIND_LINES]:
+                self._log_left_behind_shard(group, shard, journaled)
+            if len(shards) > LEFT_BEHIND_LINES:
+                log.error(
+                    "left behind: group %s, %d more shard(s) not listed%s",
+                    group,
+                    len(shards) - LEFT_BEHIND_LINES,
+                    journaled,
+                )
+        return total
+
+    def _log_left_behind_shard(self, group: str, shard: int, journaled: str) -> None:
+        view = self.store.shard_view(group, shard)
+        if view is None or view.pending is None:
+            return
+        error = view.last_error
+        log.error(
+            "left behind: group %s shard %d checkpoint %s (last error: %s)%s",
+            view.group,
+            view.shard,
+            view.pending,
+            f"{error.code}: {error.message}" if error else "none",
+            journaled,
+        )
 
     async def close(self, *, grace: float = CLOSE_GRACE) -> None:
         """Stop every started component in reverse order (idempotent); requests still being
@@ -260,6 +276,10 @@ class Daemon:
                 log.exception("error while stopping %s", closer)
 
     async def _close_ingest(self) -> None:
+        # The committer stops first (its close is idempotent): once the drain is over, a `wait`
+        # still pending can only end ShuttingDown, and answering it now lets its connection
+        # close at once instead of using up the grace period.
+        await self.committer.close()
         await self.ingest.close(grace=self._close_grace)
 
     # ------------------------------------------------------------------ reload
@@ -433,7 +453,9 @@ def run_from_file(path: str) -> int:
     config = load_config(path)
     configure_logging(config.log.level, config.log.format)
     try:
-        return asyncio.run(run(config, config_path=path))
+        code = asyncio.run(run(config, config_path=path))
     except CpmgrError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_LEFT_BEHIND
+    log.info("stopped (exit code %d)", code)
+    return code

@@ -327,6 +327,15 @@ class CheckpointStore:
             if (pending := self._groups[name].shards[shard].pending) is not None
         ]
 
+    def pending_by_shard(self, group: str) -> dict[int, int]:
+        """{shard: seq} of every pending value of one group, in or out of flight."""
+        table = self._groups.get(group)
+        if table is None:
+            return {}
+        shards = table.shards
+        pending = {shard: shards[shard].pending for shard in table.dirty}
+        return {shard: value.seq for shard, value in pending.items() if value is not None}
+
     def _names(self, group: str | None) -> list[str]:
         if group is None:
             return list(self._groups)

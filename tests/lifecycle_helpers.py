@@ -190,6 +190,20 @@ class DaemonProcess:
             raise AssertionError(f"the daemon closed stderr without logging {text!r}:\n{self.log}")
         return found
 
+    async def wait_for_count(self, text: str, count: int, *, timeout: float = LINE_TIMEOUT) -> None:
+        """Until `count` lines containing `text` were written."""
+
+        def seen() -> bool:
+            return sum(text in line for line in self.lines) >= count or self._stderr_closed
+
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(seen), timeout)
+            except TimeoutError:
+                raise AssertionError(
+                    f"fewer than {count} log lines with {text!r} in {timeout}s:\n{self.log}"
+                ) from None
+
     async def exit_code(self, *, timeout: float) -> int:
         """Wait (at most `timeout` seconds) for the process to end and its stderr to be read."""
         try:
