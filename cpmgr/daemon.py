@@ -27,7 +27,7 @@ from cpmgr.errors import ConfigError, CpmgrError
 from cpmgr.ingest import IngestServer
 from cpmgr.journal import Journal
 from cpmgr.logs import configure_logging
-from cpmgr.metrics import Metrics
+from cpmgr.metrics import LoopLagProbe, Metrics
 from cpmgr.sls.client import SLSClient
 from cpmgr.store import CheckpointStore
 from cpmgr.web import WebServer, build_app
@@ -86,9 +86,10 @@ class Daemon:
         self.metrics = Metrics(self.registry, process_metrics=process_metrics)
         self.store = CheckpointStore([g.name for g in config.groups])
         self.metrics.add_groups(self.store.groups())
-        self.metrics.watch_store(
+        self.store_collector = self.metrics.watch_store(
             self.store, self.store.groups, shard_metrics=config.http.shard_metrics
         )
+        self.loop_lag = LoopLagProbe(self.metrics.loop_lag)
         self.credentials = CredentialsProvider(config.sls)
         self.client = SLSClient(
             endpoint=config.sls.endpoint,
@@ -127,7 +128,12 @@ class Daemon:
         self.web = (
             WebServer(
                 config.http.listen,
-                build_app(self.registry, status=self.status, ready=lambda: self.ready),
+                build_app(
+                    self.registry,
+                    status=self.status,
+                    ready=lambda: self.ready,
+                    capture=self.store_collector.capture,
+                ),
             )
             if config.http.listen
             else None
@@ -152,7 +158,10 @@ class Daemon:
     # ------------------------------------------------------------------ start and stop
 
     async def start(self) -> None:
-        """Start in order: HTTP (not ready), journal replay, client, committer, socket."""
+        """Start in order: loop-lag probe, HTTP (not ready), journal replay, client, committer,
+        socket."""
+        await self.loop_lag.start()
+        self._started.append(self.loop_lag.close)
         if self.web is not None:
             with _startup_step(f"HTTP {self.config.http.listen}"):
                 await self.web.start()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -13,6 +17,7 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
+    generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -43,8 +48,34 @@ COMMIT_BUCKETS = (
 REFUSAL_REASONS = ("max_connections", "idle_timeout", "max_buffered_bytes", "forbidden")
 
 
+@dataclass(frozen=True, slots=True)
+class GroupFigures:
+    """One group's derived gauges, and its shards' times for http.shard_metrics."""
+
+    pending: int
+    oldest_dirty_since: float | None
+    last_success: float | None
+    shards: tuple[tuple[int, float | None, float | None], ...] = ()
+    """(shard, dirty_since, committed_at), by shard."""
+
+
+StoreFigures = dict[str, GroupFigures]
+
+# A scrape being rendered off the loop reads these figures, captured on the loop beforehand.
+_CAPTURED: contextvars.ContextVar[StoreFigures | None] = contextvars.ContextVar(
+    "cpmgr_captured_store_figures", default=None
+)
+# Shards read per loop turn while capturing: a 100,000-shard store must not stall the loop.
+CAPTURE_CHUNK = 2000
+
+
 class StoreCollector(Collector):
-    """Pending shards, oldest pending age and last success per group, read from the store."""
+    """Pending shards, oldest pending age and last success per group, read from the store.
+
+    Read live when collected on the loop (tests, small stores). A /metrics scrape instead
+    captures the figures in chunks with `capture()` and renders in a thread (`render()`), so
+    neither the reading of 100,000 shards nor the text rendering holds the loop.
+    """
 
     def __init__(
         self,
@@ -59,8 +90,54 @@ class StoreCollector(Collector):
         self._shard_metrics = shard_metrics
         self._clock = clock
 
+    async def capture(self) -> StoreFigures:
+        """Every group's figures, read a chunk of shards per loop turn."""
+        figures: StoreFigures = {}
+        for group in list(self._groups()):
+            figures[group] = await self._capture_group(group)
+        return figures
+
+    async def _capture_group(self, group: str) -> GroupFigures:
+        store = self._store
+        oldest: float | None = None
+        dirty = store.dirty_shards(group)
+        for start in range(0, len(dirty), CAPTURE_CHUNK):
+            since = store.oldest_dirty_since(group, dirty[start : start + CAPTURE_CHUNK])
+            if since is not None and (oldest is None or since < oldest):
+                oldest = since
+            await asyncio.sleep(0)
+        shards: list[tuple[int, float | None, float | None]] = []
+        if self._shard_metrics:
+            numbers = store.shard_numbers(group)
+            for start in range(0, len(numbers), CAPTURE_CHUNK):
+                shards += store.shard_times(group, numbers[start : start + CAPTURE_CHUNK])
+                await asyncio.sleep(0)
+        return GroupFigures(
+            pending=store.pending_count(group),
+            oldest_dirty_since=oldest,
+            last_success=store.last_success(group),
+            shards=tuple(shards),
+        )
+
+    def _live(self) -> StoreFigures:
+        store = self._store
+        return {
+            group: GroupFigures(
+                pending=store.pending_count(group),
+                oldest_dirty_since=store.oldest_dirty_since(group),
+                last_success=store.last_success(group),
+                shards=tuple(store.shard_times(group, store.shard_numbers(group)))
+                if self._shard_metrics
+                else (),
+            )
+            for group in self._groups()
+        }
+
     def collect(self) -> Iterator[Metric]:
         now = self._clock()
+        figures = _CAPTURED.get()
+        if figures is None:
+            figures = self._live()
         pending = GaugeMetricFamily(
             "cpmgr_pending_shards",
             "Shards with an accepted, uncommitted checkpoint.",
@@ -76,16 +153,16 @@ class StoreCollector(Collector):
             "Unix time of the last successful commit, 0 before the first.",
             labels=["group"],
         )
-        for group in self._groups():
-            pending.add_metric([group], self._store.pending_count(group))
-            since = self._store.oldest_dirty_since(group)
+        for group, figure in figures.items():
+            pending.add_metric([group], figure.pending)
+            since = figure.oldest_dirty_since
             oldest.add_metric([group], max(0.0, now - since) if since is not None else 0.0)
-            last_success.add_metric([group], self._store.last_success(group) or 0.0)
+            last_success.add_metric([group], figure.last_success or 0.0)
         yield from (pending, oldest, last_success)
         if self._shard_metrics:
-            yield from self._per_shard(now)
+            yield from self._per_shard(figures, now)
 
-    def _per_shard(self, now: float) -> Iterator[Metric]:
+    def _per_shard(self, figures: StoreFigures, now: float) -> Iterator[Metric]:
         age = GaugeMetricFamily(
             "cpmgr_shard_pending_age_seconds",
             "How long this shard has been uncommitted, 0 if clean (http.shard_metrics).",
@@ -96,13 +173,54 @@ class StoreCollector(Collector):
             "Unix time of this shard's last successful commit (http.shard_metrics).",
             labels=["group", "shard"],
         )
-        for group in self._groups():
-            for view in self._store.shard_views(group):
-                labels = [group, str(view.shard)]
-                since = view.dirty_since
+        for group, figure in figures.items():
+            for shard, since, committed_at in figure.shards:
+                labels = [group, str(shard)]
                 age.add_metric(labels, max(0.0, now - since) if since is not None else 0.0)
-                committed.add_metric(labels, view.committed_at or 0.0)
+                committed.add_metric(labels, committed_at or 0.0)
         yield from (age, committed)
+
+
+def render(registry: CollectorRegistry, figures: StoreFigures) -> bytes:
+    """The text exposition of `registry`, with the store read from `figures` (thread-safe:
+    nothing here touches the live store)."""
+    token = _CAPTURED.set(figures)
+    try:
+        return generate_latest(registry)
+    finally:
+        _CAPTURED.reset(token)
+
+
+# How late the probe may wake, from "unnoticeable" to "the loop was frozen".
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class LoopLagProbe:
+    """A task that sleeps `interval` again and again and records how late it wakes: every
+    stall of the event loop (a long callback, blocking I/O) shows in the histogram."""
+
+    def __init__(self, histogram: Histogram, *, interval: float = 0.02) -> None:
+        self._histogram = histogram
+        self._interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="cpmgr-loop-lag-probe")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self._interval)
+            self._histogram.observe(max(0.0, loop.time() - before - self._interval))
 
 
 class Metrics:
@@ -183,6 +301,12 @@ class Metrics:
         )
         for reason in REFUSAL_REASONS:
             self.connections_refused.labels(reason)
+        self.loop_lag = Histogram(
+            "cpmgr_event_loop_lag_seconds",
+            "How late a probe task wakes on the event loop: every stall of the loop shows here.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
+        )
         self.journal_errors = Counter(
             "cpmgr_journal_errors",
             "Commits refused because the journal could not persist them.",

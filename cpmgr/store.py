@@ -524,13 +524,34 @@ class CheckpointStore:
         table = self._groups.get(group)
         return len(table.shards) if table is not None else 0
 
-    def oldest_dirty_since(self, group: str) -> float | None:
-        """The earliest `dirty_since` among the group's dirty shards."""
+    def oldest_dirty_since(self, group: str, shards: Iterable[int] | None = None) -> float | None:
+        """The earliest `dirty_since` among the group's dirty shards (or among `shards`)."""
         table = self._groups.get(group)
         if table is None:
             return None
-        times = [table.shards[s].dirty_since for s in table.dirty]
+        known = table.shards
+        chosen = table.dirty if shards is None else shards
+        times = [state.dirty_since for s in chosen if (state := known.get(s)) is not None]
         return min((t for t in times if t is not None), default=None)
+
+    def shard_numbers(self, group: str) -> list[int]:
+        """Every tracked shard of a group, by shard number."""
+        table = self._groups.get(group)
+        return sorted(table.shards) if table is not None else []
+
+    def shard_times(
+        self, group: str, shards: Iterable[int]
+    ) -> list[tuple[int, float | None, float | None]]:
+        """(shard, dirty_since, committed_at) of those of `shards` the group tracks."""
+        table = self._groups.get(group)
+        if table is None:
+            return []
+        known = table.shards
+        return [
+            (shard, state.dirty_since, state.committed_at)
+            for shard in shards
+            if (state := known.get(shard)) is not None
+        ]
 
     def last_success(self, group: str) -> float | None:
         """Unix time of the group's last successful commit."""

@@ -82,7 +82,7 @@ async def test_attack_requests_landing_after_the_timeout_never_leave_sls_behind(
         max_backoff="50ms",
     )
     config["commit"]["request_timeout"] = "200ms"
-    emulator.faults.update({"latency_ms": [100.0, 390.0]})
+    emulator.faults.update({"latency_ms": [50.0, 390.0]})
     latest: dict[int, int] = {}
     rng = random.Random(5)
     async with (
@@ -105,7 +105,8 @@ async def test_attack_requests_landing_after_the_timeout_never_leave_sls_behind(
             assert checkpoints[remote_key("cg-a", shard)] == cursor(value), daemon.log
             history = numbers(emulator.state.history[remote_key("cg-a", shard)])
             late += history != sorted(history)
-        assert late > 0, "no request landed late: the attack did not happen"
+        requests = emulator.state.snapshot()["requests"]
+        assert late > 0, f"no request landed late: the attack did not happen ({requests})"
     assert "Traceback" not in daemon.log
 
 

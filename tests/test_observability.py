@@ -39,10 +39,12 @@ def cursor(number: int) -> str:
     return base64.b64encode(str(number).encode()).decode()
 
 
-def config_data(endpoint: str, sock: str, **commit: Any) -> dict[str, Any]:
+def config_data(
+    endpoint: str, sock: str, *, shard_metrics: bool = False, **commit: Any
+) -> dict[str, Any]:
     return {
         "socket": {"path": sock},
-        "http": {"listen": "127.0.0.1:0"},
+        "http": {"listen": "127.0.0.1:0", "shard_metrics": shard_metrics},
         "sls": {
             "endpoint": endpoint,
             "access_key_id": KEY_ID,
@@ -67,6 +69,17 @@ def config_data(endpoint: str, sock: str, **commit: Any) -> dict[str, Any]:
     }
 
 
+Scraped = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_scrape(text: str) -> Scraped:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 @dataclass
 class Running:
     daemon: Daemon
@@ -84,15 +97,13 @@ class Running:
     def sample(self, name: str, **labels: str) -> float | None:
         return self.registry.get_sample_value(name, labels)
 
-    async def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async def scrape_text(self) -> str:
         async with self.http.get(f"{self.base}/metrics") as response:
             assert response.status == 200
-            text = await response.text()
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
+            return await response.text()
+
+    async def scrape(self) -> Scraped:
+        return parse_scrape(await self.scrape_text())
 
     def emulator_requests(self, code: str) -> int:
         requests = self.emulator.state.snapshot()["requests"].get("UpdateCheckPoint", {})
@@ -104,7 +115,9 @@ class Running:
 
 
 @asynccontextmanager
-async def running_daemon(emulator_key: str = SECRET, **commit: Any) -> AsyncIterator[Running]:
+async def running_daemon(
+    emulator_key: str = SECRET, *, shard_metrics: bool = False, **commit: Any
+) -> AsyncIterator[Running]:
     sock_dir = tempfile.mkdtemp(prefix="cp", dir="/tmp")
     logstores = [f"{PROJECT}/{where.split('/')[0]}:4" for where in GROUPS.values()]
     groups = [f"{PROJECT}/{where}" for where in GROUPS.values()]
@@ -114,7 +127,9 @@ async def running_daemon(emulator_key: str = SECRET, **commit: Any) -> AsyncIter
         access_key_id=KEY_ID,
         access_key_secret=emulator_key,
     ) as emulator:
-        config: Config = parse_config(config_data(emulator.url, f"{sock_dir}/c.sock", **commit))
+        config: Config = parse_config(
+            config_data(emulator.url, f"{sock_dir}/c.sock", shard_metrics=shard_metrics, **commit)
+        )
         registry = CollectorRegistry()
         stop = asyncio.Event()
         started: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
@@ -369,3 +384,37 @@ async def test_promtool_accepts_the_exposition() -> None:
     output, _ = await proc.communicate(text)
     assert proc.returncode == 0, output.decode()
     assert output.decode().strip() == "", output.decode()
+
+
+async def test_event_loop_lag_is_exported_from_a_probe() -> None:
+    async with running_daemon() as r:
+        deadline = asyncio.get_running_loop().time() + 10
+        while not r.sample("cpmgr_event_loop_lag_seconds_count"):
+            assert asyncio.get_running_loop().time() < deadline, "the probe never reported"
+            await asyncio.sleep(0.01)
+        scraped = await r.scrape()
+        assert scraped[("cpmgr_event_loop_lag_seconds_count", ())] >= 1
+        assert ("cpmgr_event_loop_lag_seconds_bucket", (("le", "0.02"),)) in scraped
+
+
+async def test_a_scrape_of_50k_shard_series_leaves_the_loop_serving() -> None:
+    async with running_daemon(shard_metrics=True, shutdown_timeout="100ms") as r:
+        for shard in range(50_000):
+            r.daemon.store.accept("orders", shard, cursor(shard + 1))
+        scrape = asyncio.create_task(r.scrape_text())
+        answered_during_scrape = 0
+        slowest = 0.0
+        loop = asyncio.get_running_loop()
+        while not scrape.done():
+            started = loop.time()
+            async with r.http.get(f"{r.base}/healthz") as response:
+                assert response.status == 200
+            slowest = max(slowest, loop.time() - started)
+            answered_during_scrape += not scrape.done()
+        scraped = parse_scrape(await scrape)  # the test's own parsing, after the measurement
+        ages = [k for k in scraped if k[0] == "cpmgr_shard_pending_age_seconds"]
+        assert len(ages) == 50_000
+        assert scraped[("cpmgr_pending_shards", (("group", "orders"),))] == 50_000
+        # Before, the scrape held the loop for seconds and /healthz waited behind it.
+        assert answered_during_scrape >= 3
+        assert slowest < 0.5, f"/healthz took {slowest:.2f}s during the scrape"
