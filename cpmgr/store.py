@@ -25,6 +25,7 @@ Decisions where the contract is silent:
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -146,8 +147,20 @@ _SHRINK_FACTOR = 8
 _SHRINK_MIN = 1024
 
 
+# How many forgotten shards per group still show their last error in `get`.
+_RECENT_DROPS = 1024
+
+
 class _Group:
-    __slots__ = ("dirty", "dirty_peak", "failures", "last_seq", "last_success", "shards")
+    __slots__ = (
+        "dirty",
+        "dirty_peak",
+        "failures",
+        "last_seq",
+        "last_success",
+        "recent_drops",
+        "shards",
+    )
 
     def __init__(self) -> None:
         self.shards: dict[int, _Shard] = {}
@@ -156,6 +169,16 @@ class _Group:
         self.failures = 0
         self.last_seq = 0  # seq of the newest value accepted into the group
         self.last_success: float | None = None
+        # Shards forgotten after their only value was dropped: their last error, newest last.
+        self.recent_drops: collections.OrderedDict[int, ErrorInfo] = collections.OrderedDict()
+
+    def forget(self, shard: int, error: ErrorInfo) -> None:
+        """Stop tracking a shard that holds nothing (no value pending, none committed)."""
+        del self.shards[shard]
+        self.recent_drops[shard] = error
+        self.recent_drops.move_to_end(shard)
+        if len(self.recent_drops) > _RECENT_DROPS:
+            self.recent_drops.popitem(last=False)
 
     def mark_dirty(self, shard: int) -> None:
         self.dirty.add(shard)
@@ -283,6 +306,7 @@ class CheckpointStore:
                 return self._seq
         self._seq += 1
         table.last_seq = self._seq
+        table.recent_drops.pop(shard, None)
         state.pending = _Value(checkpoint, number, consumer, self._seq)
         if state.dirty_since is None:
             state.dirty_since = self._clock()
@@ -455,10 +479,15 @@ class CheckpointStore:
             return
         self._release(state, attempt)
         state.dropped_seq = max(state.dropped_seq, attempt.seq)
+        table = self._groups[attempt.group]
         pending = state.pending
         if pending is not None and pending.seq <= attempt.seq:
-            self._mark_clean(self._groups[attempt.group], attempt.shard, state)
+            self._mark_clean(table, attempt.shard, state)
         self._record_failure(attempt.group, state, error)
+        if state.pending is None and state.committed is None and state.in_flight is None:
+            # Nothing left to guard or send: a flood of values SLS refuses (shards that do not
+            # exist) must not hold memory, nor count toward max_shards, for ever.
+            table.forget(attempt.shard, error)
 
     def note_error(self, attempt: Attempt, error: ErrorInfo) -> None:
         """Record an attempt's error as the shard's last error, without ending the commit."""
@@ -502,10 +531,18 @@ class CheckpointStore:
     # --- views ----------------------------------------------------------------------------
 
     def shard_view(self, group: str, shard: int) -> ShardView | None:
-        """One shard, or None if the group does not know it."""
+        """One shard, or None if the group does not know it. A shard forgotten after its value
+        was dropped shows that last error for a while (the last _RECENT_DROPS per group)."""
         table = self._groups.get(group)
-        state = table.shards.get(shard) if table is not None else None
-        return None if state is None else _view(group, shard, state)
+        if table is None:
+            return None
+        state = table.shards.get(shard)
+        if state is not None:
+            return _view(group, shard, state)
+        error = table.recent_drops.get(shard)
+        if error is None:
+            return None
+        return ShardView(group, shard, None, None, None, error, None, in_flight=False)
 
     def shard_views(self, group: str) -> list[ShardView]:
         """Every tracked shard of a group, by shard number."""

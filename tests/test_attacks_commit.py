@@ -69,8 +69,9 @@ async def test_attack_requests_landing_after_the_timeout_never_leave_sls_behind(
     emulator: EmulatorHandle, sock_dir: Path
 ) -> None:
     # SLS slower than request_timeout, at random: attempts time out and then land, possibly
-    # after a newer value's retry succeeded. 2 x request_timeout bounds the latency (the
-    # window within which a request is assumed to land, if ever).
+    # after a newer value's retry succeeded. 2 x request_timeout is the window within which a
+    # request is assumed to land, if ever; the latency stays well inside it (1.5 x), since the
+    # emulator shares this test's loop and a busy machine adds its own delay.
     config = daemon_config(
         socket_path=sock_dir / "s",
         endpoint=emulator.url,
@@ -82,7 +83,7 @@ async def test_attack_requests_landing_after_the_timeout_never_leave_sls_behind(
         max_backoff="50ms",
     )
     config["commit"]["request_timeout"] = "200ms"
-    emulator.faults.update({"latency_ms": [50.0, 390.0]})
+    emulator.faults.update({"latency_ms": [50.0, 300.0]})
     latest: dict[int, int] = {}
     rng = random.Random(5)
     async with (

@@ -573,3 +573,21 @@ async def test_concurrent_flushes_with_nothing_new_share_one_flush() -> None:
         assert {r.committed for r in results} == {16}
         assert env.update_calls() == {"OK": 16}
         assert not env.committer._flushes  # nothing is kept once every caller is answered
+
+
+async def test_attack_dropped_shards_are_forgotten_not_kept_for_ever() -> None:
+    # Values for shards that do not exist are refused for good: the shards must not stay in
+    # memory (nor count toward max_shards) once nothing is left to guard or send.
+    config = make_config(groups={"orders": "ls/cg"}, max_in_flight=8)
+    async with committer_env(config, logstores=(f"{PROJECT}/ls:4",)) as env:
+        for shard in range(4, 504):
+            env.store.accept("orders", shard, cursor(1))
+        result = await env.committer.flush(timeout=30)
+        assert len(result.failed) == 500 and all(f.dropped for f in result.failed)
+        assert env.store.tracked_count("orders") == 0
+        view = env.store.shard_view("orders", 503)  # still explains what happened to it
+        assert view is not None and view.last_error is not None
+        assert view.last_error.code in {"ShardNotExist", "ShardNotExsit"}
+        env.store.accept("orders", 1, cursor(5))
+        assert (await env.committer.flush(timeout=30)).committed == 1
+        assert env.store.tracked_count("orders") == 1
