@@ -70,7 +70,7 @@ async def test_attack_requests_landing_after_the_timeout_never_leave_sls_behind(
 ) -> None:
     # SLS slower than request_timeout, at random: attempts time out and then land, possibly
     # after a newer value's retry succeeded. 2 x request_timeout is the window within which a
-    # request is assumed to land, if ever; the latency stays well inside it (1.5 x), since the
+    # request is assumed to land, if ever; the latency stays well inside it (1.4 x), since the
     # emulator shares this test's loop and a busy machine adds its own delay.
     config = daemon_config(
         socket_path=sock_dir / "s",
@@ -82,8 +82,8 @@ async def test_attack_requests_landing_after_the_timeout_never_leave_sls_behind(
         initial_backoff="10ms",
         max_backoff="50ms",
     )
-    config["commit"]["request_timeout"] = "200ms"
-    emulator.faults.update({"latency_ms": [50.0, 300.0]})
+    config["commit"]["request_timeout"] = "500ms"
+    emulator.faults.update({"latency_ms": [100.0, 700.0]})
     latest: dict[int, int] = {}
     rng = random.Random(5)
     async with (
@@ -103,8 +103,10 @@ async def test_attack_requests_landing_after_the_timeout_never_leave_sls_behind(
         checkpoints = emulator.state.snapshot()["checkpoints"]
         late = 0
         for shard, value in latest.items():
-            assert checkpoints[remote_key("cg-a", shard)] == cursor(value), daemon.log
             history = numbers(emulator.state.history[remote_key("cg-a", shard)])
+            if checkpoints[remote_key("cg-a", shard)] != cursor(value):
+                seen = await client.get("orders", shard)
+                raise AssertionError(f"shard {shard}: {value} {history[-8:]} {seen}")
             late += history != sorted(history)
         requests = emulator.state.snapshot()["requests"]
         assert late > 0, f"no request landed late: the attack did not happen ({requests})"
