@@ -136,6 +136,12 @@ class _Batch:
     cycle: _Cycle | None = None
     pos: int = 0
 
+    def discard(self) -> None:
+        """Give up the shards not taken yet (a newer batch covers them)."""
+        if self.cycle is not None:
+            self.cycle.queued -= self.left
+        self.pos = len(self.shards)
+
     def take(self) -> int | None:
         if self.pos >= len(self.shards):
             return None
@@ -248,6 +254,7 @@ class Committer:
         self._retries: collections.deque[ShardKey] = collections.deque()
         self._urgent: collections.deque[_Batch] = collections.deque()
         self._regular: collections.deque[_Batch] = collections.deque()
+        self._cycle_batches: dict[str, _Batch] = {}  # each group's newest cycle batch
         self._workers: set[asyncio.Task[None]] = set()
         self._busy = 0  # workers in the middle of an attempt
         # Shards whose last success may be overtaken by an earlier unanswered attempt: they are
@@ -277,6 +284,7 @@ class Committer:
             self._loop_task = None
         self._urgent.clear()
         self._regular.clear()
+        self._cycle_batches.clear()
         self._retries.clear()
         for timer in self._verify_timers.values():
             timer.cancel()
@@ -323,11 +331,23 @@ class Committer:
                 state.next_due = now + state.interval
                 shards = self._store.dirty_shards(name)
                 if shards:
-                    cycle.queued += len(shards)
-                    self._regular.append(_Batch(name, shards, cycle))
+                    self._replace_cycle_batch(_Batch(name, shards, cycle))
         if cycle.queued:
             self._ensure_workers()
         return cycle.queued
+
+    def _replace_cycle_batch(self, batch: _Batch) -> None:
+        """Queue a cycle's batch. A group's previous cycle batch, if the workers have not got
+        through it yet (SLS slower than the interval), is given up: the new one holds every
+        shard dirty now, so an outage does not pile up one list of shards per interval."""
+        old = self._cycle_batches.get(batch.group)
+        if old is not None and old.left:
+            old.discard()
+            self._cycle_progress(old.cycle)
+        assert batch.cycle is not None
+        batch.cycle.queued += len(batch.shards)
+        self._cycle_batches[batch.group] = batch
+        self._regular.append(batch)
 
     def commit_now(self, *, group: str | None = None, shards: Collection[int] | None = None) -> int:
         """Queue (ahead of timer cycles) every dirty shard, of one group and/or some shards;
@@ -604,14 +624,11 @@ class Committer:
 
     async def abandon(self, group: str) -> None:
         """Stop the work of a group about to be forgotten (its values stay pending)."""
-        for queue in (self._urgent, self._regular):
-            kept = [b for b in queue if b.group != group]
-            for batch in queue:
-                if batch.group == group and batch.cycle is not None:
-                    batch.cycle.queued -= batch.left
-                    self._cycle_progress(batch.cycle)
-            queue.clear()
-            queue.extend(kept)
+        for batch in [*self._urgent, *self._regular]:
+            if batch.group == group:
+                batch.discard()  # popped when the workers reach it
+                self._cycle_progress(batch.cycle)
+        self._cycle_batches.pop(group, None)
         for key in [k for k in self._verify_timers if k[0] == group]:
             self._verify_timers.pop(key).cancel()
         await self._stop_jobs(lambda key: key[0] == group)

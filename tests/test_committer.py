@@ -591,3 +591,17 @@ async def test_attack_dropped_shards_are_forgotten_not_kept_for_ever() -> None:
         env.store.accept("orders", 1, cursor(5))
         assert (await env.committer.flush(timeout=30)).committed == 1
         assert env.store.tracked_count("orders") == 1
+
+
+async def test_cycles_during_an_outage_do_not_pile_up_work() -> None:
+    clock = FakeClock()
+    config = make_config(groups={"orders": "ls/cg"}, interval="1s", max_in_flight=1)
+    async with committer_env(config, clock=clock, latency_ms=(2000.0, 2000.0)) as env:
+        for shard in range(16):
+            env.store.accept("orders", shard, cursor(1))
+        for _ in range(50):  # SLS answers nothing while 50 intervals pass
+            clock.now += 1.0
+            assert env.committer.run_due_cycles() == 16
+        waiting = [batch for batch in env.committer._regular if batch.left]
+        assert len(waiting) == 1  # the newest cycle's list of dirty shards, not fifty
+        assert env.committer.in_flight <= 16 + 1
