@@ -540,16 +540,17 @@ class CheckpointStore:
         if state is not None:
             return _view(group, shard, state)
         error = table.recent_drops.get(shard)
-        if error is None:
-            return None
-        return ShardView(group, shard, None, None, None, error, None, in_flight=False)
+        return None if error is None else _forgotten(group, shard, error)
 
     def shard_views(self, group: str) -> list[ShardView]:
-        """Every tracked shard of a group, by shard number."""
+        """Every tracked shard of a group, and the recently forgotten ones with their last
+        error, by shard number."""
         table = self._groups.get(group)
         if table is None:
             return []
-        return [_view(group, shard, table.shards[shard]) for shard in sorted(table.shards)]
+        views = [_view(group, shard, state) for shard, state in table.shards.items()]
+        views += [_forgotten(group, shard, error) for shard, error in table.recent_drops.items()]
+        return sorted(views, key=lambda view: view.shard)
 
     def pending_count(self, group: str) -> int:
         """Shards with an accepted, uncommitted value."""
@@ -626,6 +627,10 @@ def _check_regression(
         f"{where}shard {shard}: checkpoint {checkpoint} is older than {guard.checkpoint} "
         "(set force to move it back)",
     )
+
+
+def _forgotten(group: str, shard: int, error: ErrorInfo) -> ShardView:
+    return ShardView(group, shard, None, None, None, error, None, in_flight=False)
 
 
 def _view(group: str, shard: int, state: _Shard) -> ShardView:
