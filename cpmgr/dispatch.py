@@ -232,9 +232,10 @@ class Dispatcher:
         group = request.group
         if group not in self._groups:
             raise ProtocolError("UnknownGroup", f"unknown group {group!r}")
-        self._check_shard_limit(request)
-        received = self._received
         count = len(request.items)
+        if self._store.tracked_count(group) + count > self._max_shards[group]:
+            self._check_shard_limit(request)  # without a journal nothing is reserved
+        received = self._received
         if request.batch:
             self._store.accept_batch(group, request.items, force=request.force)
             received[group] = received.get(group, 0) + count

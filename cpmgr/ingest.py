@@ -424,6 +424,9 @@ class _Connection(asyncio.Protocol):
                 return
         lines = self._lines
         limit = self._limit
+        server = self._server
+        # Without a journal, a commit without `wait` is answered at once (the hot path).
+        plain_commits = server.plain_commits
         while lines and self._resume_at < 0:
             line = lines.popleft()
             if line is None or (len(line) > limit and not _fits(line, limit)):
@@ -438,10 +441,17 @@ class _Connection(asyncio.Protocol):
             try:
                 request = parse_request(line)
             except ProtocolError as exc:
-                self._server.observer.request_error(exc.code)
+                server.observer.request_error(exc.code)
                 self._emit(encode_failure(exc))
                 continue
-            if not self._handle(request):
+            if (
+                plain_commits
+                and type(request) is CommitRequest
+                and not request.wait
+                and not self._running
+            ):
+                self._out.append(server.commit_now(request, self.uid))
+            elif not self._handle(request):
                 return
 
     def _handle(self, request: Request) -> bool:
@@ -453,7 +463,7 @@ class _Connection(asyncio.Protocol):
             and type(request) is CommitRequest
             and not request.wait
         ):
-            self._emit(server.commit_now(request, self.uid))  # the hot path
+            self._emit(server.commit_now(request, self.uid))
             return True
         refusal = server.refusal(request, self.uid)
         if refusal is not None:
