@@ -34,7 +34,6 @@ from cpmgr.protocol import (
     Request,
     RequestError,
     StatusRequest,
-    decode_cursor,
 )
 from cpmgr.sls.client import RemoteCheckpoint
 from cpmgr.store import CheckpointStore, ShardView
@@ -403,7 +402,7 @@ class Dispatcher:
             reserved = self._reserved.get((request.group, item.shard))
             if reserved is None or reserved[0] is None:
                 continue  # the common case: nothing in between check and apply for this shard
-            number = decode_cursor(item.checkpoint)
+            number = item.number
             if number is None or number >= reserved[0]:
                 continue
             where = f"checkpoints[{item.index}]: " if request.batch else ""
@@ -417,7 +416,7 @@ class Dispatcher:
         keys = []
         for item in request.items:
             key = (request.group, item.shard)
-            number = decode_cursor(item.checkpoint)
+            number = item.number
             reserved = self._reserved.get(key)
             if reserved is None:
                 new = not self._store.is_tracked(request.group, item.shard)
