@@ -131,7 +131,7 @@ class Daemon:
                 build_app(
                     self.registry,
                     status=self.status,
-                    ready=lambda: self.ready,
+                    ready=self._ready_for_probes,
                     capture=self.store_collector.capture,
                 ),
             )
@@ -146,6 +146,10 @@ class Daemon:
         # Removed by a reload but still known to the committer until their final flush.
         self._retiring_groups: dict[str, GroupConfig] = {}
         self._retiring: set[asyncio.Task[None]] = set()
+
+    def _ready_for_probes(self) -> bool:
+        """/readyz: started, not draining, and the journal (if any) can write."""
+        return self.ready and (self.journal is None or self.journal.writable)
 
     def _journal_committed(self, group: str, shard: int, checkpoint: str) -> None:
         if self.journal is not None:

@@ -222,7 +222,7 @@ async def test_two_damaged_records_still_never_leave_an_older_value_pending(
 async def test_unreadable_format_version_stops_the_start(state_dir: Path) -> None:
     async with opened(state_dir) as journal:
         await journal.record_accepted([("g", 0, "cp", None)])
-        assert journal.maybe_compact(force=True)
+        assert await journal.compact()
     snapshot = state_dir / SNAPSHOT_NAME
     lines = snapshot.read_bytes().splitlines(keepends=True)
     header = b'{"t":"snap","v":99,"seq":1,"shards":1}'  # written by a future version
@@ -264,13 +264,15 @@ async def test_compaction_keeps_the_directory_small_over_a_long_run(state_dir: P
         )
 
 
-async def test_maybe_compact_waits_for_the_threshold(state_dir: Path) -> None:
+async def test_compaction_waits_for_the_threshold(state_dir: Path) -> None:
     async with opened(state_dir, fsync="never", compact_bytes=1000) as journal:
         await journal.record_accepted([("g", 0, "a", None)])
-        assert not journal.maybe_compact()
+        assert not await journal.compact(force=False)
         before = journal.size_bytes
         await journal.record_accepted([("g", 0, f"{i}", None) for i in range(30)])
-        # crossing the threshold compacted on its own: one shard left on disk
+        # crossing the threshold compacted on its own (nothing is left to do after it):
+        # one shard left on disk
+        assert not await journal.compact(force=False)
         assert journal.size_bytes < before + 200
         assert not (state_dir / LOG_NAME).read_bytes()
     assert (await replay(state_dir))[("g", 0)].latest == "29"
@@ -283,7 +285,7 @@ async def test_snapshot_renamed_but_log_not_truncated_replays_nothing_twice(
         await journal.record_accepted([("g", 0, "5", None)])
         await journal.record_accepted([("g", 0, "3", None)])  # a forced move backwards
         old_log = (state_dir / LOG_NAME).read_bytes()
-        assert journal.maybe_compact(force=True)
+        assert await journal.compact()
         await journal.record_accepted([("g", 1, "9", None)])
         new_log = (state_dir / LOG_NAME).read_bytes()
     # As if the truncation never reached the disk before a crash.
@@ -452,29 +454,18 @@ async def test_always_answers_no_commit_before_the_fsync_covering_it(state_dir: 
         assert gates[n].wait(10)
         os.fsync(fd)
 
-    second_written = asyncio.Event()
-    writes = 0
-
-    def write(fd: int, data: memoryview) -> int:
-        nonlocal writes
-        writes += 1
-        if writes == 20:
-            second_written.set()
-        return os.write(fd, data)
-
     def commits(shards: range) -> list[asyncio.Task[None]]:
         return [
             asyncio.create_task(journal.record_accepted([("g", s, "cp", None)])) for s in shards
         ]
 
-    async with opened(
-        state_dir, fsync="always", fsync_fn=blocking_fsync, write_fn=write
-    ) as journal:
+    async with opened(state_dir, fsync="always", fsync_fn=blocking_fsync) as journal:
         first = commits(range(10))
         await started[0].wait()
         assert not any(t.done() for t in first)
-        second = commits(range(10, 20))  # they arrive while the first fsync runs
-        await second_written.wait()
+        second = commits(range(10, 20))  # they arrive while the first fsync runs:
+        for _ in range(2):  # a turn to record them, one to hand them to the writer thread
+            await asyncio.sleep(0)
         gates[0].set()
         await asyncio.gather(*first)
         await started[1].wait()
@@ -567,7 +558,7 @@ async def test_a_drop_does_not_touch_a_newer_accepted_value(tmp_path: Path) -> N
     await journal.record_accepted([("g", 0, "MTA=", None)])
     await journal.record_accepted([("g", 0, "MjA=", None)])
     journal.record_dropped("g", 0, "MTA=")
-    journal.maybe_compact(force=True)  # the snapshot keeps the newer value too
+    await journal.compact()  # the snapshot keeps the newer value too
     await journal.close()
     [record] = Journal(directory).open()
     assert record.latest == "MjA=" and record.committed is None

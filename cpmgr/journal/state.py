@@ -1,0 +1,156 @@
+"""The journal's records and what each one does to the state per shard (no I/O)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cpmgr.protocol import decode_cursor
+
+Key = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What replay restores per (group, shard)."""
+
+    group: str
+    shard: int
+    latest: str
+    """Newest accepted checkpoint: the regression baseline."""
+    consumer: str | None
+    """The consumer that came with `latest`."""
+    committed: str | None
+    """Last value known committed to SLS (None if unknown)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """A shard's state in memory: its ShardRecord plus `seq`, the sequence number of the record
+    that set `latest` (or, for a snapshot's shards, of the snapshot)."""
+
+    group: str
+    shard: int
+    latest: str
+    consumer: str | None
+    committed: str | None
+    seq: int
+
+    def public(self) -> ShardRecord:
+        return ShardRecord(self.group, self.shard, self.latest, self.consumer, self.committed)
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    seq: int
+    group: str
+    shard: int
+    checkpoint: str
+    consumer: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    seq: int
+    group: str
+    shard: int
+    checkpoint: str
+    latest_seq: int | None = None
+    """The committed value was the shard's latest, set by the record with this `seq`."""
+    older_than: int | None = None
+    """The committed value is older than the shard's latest, set by the record with this `seq`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """SLS refused this value for good: it is no longer pending (nor a baseline)."""
+
+    seq: int
+    group: str
+    shard: int
+    checkpoint: str
+
+
+LogRecord = Accepted | Committed | Dropped
+Shards = dict[Key, Shard]
+Undo = tuple[Key, Shard | None, Shard | None]
+"""A change to one shard: (key, the state it set, the state before it)."""
+
+
+def committed_record(
+    shards: Shards, seq: int, group: str, shard: int, checkpoint: str
+) -> Committed:
+    """A committed record naming the record that set the shard's latest value now."""
+    state = shards.get((group, shard))
+    if state is None:
+        return Committed(seq, group, shard, checkpoint)
+    if state.latest == checkpoint:
+        return Committed(seq, group, shard, checkpoint, latest_seq=state.seq)
+    return Committed(seq, group, shard, checkpoint, older_than=state.seq)
+
+
+def apply(shards: Shards, rec: LogRecord) -> Undo:
+    """Apply one log record; return what undoes it."""
+    key = (rec.group, rec.shard)
+    prev = shards.get(key)
+    if isinstance(rec, Accepted):
+        committed = prev.committed if prev else None
+        new: Shard | None = Shard(
+            rec.group, rec.shard, rec.checkpoint, rec.consumer, committed, rec.seq
+        )
+    elif isinstance(rec, Committed):
+        new = _committed(prev, rec)
+    else:
+        new = _dropped(prev, rec)
+    if new is None:
+        shards.pop(key, None)
+    else:
+        shards[key] = new
+    return key, new, prev
+
+
+def _committed(prev: Shard | None, rec: Committed) -> Shard:
+    if prev is None or _lost_newer_than(prev, rec):
+        # Replay lacks the record that held the latest value when this one was written, so
+        # what it has instead may be older than the committed value, and committing that
+        # would move SLS backwards: the committed value is the baseline.
+        seq = rec.latest_seq if rec.latest_seq is not None else rec.seq
+        return Shard(rec.group, rec.shard, rec.checkpoint, None, rec.checkpoint, seq)
+    return dataclasses.replace(prev, committed=rec.checkpoint)
+
+
+def _lost_newer_than(prev: Shard, rec: Committed) -> bool:
+    """Whether `prev` misses the latest value `rec` was written against and is older than the
+    committed value (when it was older than that latest, cursors tell the order)."""
+    if rec.latest_seq is not None:
+        return prev.seq < rec.latest_seq
+    if rec.older_than is None or prev.seq >= rec.older_than:
+        return False
+    ours, committed = decode_cursor(prev.latest), decode_cursor(rec.checkpoint)
+    return ours is not None and committed is not None and ours < committed
+
+
+def _dropped(prev: Shard | None, rec: Dropped) -> Shard | None:
+    """The dropped value stops being pending and a baseline, as in the store; a newer value
+    accepted since stays."""
+    if prev is None or prev.latest != rec.checkpoint:
+        return prev
+    if prev.committed is None:
+        return None
+    return dataclasses.replace(prev, latest=prev.committed, consumer=None, seq=rec.seq)
+
+
+def undo(shards: Shards, changes: Iterable[Undo]) -> None:
+    """Revert `changes` (newest first), except where a later change replaced them."""
+    for key, new, prev in reversed(list(changes)):
+        if shards.get(key) is not new:
+            continue
+        if prev is None:
+            shards.pop(key, None)
+        else:
+            shards[key] = prev
+
+
+def by_key(shards: Iterable[Shard]) -> list[Shard]:
+    return sorted(shards, key=lambda r: (r.group, r.shard))
