@@ -4,6 +4,7 @@ compaction.
 
     python bench/journal_bench.py [--records N] [--concurrency C] [--shards S] [--dir PATH]
     python bench/journal_bench.py --compaction [--shards S]
+    python bench/journal_bench.py --writer [--records N] [--shards S] [--batch B]
 
 Each run gets a fresh directory; `concurrency` writers commit one checkpoint each at a time, as
 many consumers on the socket would, spread over `shards` shards. Both candidates hand the
@@ -11,7 +12,8 @@ records of one event-loop turn to one writer thread in one write (log) or one tr
 (SQLite), so they differ only in what that thread does. Prints records/s and the fsyncs (log)
 or transactions (SQLite: one WAL fsync each with `synchronous=FULL`, none with `OFF`).
 `--compaction` fills a journal with `shards` shards, then measures how late a 1 ms probe task
-wakes while the writer thread writes the snapshot.
+wakes while the writer thread writes the snapshot. `--writer` measures what the writer thread
+does per record, without the event loop: appends to the log against SQLite upserts.
 """
 
 from __future__ import annotations
@@ -19,16 +21,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import sqlite3
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from cpmgr.journal import FSYNC_MODES, FsyncMode, Journal
+from cpmgr.journal.files import JournalFiles, Op
 
 Entry = tuple[str, int, str, str | None]
 _SYNCHRONOUS = {"always": "FULL", "batch": "NORMAL", "never": "OFF"}
@@ -160,39 +164,99 @@ async def compare(args: argparse.Namespace) -> None:
             )
 
 
+def writer_work(args: argparse.Namespace) -> None:
+    """What the writer thread does per record, without the event loop: `records` updates of
+    random shards among `shards` already known, `batch` per write (log) or transaction
+    (SQLite), with an fsync per batch (`always`, `synchronous=FULL`) or none (`never`, `OFF`)."""
+    rng = random.Random(1)
+    ops: list[Op] = [
+        ("a", "bench", rng.randrange(args.shards), f"{i:020d}", f"consumer-{i % 100}")
+        for i in range(args.records)
+    ]
+    batches = [ops[i : i + args.batch] for i in range(0, len(ops), args.batch)]
+    print(f"{args.records} updates of {args.shards} shards, {args.batch} per write/transaction")
+    for mode in ("always", "never"):
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            files = JournalFiles(
+                Path(tmp), mode=mode, compact_bytes=1 << 40, fsync_fn=os.fsync, write_fn=os.write
+            )
+            files.open()
+            files.append([("a", "bench", s, "0" * 20, None) for s in range(args.shards)])
+            took, cpu = _time_log(files, batches, always=mode == "always")
+            files.release()
+        _report(mode, "log", took, cpu, args.records)
+        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+            db = SqliteJournal(Path(tmp), fsync="never")
+            db.open()
+            db._write([("bench", s, "0" * 20, None) for s in range(args.shards)])
+            assert db._db is not None
+            db._db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[mode]}")
+            rows = [[(g, s, c, u) for _, g, s, c, u in batch] for batch in batches]
+            took, cpu = _time_sqlite(db, rows)
+            db._db.close()
+        _report(mode, "sqlite", took, cpu, args.records)
+
+
+def _time_log(files: JournalFiles, batches: list[list[Op]], *, always: bool) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    for batch in batches:
+        files.append(batch)
+        if always:
+            files.sync()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _time_sqlite(db: SqliteJournal, batches: list[list[Entry]]) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    for batch in batches:
+        db._write(batch)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _report(mode: str, name: str, took: float, cpu: float, records: int) -> None:
+    print(
+        f"{mode:>6} {name:<6}: {records / took:10,.0f} records/s, "
+        f"{cpu / records * 1e6:5.1f} µs CPU per record"
+    )
+
+
+async def probe_lags(work: Awaitable[object]) -> tuple[float, list[float]]:
+    """How late a 1 ms sleep wakes, again and again, while `work` runs; its seconds too."""
+    lags: list[float] = []
+    running = asyncio.ensure_future(work)
+    started = time.perf_counter()
+    while not running.done():
+        before = time.perf_counter()
+        await asyncio.sleep(0.001)
+        lags.append(time.perf_counter() - before - 0.001)
+    await running
+    return time.perf_counter() - started, sorted(lags)
+
+
+def lag_summary(took: float, lags: list[float]) -> str:
+    p999 = lags[min(len(lags) - 1, int(len(lags) * 0.999))]
+    median = statistics.median(lags)
+    return (
+        f"{took * 1000:6.0f} ms, {len(lags)} probes: median {median * 1000:.2f} ms,"
+        f" p99.9 {p999 * 1000:.1f} ms, max {lags[-1] * 1000:.1f} ms"
+    )
+
+
 async def compaction_stall(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         journal = Journal(Path(tmp), fsync="never", compact_bytes=1 << 40)
         journal.open()
         await journal.start()
         for first in range(0, args.shards, 1000):
-            batch = [
-                ("bench", s, f"{s:020d}", f"consumer-{s % 100}") for s in range(first, first + 1000)
-            ]
-            await journal.record_accepted(batch[: args.shards - first])
-        lags: list[float] = []
-        stop = asyncio.Event()
-
-        async def probe() -> None:
-            while not stop.is_set():
-                before = time.perf_counter()
-                await asyncio.sleep(0.001)
-                lags.append(time.perf_counter() - before - 0.001)
-
-        probing = asyncio.create_task(probe())
-        started = time.perf_counter()
-        await journal.compact()
-        took = time.perf_counter() - started
-        stop.set()
-        await probing
+            last = min(first + 1000, args.shards)
+            await journal.record_accepted(
+                [("bench", s, f"{s:020d}", f"consumer-{s % 100}") for s in range(first, last)]
+            )
+        idle = await probe_lags(asyncio.sleep(1.0))
+        compaction = await probe_lags(journal.compact())
         await journal.close()
-    lags.sort()
-    p999 = lags[min(len(lags) - 1, int(len(lags) * 0.999))]
-    print(
-        f"compaction of {args.shards} shards: {took * 1000:.0f} ms on the writer thread; "
-        f"event-loop lag over {len(lags)} probes: median {statistics.median(lags) * 1000:.2f} ms, "
-        f"p99.9 {p999 * 1000:.1f} ms, max {lags[-1] * 1000:.1f} ms"
-    )
+    print(f"event-loop lag, idle (the machine's own noise): {lag_summary(*idle)}")
+    print(f"event-loop lag, compaction of {args.shards} shards: {lag_summary(*compaction)}")
 
 
 async def main() -> None:
@@ -201,9 +265,14 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--shards", type=int, default=1000)
     parser.add_argument("--compaction", action="store_true", help="measure a compaction's stall")
+    parser.add_argument("--writer", action="store_true", help="the writer thread's work alone")
+    parser.add_argument("--batch", type=int, default=100, help="records per write (--writer)")
     parser.add_argument("--dir", type=Path, default=None, help="parent of the temp dirs")
     args = parser.parse_args()
-    await (compaction_stall(args) if args.compaction else compare(args))
+    if args.writer:
+        writer_work(args)
+    else:
+        await (compaction_stall(args) if args.compaction else compare(args))
 
 
 if __name__ == "__main__":

@@ -143,8 +143,14 @@ class Journal:
     @property
     def size_bytes(self) -> int:
         """Bytes of the files in the directory (once it exists), for tests and metrics."""
+        total = 0
         with os.scandir(self._dir) as entries:
-            return sum(e.stat().st_size for e in entries if e.is_file(follow_symlinks=False))
+            for entry in entries:
+                # The writer thread may rename or remove a file meanwhile (compaction).
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_file(follow_symlinks=False):
+                        total += entry.stat().st_size
+        return total
 
     @property
     def writable(self) -> bool:

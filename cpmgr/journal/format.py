@@ -28,7 +28,7 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _quote
 from pathlib import Path
@@ -90,11 +90,20 @@ def _optional(value: str | None) -> str:
     return "null" if value is None else _quote(value)
 
 
+def encode_accepted(
+    seq: int, group: str, shard: int, checkpoint: str, consumer: str | None
+) -> bytes:
+    return _frame(
+        f'{{"t":"a","n":{seq},"g":{_quote(group)},"s":{shard},"c":{_quote(checkpoint)}'
+        f',"u":{_optional(consumer)}}}'
+    )
+
+
 def encode(rec: LogRecord) -> bytes:
+    if isinstance(rec, Accepted):
+        return encode_accepted(rec.seq, rec.group, rec.shard, rec.checkpoint, rec.consumer)
     head = f'{{"t":"{_kind(rec)}","n":{rec.seq},"g":{_quote(rec.group)},"s":{rec.shard}'
     head += f',"c":{_quote(rec.checkpoint)}'
-    if isinstance(rec, Accepted):
-        return _frame(f'{head},"u":{_optional(rec.consumer)}}}')
     if isinstance(rec, Committed) and rec.latest_seq is not None:
         return _frame(f'{head},"l":{rec.latest_seq}}}')
     if isinstance(rec, Committed) and rec.older_than is not None:
@@ -106,17 +115,18 @@ def _kind(rec: LogRecord) -> str:
     return "a" if isinstance(rec, Accepted) else "c" if isinstance(rec, Committed) else "d"
 
 
-def snapshot_bytes(shards: Sequence[Shard], seq: int) -> bytes:
-    header = f'{{"t":"snap","v":{FORMAT_VERSION},"seq":{seq},"shards":{len(shards)}}}'
-    lines = [_frame(header)]
-    lines.extend(
+def snapshot_header(shards: int, seq: int) -> bytes:
+    return _frame(f'{{"t":"snap","v":{FORMAT_VERSION},"seq":{seq},"shards":{shards}}}')
+
+
+def snapshot_lines(shards: Iterable[Shard]) -> bytes:
+    return b"".join(
         _frame(
             f'{{"t":"s","g":{_quote(r.group)},"s":{r.shard},"l":{_quote(r.latest)}'
             f',"u":{_optional(r.consumer)},"k":{_optional(r.committed)}}}'
         )
         for r in shards
     )
-    return b"".join(lines)
 
 
 # --- decoding ------------------------------------------------------------------------------

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from cpmgr.protocol import decode_cursor
 
@@ -25,10 +25,10 @@ class ShardRecord:
     """Last value known committed to SLS (None if unknown)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Shard:
+class Shard(NamedTuple):
     """A shard's state in memory: its ShardRecord plus `seq`, the sequence number of the record
-    that set `latest` (or, for a snapshot's shards, of the snapshot)."""
+    that set `latest` (or, for a snapshot's shards, of the snapshot). A tuple: the writer thread
+    makes one per accepted record while it holds the GIL."""
 
     group: str
     shard: int
@@ -90,19 +90,22 @@ def committed_record(
     return Committed(seq, group, shard, checkpoint, older_than=state.seq)
 
 
+def accept(shards: Shards, key: Key, checkpoint: str, consumer: str | None, seq: int) -> Undo:
+    """Apply an accepted record (the common one, so without building it); return the undo."""
+    prev = shards.get(key)
+    committed = prev.committed if prev else None
+    new = Shard(key[0], key[1], checkpoint, consumer, committed, seq)
+    shards[key] = new
+    return key, new, prev
+
+
 def apply(shards: Shards, rec: LogRecord) -> Undo:
     """Apply one log record; return what undoes it."""
+    if isinstance(rec, Accepted):
+        return accept(shards, (rec.group, rec.shard), rec.checkpoint, rec.consumer, rec.seq)
     key = (rec.group, rec.shard)
     prev = shards.get(key)
-    if isinstance(rec, Accepted):
-        committed = prev.committed if prev else None
-        new: Shard | None = Shard(
-            rec.group, rec.shard, rec.checkpoint, rec.consumer, committed, rec.seq
-        )
-    elif isinstance(rec, Committed):
-        new = _committed(prev, rec)
-    else:
-        new = _dropped(prev, rec)
+    new = _committed(prev, rec) if isinstance(rec, Committed) else _dropped(prev, rec)
     if new is None:
         shards.pop(key, None)
     else:
@@ -117,7 +120,7 @@ def _committed(prev: Shard | None, rec: Committed) -> Shard:
         # would move SLS backwards: the committed value is the baseline.
         seq = rec.latest_seq if rec.latest_seq is not None else rec.seq
         return Shard(rec.group, rec.shard, rec.checkpoint, None, rec.checkpoint, seq)
-    return dataclasses.replace(prev, committed=rec.checkpoint)
+    return prev._replace(committed=rec.checkpoint)
 
 
 def _lost_newer_than(prev: Shard, rec: Committed) -> bool:
@@ -138,7 +141,7 @@ def _dropped(prev: Shard | None, rec: Dropped) -> Shard | None:
         return prev
     if prev.committed is None:
         return None
-    return dataclasses.replace(prev, latest=prev.committed, consumer=None, seq=rec.seq)
+    return prev._replace(latest=prev.committed, consumer=None, seq=rec.seq)
 
 
 def undo(shards: Shards, changes: Iterable[Undo]) -> None:
