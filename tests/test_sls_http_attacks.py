@@ -608,6 +608,30 @@ async def test_close_does_not_wait_for_a_tls_peer_to_answer(
     assert time.monotonic() - started < BOUND / 2
 
 
+async def test_close_stops_a_tls_handshake_with_a_silent_peer(
+    serve: Callable[..., Awaitable[RawServer]], tls: TLS
+) -> None:
+    # Before: a request still connecting when the pool closed waited for its deadline, then
+    # could open a connection nobody would close.
+    accepted = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read(65536)  # the ClientHello, never answered
+
+    server = await serve(silent)
+    client = client_to(server.port, scheme="https", ssl_context=tls.trusting, request_timeout=60)
+    await client.start()
+    pending = asyncio.ensure_future(commit(client))
+    await asyncio.wait_for(accepted.wait(), BOUND)
+    started = time.monotonic()
+    await client.close()
+    err = await asyncio.wait_for(failure(pending), BOUND)
+    assert (err.code, err.status) == ("ConnectionError", 0)
+    assert time.monotonic() - started < BOUND / 2
+    await server.until_all_closed()
+
+
 async def test_the_pool_never_exceeds_its_limit_and_leaks_nothing_after_errors(
     serve: Callable[..., Awaitable[RawServer]],
 ) -> None:

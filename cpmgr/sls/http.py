@@ -369,6 +369,7 @@ class ConnectionPool:
         self._deadlines: dict[asyncio.Future[HttpAnswer], float] = {}  # in deadline order
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        self._opening: set[asyncio.Task[tuple[asyncio.Transport, _Connection]]] = set()
 
     async def request(self, data: bytes) -> HttpAnswer:
         """Send `data` (a whole request) and return the answer.
@@ -467,13 +468,27 @@ class ConnectionPool:
         return None
 
     async def _connect(self) -> _Connection:
-        _, connection = await self._loop.create_connection(
-            lambda: _Connection(self._loop, on_lost=self._open.discard),
-            self.host,
-            self._port,
-            ssl=self._ssl,
-            server_hostname=self.host if self._ssl is not None else None,
+        """Open a connection in a task of its own, so that `close()` can stop it (a TLS
+        handshake with a silent peer would otherwise last until the request's deadline)."""
+        opening = self._loop.create_task(
+            self._loop.create_connection(
+                lambda: _Connection(self._loop, on_lost=self._open.discard),
+                self.host,
+                self._port,
+                ssl=self._ssl,
+                server_hostname=self.host if self._ssl is not None else None,
+            )
         )
+        self._opening.add(opening)
+        try:
+            _, connection = await opening
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if opening.cancelled() and task is not None and not task.cancelling():
+                self._refuse_if_closed()  # stopped by close(), not by the caller or deadline
+            raise
+        finally:
+            self._opening.discard(opening)
         self._open.add(connection)
         if self._closed:  # the pool closed while this connection was being opened
             connection.close()
@@ -484,6 +499,8 @@ class ConnectionPool:
         """Close every connection (requests in flight fail with a connection error) and wait,
         briefly, until they are closed."""
         self._closed = True
+        for opening in self._opening:
+            opening.cancel()
         connections = list(self._open)
         self._idle.clear()
         for connection in connections:
