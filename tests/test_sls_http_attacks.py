@@ -559,6 +559,24 @@ async def test_cancelling_a_request_discards_its_connection_and_returns_its_slot
     await pool.close()
 
 
+async def test_cancelling_at_every_step_leaks_no_connection(
+    serve: Callable[..., Awaitable[RawServer]], caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await serve(answering(OK, OK, OK))
+    pool = pool_to(server, limit=2)
+    with caplog.at_level(logging.WARNING, logger="asyncio"):
+        for steps in range(40):  # cancel after 0, 1, 2... turns of the loop
+            pending = asyncio.ensure_future(pool.request(REQUEST))
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        assert (await asyncio.wait_for(pool.request(REQUEST), BOUND)).body == b"ok"
+        await pool.close()
+        await server.until_all_closed()  # a connection the pool lost track of stays open
+    assert not caplog.records
+
+
 async def test_close_with_requests_in_flight_and_queued_fails_them_all_and_leaks_nothing(
     serve: Callable[..., Awaitable[RawServer]], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -483,6 +483,7 @@ class ConnectionPool:
         try:
             _, connection = await opening
         except asyncio.CancelledError:
+            _discard_opened(opening)
             task = asyncio.current_task()
             if opening.cancelled() and task is not None and not task.cancelling():
                 self._refuse_if_closed()  # stopped by close(), not by the caller or deadline
@@ -514,3 +515,10 @@ class ConnectionPool:
             for connection in connections:
                 if not connection.lost.done():
                     connection.abort()  # a TLS peer that does not answer the close
+
+
+def _discard_opened(opening: asyncio.Task[tuple[asyncio.Transport, _Connection]]) -> None:
+    """The caller gave up just as `opening` ended: close what it opened (nobody else knows
+    of it), or retrieve its error (asyncio would log it as never retrieved)."""
+    if opening.done() and not opening.cancelled() and opening.exception() is None:
+        opening.result()[1].close()
