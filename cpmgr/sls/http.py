@@ -124,11 +124,9 @@ class _Answer:
                 name, colon, value = line.partition(":")
                 if not colon:
                     raise HttpProtocolError(f"malformed header line {line[:80]!r}")
-                name = name.strip().lower()
-                value = value.strip()
-                if name in headers:  # rare: a list-valued header sent twice
-                    value = f"{headers[name]}, {value}"
-                headers[name] = value
+                headers[name.strip().lower()] = value.strip()
+            if len(headers) < len(lines) - 1:  # rare: a header sent twice
+                self.headers = _joined_headers(lines[1:])
             if self.status == _SWITCHING_PROTOCOLS:
                 raise HttpProtocolError("101 Switching Protocols was never asked for")
             if not 100 <= self.status < 200:
@@ -141,25 +139,21 @@ class _Answer:
     def _status_line(self, line: str) -> None:
         version, _, rest = line.partition(" ")
         code = rest[:3]
+        status = int(code) if code.isascii() and code.isdigit() else 0
         if (
             not version.startswith("HTTP/1.")
-            or not (code.isascii() and code.isdigit())
+            or not 100 <= status <= 599
             or rest[3:4] not in ("", " ")
-            or not 100 <= int(code) <= 599
         ):
             raise HttpProtocolError(f"malformed status line {line[:80]!r}")
-        self.status = int(code)
+        self.status = status
         if version == "HTTP/1.0":
             self.keep_alive = False
 
     def _framing(self) -> None:
         connection = self.headers.get("connection")
         if connection is not None:
-            tokens = {token.strip() for token in connection.lower().split(",")}
-            if "close" in tokens:
-                self.keep_alive = False
-            elif "keep-alive" in tokens:
-                self.keep_alive = True
+            self._connection_tokens(connection.lower())
         if self.status in _NO_BODY_STATUSES:
             self._length = 0
         elif "transfer-encoding" in self.headers:
@@ -174,6 +168,16 @@ class _Answer:
             self._length = _content_length(self.headers["content-length"])
         else:
             self.keep_alive = False  # the body runs to the end of the connection
+
+    def _connection_tokens(self, connection: str) -> None:
+        if connection == "keep-alive":  # what SLS sends: no list to split
+            self.keep_alive = True
+            return
+        tokens = {token.strip() for token in connection.split(",")}
+        if "close" in tokens:
+            self.keep_alive = False
+        elif "keep-alive" in tokens:
+            self.keep_alive = True
 
     def _feed_chunked(self, buffer: bytearray) -> bool:
         while not self._in_trailers:
@@ -215,18 +219,30 @@ class _Answer:
         return True
 
 
+def _joined_headers(lines: list[str]) -> dict[str, str]:
+    """Headers with the values of a repeated name joined by ", " (RFC 9110 5.3)."""
+    headers: dict[str, str] = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        name, value = name.strip().lower(), value.strip()
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
 def _content_length(text: str) -> int:
     """The value of Content-Length; identical repeats ("5, 5", RFC 9110 8.6) are allowed."""
-    values = {value.strip() for value in text.split(",")}
-    if len(values) != 1:
-        raise HttpProtocolError(f"conflicting Content-Length {text[:40]!r}")
-    value = values.pop()
+    if "," in text:
+        values = {value.strip() for value in text.split(",")}
+        if len(values) != 1:
+            raise HttpProtocolError(f"conflicting Content-Length {text[:40]!r}")
+        text = values.pop()
     # The length check first: int() refuses strings of over 4300 digits with a ValueError.
-    if not (value.isascii() and value.isdigit()) or len(value) > 12:
+    if not (text.isascii() and text.isdigit()) or len(text) > 12:
         raise HttpProtocolError(f"bad Content-Length {text[:40]!r}")
-    if int(value) > MAX_ANSWER_BYTES:
+    length = int(text)
+    if length > MAX_ANSWER_BYTES:
         raise HttpProtocolError(f"bad Content-Length {text[:40]!r}")
-    return int(value)
+    return length
 
 
 def parse_chunk_size(line: bytes) -> int:
