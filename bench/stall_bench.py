@@ -6,8 +6,8 @@ The lag probe (bench/lagprobe.py) runs inside the daemon's process: a task that 
 a loop and records how late it wakes, which is how long every other task (a consumer's answer,
 /healthz) would have waited. The commits go to bench/sink.py, so the cycle costs the daemon
 what it costs and the SLS side almost nothing. The journal compacts once its log has grown by a
-few MiB; a second round of 100,000 new values writes more than that while every shard is
-tracked, and the journal's files show whether a rewrite happened.
+few MiB and beyond its last snapshot; more rounds of 100,000 new values are written, while every
+shard is tracked, until the journal's files show a rewrite (at most 4 rounds).
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from targets import (
 
 P999_LIMIT: Final = 0.020
 MAX_LIMIT: Final = 0.100
+# The journal compacts once its log outgrows the last snapshot: at 100,000 shards one round of
+# new values may fall just short, so rounds go on until a file was rewritten (or this many).
+JOURNAL_ROUNDS: Final = 4
 
 Lag = dict[str, float]
 
@@ -84,9 +87,13 @@ async def phases(server: Server, sink: Remote, shards: int, state_dir: Path) -> 
     found["scrape_bytes"] = len(text)
     before = files_of(state_dir)
     await server.lag_start()
-    await server.load(feed_shape(shards, 1))
+    for round_number in range(1, JOURNAL_ROUNDS + 1):
+        await server.load(feed_shape(shards, round_number))
+        found["journal_rounds"] = round_number
+        found["rewritten"] = rewritten(before, files_of(state_dir))
+        if found["rewritten"]:
+            break
     found["journal"] = await server.lag_stop()
-    found["rewritten"] = rewritten(before, files_of(state_dir))
     return found
 
 
@@ -128,7 +135,10 @@ async def stalls(settings: Settings, progress: Callable[[str], None]) -> Section
             f"{found['scrape_seconds']:.2f} s)",
             found["scrape"],
         ),
-        _row(f"{n} more values into the {compaction}", found["journal"]),
+        _row(
+            f"{found['journal_rounds'] * shards:,} more values into the {compaction}",
+            found["journal"],
+        ),
     ]
     body = table(["during", "seconds", "samples", "p50 ms", "p99 ms", "p99.9 ms", "max ms"], rows)
     goals = (
