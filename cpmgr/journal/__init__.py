@@ -128,6 +128,7 @@ class Journal:
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._turn: _Batch | None = None  # what this loop turn recorded so far
+        self._timed_out = False  # writers were refused for it; until a write completes
         # Shared with the writer thread, under the lock:
         self._wake = threading.Condition()
         self._queue: list[_Item] = []
@@ -155,12 +156,13 @@ class Journal:
     @property
     def writable(self) -> bool:
         """Whether the journal can persist now: False while its last write or fsync failed,
-        or one has been running for `write_timeout` or longer (a stalled disk)."""
+        or one has been running for `write_timeout` or longer (a stalled disk: from the
+        first writer refused for it until a write completes)."""
         if not self._opened or self._closed:
             return False
         busy = self._busy_since
         stalled = busy is not None and time.monotonic() - busy >= self._write_timeout
-        return not (stalled or self._files.failing)
+        return not (stalled or self._timed_out or self._files.failing)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -281,11 +283,14 @@ class Journal:
                 return  # written in time; its answer is on the way
             else:
                 taken.abandoned = True
+        self._timed_out = True
         error = TimeoutError(f"the disk did not finish writing within {self._write_timeout:g}s")
         for refused in [batch] if taken is None else taken.batches:
             _answer(refused, error)
 
     def _resolve(self, done: _Round, error: BaseException | None) -> None:
+        if error is None:
+            self._timed_out = False  # the disk moves again
         for batch in done.batches:
             _answer(batch, error)
 
