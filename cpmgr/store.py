@@ -91,6 +91,8 @@ class ItemLike(Protocol):
     def consumer(self) -> str | None: ...
     @property
     def index(self) -> int: ...
+    @property
+    def number(self) -> int | None: ...
 
 
 @dataclass(slots=True)
@@ -254,9 +256,8 @@ class CheckpointStore:
         for item in items:
             state = table.shards.get(item.shard)
             if state is not None:
-                number = decode_cursor(item.checkpoint)
                 where = f"checkpoints[{item.index}]: "
-                _check_regression(state, item.shard, item.checkpoint, number, where)
+                _check_regression(state, item.shard, item.checkpoint, item.number, where)
 
     def accept_batch(
         self, group: str, items: Sequence[ItemLike], *, force: bool = False
@@ -271,7 +272,7 @@ class CheckpointStore:
                 table,
                 item.shard,
                 item.checkpoint,
-                number=decode_cursor(item.checkpoint),
+                number=item.number,
                 consumer=item.consumer,
             )
         return seqs

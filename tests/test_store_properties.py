@@ -253,6 +253,10 @@ class _Item:
     consumer: str | None = None
     index: int = 0
 
+    @property
+    def number(self) -> int | None:
+        return decode_cursor(self.checkpoint)
+
 
 StoreMachine.TestCase.settings = settings(
     max_examples=100,
