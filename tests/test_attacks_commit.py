@@ -147,11 +147,12 @@ async def test_attack_shutdown_with_100k_pending_shards_keeps_its_budget(
             code = await daemon.exit_code(timeout=30)
             took = time.monotonic() - started
         assert code == 1, daemon.log  # accepted values left behind, no journal
-        # The daemon's own account (its log's clock), and the process as a supervisor sees it
-        # (which adds interpreter teardown, on a machine shared with the emulator).
+        # The daemon's own account (its log's clock), and the process as a supervisor sees it.
         inside = logged_at(daemon, "stopped (exit code") - logged_at(daemon, "received SIGTERM")
         assert inside <= 3.0 + 1.0, f"the drain took {inside:.2f}s"
-        assert took <= 3.0 + 2.0, f"the process took {took:.2f}s to exit"
+        # Loose on purpose: this test's own loop also runs the emulator for the daemon's
+        # requests, so it notices the exit late on a busy machine (before: 91 s at 100k).
+        assert took <= 3.0 + 5.0, f"the process took {took:.2f}s to exit"
         assert "Traceback" not in daemon.log and "ValueError" not in daemon.log
         assert "more shard(s) not listed" in daemon.log
         assert len([line for line in daemon.lines if "left behind: " in line]) <= 101
