@@ -129,10 +129,9 @@ class Daemon:
             WebServer(
                 config.http.listen,
                 build_app(
-                    self.registry,
                     status=self.status,
                     ready=self._ready_for_probes,
-                    capture=self.store_collector.capture,
+                    render=self._render_metrics,
                 ),
             )
             if config.http.listen
@@ -150,6 +149,9 @@ class Daemon:
     def _ready_for_probes(self) -> bool:
         """/readyz: started, not draining, and the journal (if any) can write."""
         return self.ready and (self.journal is None or self.journal.writable)
+
+    async def _render_metrics(self) -> bytes:
+        return await self.store_collector.render(self.registry)
 
     def _journal_committed(self, group: str, shard: int, checkpoint: str) -> None:
         if self.journal is not None:

@@ -159,20 +159,12 @@ class StoreCollector(Collector):
             oldest.add_metric([group], max(0.0, now - since) if since is not None else 0.0)
             last_success.add_metric([group], figure.last_success or 0.0)
         yield from (pending, oldest, last_success)
-        if self._shard_metrics:
+        if self._shard_metrics and _CAPTURED.get() is None:
             yield from self._per_shard(figures, now)
 
     def _per_shard(self, figures: StoreFigures, now: float) -> Iterator[Metric]:
-        age = GaugeMetricFamily(
-            "cpmgr_shard_pending_age_seconds",
-            "How long this shard has been uncommitted, 0 if clean (http.shard_metrics).",
-            labels=["group", "shard"],
-        )
-        committed = GaugeMetricFamily(
-            "cpmgr_shard_last_commit_timestamp_seconds",
-            "Unix time of this shard's last successful commit (http.shard_metrics).",
-            labels=["group", "shard"],
-        )
+        age = GaugeMetricFamily(_AGE, _AGE_HELP, labels=["group", "shard"])
+        committed = GaugeMetricFamily(_COMMITTED, _COMMITTED_HELP, labels=["group", "shard"])
         for group, figure in figures.items():
             for shard, since, committed_at in figure.shards:
                 labels = [group, str(shard)]
@@ -180,15 +172,56 @@ class StoreCollector(Collector):
                 committed.add_metric(labels, committed_at or 0.0)
         yield from (age, committed)
 
+    async def render(self, registry: CollectorRegistry) -> bytes:
+        """A /metrics scrape that never holds the loop for long: the store is read a chunk
+        of shards per loop turn, the registry (a few hundred series) is rendered at once,
+        and the per-shard series (http.shard_metrics) are formatted a chunk per loop turn."""
+        figures = await self.capture()
+        token = _CAPTURED.set(figures)
+        try:
+            head = generate_latest(registry)
+        finally:
+            _CAPTURED.reset(token)
+        if not self._shard_metrics:
+            return head
+        parts = [head]
+        now = self._clock()
+        for name, kind in ((_AGE, "age"), (_COMMITTED, "committed")):
+            help_text = _AGE_HELP if kind == "age" else _COMMITTED_HELP
+            parts.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n".encode())
+            for group, figure in figures.items():
+                label = _escape_label(group)
+                for start in range(0, len(figure.shards), CAPTURE_CHUNK):
+                    rows = figure.shards[start : start + CAPTURE_CHUNK]
+                    parts.append(_shard_lines(name, label, rows, kind, now))
+                    await asyncio.sleep(0)
+        return b"".join(parts)
 
-def render(registry: CollectorRegistry, figures: StoreFigures) -> bytes:
-    """The text exposition of `registry`, with the store read from `figures` (thread-safe:
-    nothing here touches the live store)."""
-    token = _CAPTURED.set(figures)
-    try:
-        return generate_latest(registry)
-    finally:
-        _CAPTURED.reset(token)
+
+_AGE = "cpmgr_shard_pending_age_seconds"
+_AGE_HELP = "How long this shard has been uncommitted, 0 if clean (http.shard_metrics)."
+_COMMITTED = "cpmgr_shard_last_commit_timestamp_seconds"
+_COMMITTED_HELP = "Unix time of this shard's last successful commit (http.shard_metrics)."
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _shard_lines(
+    name: str,
+    group_label: str,
+    rows: tuple[tuple[int, float | None, float | None], ...],
+    kind: str,
+    now: float,
+) -> bytes:
+    prefix = f'{name}{{group="{group_label}",shard="'
+    if kind == "age":
+        values = [max(0.0, now - since) if since is not None else 0.0 for _, since, _c in rows]
+    else:
+        values = [committed_at or 0.0 for _, _s, committed_at in rows]
+    lines = [f'{prefix}{row[0]}"}} {value!r}\n' for row, value in zip(rows, values, strict=True)]
+    return "".join(lines).encode()
 
 
 # How late the probe may wake, from "unnoticeable" to "the loop was frozen".

@@ -8,10 +8,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from cpmgr.config import split_listen
-from cpmgr.metrics import StoreFigures, render
 
 log = logging.getLogger(__name__)
 
@@ -19,31 +18,28 @@ StatusSource = Callable[[], dict[str, Any]]
 
 
 def metrics_handler(
-    registry: CollectorRegistry, capture: Callable[[], Awaitable[StoreFigures]]
+    render: Callable[[], Awaitable[bytes]],
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """/metrics: the store's figures are captured on the loop a chunk at a time, then the
-    exposition is rendered in a thread, so a large scrape never holds the event loop.
-    Concurrent scrapes share one rendering."""
+    """/metrics: `render` reads the store a chunk per loop turn, so a large scrape never
+    holds the event loop; concurrent scrapes wait for one another."""
     lock = asyncio.Lock()
 
     async def scrape(_: web.Request) -> web.Response:
         async with lock:
-            figures = await capture()
-            body = await asyncio.to_thread(render, registry, figures)
+            body = await render()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return scrape
 
 
 def build_app(
-    registry: CollectorRegistry,
     *,
     status: StatusSource,
     ready: Callable[[], bool],
-    capture: Callable[[], Awaitable[StoreFigures]],
+    render: Callable[[], Awaitable[bytes]],
 ) -> web.Application:
-    """The aiohttp application; `ready` and `status` are read on every request, `capture`
-    reads the store's figures for every scrape."""
+    """The aiohttp application; `ready` and `status` are read on every request, `render`
+    produces every scrape of /metrics."""
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -57,7 +53,7 @@ def build_app(
         return web.json_response(status())
 
     app = web.Application()
-    app.router.add_get("/metrics", metrics_handler(registry, capture))
+    app.router.add_get("/metrics", metrics_handler(render))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status_page)

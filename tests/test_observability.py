@@ -364,15 +364,32 @@ def test_configure_logging_swaps_level_and_format() -> None:
         root.setLevel(before[0])
 
 
-async def test_promtool_accepts_the_exposition() -> None:
+@pytest.mark.parametrize("shard_metrics", [False, True])
+async def test_promtool_accepts_the_exposition(shard_metrics: bool) -> None:
     """Prometheus' own linter reads a live scrape (names, help, types, units)."""
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: make test installs Debian's prometheus package"
-    async with running_daemon() as r:
+    async with running_daemon(shard_metrics=shard_metrics) as r:
         await r.client.commit("orders", 0, cursor(1))
         await r.client.flush()
+        await r.client.commit("orders", 1, cursor(1))
         async with r.http.get(f"{r.base}/metrics") as response:
             text = await response.read()
+        if shard_metrics:
+            scraped = parse_scrape(text.decode())
+            assert (
+                scraped[("cpmgr_shard_pending_age_seconds", (("group", "orders"), ("shard", "0")))]
+                == 0
+            )
+            assert (
+                scraped[("cpmgr_shard_pending_age_seconds", (("group", "orders"), ("shard", "1")))]
+                >= 0
+            )
+            committed = (
+                "cpmgr_shard_last_commit_timestamp_seconds",
+                (("group", "orders"), ("shard", "0")),
+            )
+            assert scraped[committed] > 1.7e9
     proc = await asyncio.create_subprocess_exec(
         promtool,
         "check",
