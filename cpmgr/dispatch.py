@@ -241,7 +241,12 @@ class Dispatcher:
             return {"accepted": count}
         item = request.items[0]
         self._store.accept(
-            group, item.shard, item.checkpoint, consumer=item.consumer, force=request.force
+            group,
+            item.shard,
+            item.checkpoint,
+            consumer=item.consumer,
+            force=request.force,
+            number=item.number,
         )
         received[group] = received.get(group, 0) + 1
         return {}
@@ -393,7 +398,13 @@ class Dispatcher:
             self._store.check_batch(request.group, request.items, force=request.force)
         else:
             item = request.items[0]
-            self._store.check(request.group, item.shard, item.checkpoint, force=request.force)
+            self._store.check(
+                request.group,
+                item.shard,
+                item.checkpoint,
+                force=request.force,
+                number=item.number,
+            )
 
     def _check_reserved(self, request: CommitRequest) -> None:
         if request.force:
@@ -449,6 +460,7 @@ class Dispatcher:
             item.checkpoint,
             consumer=item.consumer,
             force=request.force,
+            number=item.number,
         )
         return {item.shard: seq}
 

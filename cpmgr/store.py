@@ -231,22 +231,35 @@ class CheckpointStore:
         *,
         consumer: str | None = None,
         force: bool = False,
+        number: int | Literal[False] | None = False,
     ) -> int:
         """Accept a checkpoint; returns the seq of the value now pending (or of the equal value
         already pending or committed). Raises ProtocolError CheckpointRegression when it is
-        older than the latest accepted value, unless `force`."""
+        older than the latest accepted value, unless `force`. `number` is the cursor the
+        checkpoint encodes, when the caller decoded it already."""
         table = self._group(group)
         state = table.shards.get(shard)
-        number = decode_cursor(checkpoint)
+        if number is False:
+            number = decode_cursor(checkpoint)
         if state is not None and not force:
             _check_regression(state, shard, checkpoint, number, "")
         return self._apply(table, shard, checkpoint, number=number, consumer=consumer)
 
-    def check(self, group: str, shard: int, checkpoint: str, *, force: bool = False) -> None:
+    def check(
+        self,
+        group: str,
+        shard: int,
+        checkpoint: str,
+        *,
+        force: bool = False,
+        number: int | Literal[False] | None = False,
+    ) -> None:
         """Raise what accept() would raise, changing nothing."""
         state = self._group(group).shards.get(shard)
         if state is not None and not force:
-            _check_regression(state, shard, checkpoint, decode_cursor(checkpoint), "")
+            if number is False:
+                number = decode_cursor(checkpoint)
+            _check_regression(state, shard, checkpoint, number, "")
 
     def check_batch(self, group: str, items: Sequence[ItemLike], *, force: bool = False) -> None:
         """Raise what accept_batch() would raise, changing nothing."""
