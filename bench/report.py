@@ -1,6 +1,6 @@
 """What every scenario hands back: its section of the report and its goal rows (PASS/FAIL).
 
-A goal compares a figure measured in this run with the target of issue 12, mostly as a ratio
+A goal compares a figure measured in this run with its target, mostly as a ratio
 against a baseline measured in the same run, so a slow or busy machine moves both sides.
 """
 

@@ -1,4 +1,4 @@
-"""`make bench`: every performance goal of issue 12, measured in one run on this machine, each
+"""`make bench`: every performance goal of cpmgr, measured in one run on this machine, each
 against a baseline measured in the same run, with PASS/FAIL per goal and a summary table.
 
     python bench/run.py [--quick] [--reps N] [--only LETTERS] [--budget S] [--tmp DIR]
@@ -41,7 +41,7 @@ from harness import BenchError, Neighbours, load_average, machine_lines
 from report import Goal, Section, Settings, goal_table
 
 SCENARIOS: Final = "abcdefg"
-TIME_LIMIT: Final = 300.0  # `make bench` must finish within this (issue 12)
+TIME_LIMIT: Final = 300.0  # `make bench` must finish within this (goal h)
 DEFAULT_BUDGET: Final = TIME_LIMIT - 20
 _REPORT_MARGIN: Final = 10.0  # kept free of scenario f's cycles for writing the report
 

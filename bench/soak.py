@@ -57,7 +57,7 @@ CLIENTS: Final = 4
 REQUEST_TIMEOUT: Final = 1.0
 LATENCY_MS: Final = (50, 1100)
 # Holds between request_timeout and the 2 x request_timeout window in which the daemon must
-# still treat an unanswered attempt as possibly landing (CONTRACT section 3, settled values).
+# still treat an unanswered attempt as possibly landing (docs/design.md, "Settled means verified").
 LATE_MS: Final = (1100, 1900)
 SAMPLE_EVERY: Final = 10.0
 FLUSH_BUDGET: Final = 600.0

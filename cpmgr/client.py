@@ -1,4 +1,4 @@
-"""A client library for consumers: the socket protocol of CONTRACT.md section 3, sync and asyncio.
+"""A client library for consumers: the socket protocol of docs/protocol.md, sync and asyncio.
 
 `CpmgrClient` (blocking, one connection, `pipeline()` to send many requests in one write) and
 `AsyncCpmgrClient` (concurrent calls share one connection; answers are matched in order) both

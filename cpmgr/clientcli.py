@@ -1,4 +1,4 @@
-"""The socket-client subcommands (CONTRACT.md section 1): commit, flush, get, status.
+"""The socket-client subcommands (docs/protocol.md, "Clients"): commit, flush, get, status.
 
 Each prints a human table by default, or the daemon's answer as JSON with `--json` (without
 the request id the client adds). Exit codes: 0 ok, 1 the daemon answered `ok:false`, 2 bad

@@ -136,7 +136,7 @@ _Reservation = tuple[int | None, int, bool]
 
 
 class Dispatcher:
-    """The ops of CONTRACT.md section 3 over the store, the committer and the journal.
+    """The socket ops (docs/protocol.md) over the store, the committer and the journal.
 
     Without a committer, `wait`, `flush` and `get` with `remote` answer BadRequest
     ("... not available"), before anything is accepted. The `*_now` methods answer the ops that

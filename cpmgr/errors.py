@@ -6,7 +6,7 @@ from typing import Literal
 
 FailureClass = Literal["retryable", "credentials", "permanent"]
 
-# CONTRACT.md section 5. Codes are matched case-insensitively because SLS and its SDKs disagree
+# docs/design.md, "Failures". Codes are matched case-insensitively because SLS and its SDKs disagree
 # on spelling (ConsumerNotExsit, ShardNotExsit).
 _RETRYABLE_CODES = frozenset(
     code.lower()
@@ -95,7 +95,7 @@ class ConfigError(CpmgrError):
 
 
 class ProtocolError(CpmgrError):
-    """A socket request was refused; `code` is the protocol error code of CONTRACT.md section 3."""
+    """A socket request was refused; `code` is the protocol error code (docs/protocol.md)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")

@@ -72,7 +72,7 @@ def _argparse_type(parse: Callable[[str], object]) -> Callable[[str], object]:
 
 
 def add_emulator_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `cpmgr emulator` options of CONTRACT.md section 6."""
+    """The `cpmgr emulator` options (docs/design.md, "The emulator")."""
     parser.add_argument(
         "--listen",
         required=True,

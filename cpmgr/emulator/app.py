@@ -53,7 +53,7 @@ _INTEGER = re.compile(r"-?\d{1,18}")
 _ADMIN_PREFIX = "/_emulator/"
 
 
-# --- signature verification (SLS-API.md 3.6) --------------------------------------------------
+# --- signature verification ----------------------------------------------------------------------
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:
@@ -199,7 +199,7 @@ class SlsCall:
 
 
 def project_from_host(host: str | None) -> str:
-    """The project is the first label of the Host header (SLS-API.md section 1)."""
+    """The project is the first label of the Host header."""
     # An IP literal such as 127.0.0.1 yields "127", which no logstore is declared under.
     hostname = (host or "").rsplit(":", 1)[0]
     project, dot, _ = hostname.partition(".")
@@ -634,7 +634,7 @@ class GroupSpec:
 
 @dataclass(frozen=True)
 class EmulatorOptions:
-    """Everything `cpmgr emulator` can be told (CONTRACT.md section 6)."""
+    """Everything `cpmgr emulator` can be told."""
 
     host: str = "127.0.0.1"
     port: int = 0

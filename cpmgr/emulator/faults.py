@@ -78,7 +78,7 @@ def _empty_late() -> Mapping[str, LateLanding]:
 
 @dataclass(frozen=True)
 class FaultSettings:
-    """The fault knobs of CONTRACT.md section 6.
+    """The fault knobs of the emulator (docs/design.md, "The emulator").
 
     The three rates partition one uniform draw, so each is the measured share of requests
     whatever the others are; their sum must not exceed 1.

@@ -46,7 +46,7 @@ def parameter_invalid(message: str) -> ApiError:
 class OwnershipErrors:
     """How UpdateCheckPoint refuses a consumer that does not hold the shard.
 
-    The live spelling and status are unverified (SLS-API.md section 7), so they are settable.
+    The live spelling and status are unverified, so they are settable.
     """
 
     consumer_not_exist: tuple[int, str] = (404, "ConsumerNotExist")
@@ -248,7 +248,7 @@ class EmulatorState:
     def heartbeat(
         self, project: str, logstore: str, group_name: str, consumer: str, shards: Iterable[int]
     ) -> list[int]:
-        """Record a heartbeat; answer the shards this consumer should hold now (SLS-API.md 2.4).
+        """Record a heartbeat; answer the shards this consumer should hold now.
 
         Shards being moved away from the consumer are left out of the answer; they become
         free once the consumer stops reporting them (or expires), then go to the consumers
@@ -291,7 +291,7 @@ class EmulatorState:
         consumer: str,
         force_success: bool,
     ) -> None:
-        """Store a checkpoint following SLS-API.md 2.5; every success is appended to the history."""
+        """Store a checkpoint as UpdateCheckPoint does; every success is appended to the history."""
         store = self.logstore(project, logstore)
         group = self.group(project, logstore, group_name)
         if not consumer and not force_success:

@@ -21,7 +21,7 @@ class Endpoint:
     port: int | None
 
     def host_header(self, project: str) -> str:
-        """The Host header addressing `project` (SLS-API.md section 1)."""
+        """The Host header addressing `project`: SLS reads the project from it."""
         return f"{project}.{self.host}"
 
     def url(self, encoded_path: str, encoded_query: str) -> URL:

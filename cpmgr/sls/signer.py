@@ -1,7 +1,9 @@
 """SLS request signing, v1 (hmac-sha1) and v4 (SLS4-HMAC-SHA256): pure functions.
 
-See SLS-API.md section 3. The caller passes the query parameters exactly as they will be sent
-(strings), the headers it will send, and the body; the result is the Authorization value.
+v1 signs a canonical string of the method, content headers, `x-log-*`/`x-acs-*` headers and
+the resource; v4 signs a SigV4-style canonical request. The caller passes the query parameters
+exactly as they will be sent (strings), the headers it will send, and the body; the result is
+the Authorization value.
 """
 
 from __future__ import annotations
