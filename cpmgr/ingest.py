@@ -43,6 +43,7 @@ from typing import Any, Final
 from cpmgr.config import Config
 from cpmgr.connection import Connection
 from cpmgr.dispatch import (
+    LISTING_CHUNK,
     CommitterLike,
     Dispatcher,
     Fields,
@@ -58,11 +59,13 @@ from cpmgr.protocol import (
     NO_ID,
     CommitRequest,
     FlushRequest,
+    GetRequest,
     Request,
     StatusRequest,
     encode_error,
     encode_failure,
     encode_ok,
+    encode_ok_pieces,
 )
 from cpmgr.store import CheckpointStore
 
@@ -367,6 +370,9 @@ class IngestServer:
     async def answer(self, request: Request, uid: int | None) -> bytes:
         """The answer line of any request."""
         try:
+            if self._is_large_listing(request):
+                assert isinstance(request, GetRequest)
+                return await self._listing_answer(request)
             fields = await self.handle(request, visible=self._visible(request, uid))
             return encode_ok(request.request_id, **fields)
         except ProtocolError as exc:
@@ -374,6 +380,23 @@ class IngestServer:
             return encode_failure(exc, request.request_id)
         except Exception:
             return self._internal_error(request)
+
+    def _is_large_listing(self, request: Request) -> bool:
+        return (
+            self._fast
+            and isinstance(request, GetRequest)
+            and not request.remote
+            and self.dispatcher.large_listing(request)
+        )
+
+    async def _listing_answer(self, request: GetRequest) -> bytes:
+        """A large whole-group `get`, built and encoded a chunk of shards per loop turn."""
+        entries = await self.dispatcher.listing(request)
+        pieces = []
+        for piece in encode_ok_pieces(request.request_id, "shards", entries, chunk=LISTING_CHUNK):
+            pieces.append(piece)
+            await asyncio.sleep(0)
+        return b"".join(pieces)
 
     async def handle(self, request: Request, *, visible: Collection[str] | None = None) -> Fields:
         """Answer one request (ShuttingDown for commits once draining)."""

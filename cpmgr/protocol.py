@@ -26,7 +26,7 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import chain
 from typing import Any, Final, TypeGuard
 
@@ -66,6 +66,7 @@ __all__ = [
     "encode_error",
     "encode_failure",
     "encode_ok",
+    "encode_ok_pieces",
     "encode_request",
     "is_blank",
     "is_valid_checkpoint",
@@ -422,6 +423,22 @@ def encode_ok(request_id: RequestId = NO_ID, /, **fields: object) -> bytes:
     if not request_id.present:
         return _OK
     return b'{"ok":true,"id":%b}\n' % _encode_scalar(request_id.value)
+
+
+def encode_ok_pieces(
+    request_id: RequestId, name: str, items: Sequence[object], *, chunk: int
+) -> Iterator[bytes]:
+    """The bytes of `encode_ok(request_id, **{name: items})`, in pieces of `chunk` items, so a
+    caller can encode a long list without holding its loop for all of it."""
+    head = _ENCODER.encode({"ok": True, name: []})
+    yield head[:-2].encode("ascii")  # up to and including the list's `[`
+    for start in range(0, len(items), chunk):
+        part = ",".join(_ENCODER.encode(item) for item in items[start : start + chunk])
+        yield (("," if start else "") + part).encode("ascii")
+    tail = "]"
+    if request_id.present:
+        tail += ',"id":' + _ENCODER.encode(request_id.value)
+    yield (tail + "}\n").encode("ascii")
 
 
 def encode_error(

@@ -556,6 +556,18 @@ class CheckpointStore:
         error = table.recent_drops.get(shard)
         return None if error is None else _forgotten(group, shard, error)
 
+    def listed_shards(self, group: str) -> list[int]:
+        """The shards shard_views() lists, by shard number (without building the views)."""
+        table = self._groups.get(group)
+        if table is None:
+            return []
+        return sorted({*table.shards, *table.recent_drops})
+
+    def listed_count(self, group: str) -> int:
+        """How many shards shard_views() lists."""
+        table = self._groups.get(group)
+        return len(table.shards) + len(table.recent_drops) if table is not None else 0
+
     def shard_views(self, group: str) -> list[ShardView]:
         """Every tracked shard of a group, and the recently forgotten ones with their last
         error, by shard number."""

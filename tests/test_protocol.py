@@ -30,6 +30,7 @@ from cpmgr.protocol import (
     encode_error,
     encode_failure,
     encode_ok,
+    encode_ok_pieces,
     encode_request,
     is_blank,
     parse_request,
@@ -749,3 +750,20 @@ def test_deep_values_anywhere_are_refused(value: Any, depth: int) -> None:
 def test_bracket_soup_parses_or_raises_protocol_error(text: str) -> None:
     with contextlib.suppress(ProtocolError):
         parse_request(('{"op":"ping","x":' + text + "}").encode())
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7, 1000])
+@pytest.mark.parametrize(
+    "request_id",
+    [NO_ID, RequestId.of(7), RequestId.of("é\ud800"), RequestId.of(1.5), RequestId.of(None)],
+)
+@pytest.mark.parametrize("count", [0, 1, 6, 13])
+def test_an_answer_encoded_in_pieces_has_the_bytes_of_one_encoded_at_once(
+    chunk: int, request_id: RequestId, count: int
+) -> None:
+    items = [
+        {"group": "orders", "shard": n, "pending": None, "note": "ü" * n} for n in range(count)
+    ]
+    pieces = list(encode_ok_pieces(request_id, "shards", items, chunk=chunk))
+    assert b"".join(pieces) == encode_ok(request_id, shards=items)
+    assert len(pieces) == 2 + -(-count // chunk)  # head, one piece per chunk, tail
