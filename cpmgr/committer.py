@@ -185,6 +185,8 @@ class _Flush:
     failed: list[ShardFailure] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     aborted: CommitOutcome | None = None  # closing: every remaining shard failed with this
+    callers: int = 0  # flush requests waiting on it
+    batch: _Batch | None = None  # its shards in the urgent queue
 
     def abort(self, outcome: CommitOutcome) -> None:
         self.aborted = outcome
@@ -761,10 +763,16 @@ class Committer:
         flushes = [f for name in names if (f := self._flush_of(name)) is not None]
         if not flushes:
             return FlushResult(committed=0)
+        for flush in flushes:
+            flush.callers += 1
         waits = [asyncio.ensure_future(f.done.wait()) for f in flushes]
-        _done, late = await asyncio.wait(waits, timeout=timeout)
-        for wait in late:
-            wait.cancel()
+        try:
+            _done, late = await asyncio.wait(waits, timeout=timeout)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            for flush in flushes:
+                self._leave_flush(flush)
         failed = sorted(
             (failure for f in flushes for failure in f.failures()),
             key=lambda f: (f.group, f.shard),
@@ -775,6 +783,22 @@ class Committer:
             timed_out=bool(late),
         )
 
+    def _leave_flush(self, flush: _Flush) -> None:
+        """A caller is done with `flush`. A flush nobody waits for any more is forgotten, and
+        so are its queued shards not yet taken: commits already under way go on, and the timer
+        commits the rest. Otherwise a consumer that commits between timed-out flushes would
+        pile up one list of pending shards per flush."""
+        flush.callers -= 1
+        if flush.callers or flush.done.is_set():
+            return
+        flushes = self._flushes.get(flush.group)
+        if flushes is not None and flush in flushes:
+            flushes.remove(flush)
+            if not flushes:
+                del self._flushes[flush.group]
+        if flush.batch is not None:
+            flush.batch.discard()
+
     def _flush_of(self, group: str) -> _Flush | None:
         """The group's shared flush in progress, or a new one; None if nothing is pending."""
         barrier = self._store.last_seq(group)
@@ -784,9 +808,10 @@ class Committer:
         pending = self._store.pending_by_shard(group)
         if not pending:
             return None
-        flush = _Flush(group, barrier, pending)
+        flush = _Flush(group, barrier, pending, batch=_Batch(group, sorted(pending)))
         self._flushes[group].append(flush)
-        self._urgent.append(_Batch(group, sorted(pending)))
+        assert flush.batch is not None
+        self._urgent.append(flush.batch)
         self._ensure_workers()
         return flush
 

@@ -605,3 +605,19 @@ async def test_cycles_during_an_outage_do_not_pile_up_work() -> None:
         waiting = [batch for batch in env.committer._regular if batch.left]
         assert len(waiting) == 1  # the newest cycle's list of dirty shards, not fifty
         assert env.committer.in_flight <= 16 + 1
+
+
+async def test_attack_commits_between_timed_out_flushes_do_not_pile_up_flushes() -> None:
+    # Each commit makes the next flush a new one; a flush whose caller gave up is forgotten,
+    # so memory does not grow with the number of flush requests.
+    config = make_config(groups={"orders": "ls/cg"}, max_in_flight=1)
+    async with committer_env(config, latency_ms=(2000.0, 2000.0)) as env:
+        for shard in range(16):
+            env.store.accept("orders", shard, cursor(1))
+        for round_ in range(20):
+            env.store.accept("orders", round_ % 16, cursor(round_ + 2))
+            result = await env.committer.flush(timeout=0.001)
+            assert result.timed_out
+        assert not env.committer._flushes
+        queued = sum(batch.left for batch in env.committer._urgent)
+        assert queued <= 16
