@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, TypeVar
 
 from cpmgr.errors import ConfigError
+
+_Entry = TypeVar("_Entry")
 
 FaultKind = Literal["reset", "error"]
 
@@ -124,7 +126,7 @@ class FaultSettings:
             latency = _latency(update["latency_ms"], problems)
         force = self.force
         if "force" in update:
-            force = _merged_force(self.force, update["force"], problems)
+            force = _merged("force", self.force, update["force"], _force_entry, problems)
         late_rate = self.late_rate
         if "late_rate" in update:
             late_rate = _rate("late_rate", update["late_rate"], problems)
@@ -133,7 +135,7 @@ class FaultSettings:
             late_ms = _latency(update["late_ms"], problems, name="late_ms")
         late = self.late
         if "late" in update:
-            late = _merged_late(self.late, update["late"], problems)
+            late = _merged("late", self.late, update["late"], _late_entry, problems)
         if problems:
             raise ConfigError(problems)
         return FaultSettings(
@@ -248,18 +250,23 @@ def _force_entry(key: str, value: object, problems: list[str]) -> tuple[int, str
     return None
 
 
-def _merged_force(
-    current: Mapping[str, tuple[int, str]], update: object, problems: list[str]
-) -> Mapping[str, tuple[int, str]]:
+def _merged(
+    name: str,
+    current: Mapping[str, _Entry],
+    update: object,
+    parse: Callable[[str, object, list[str]], _Entry | None],
+    problems: list[str],
+) -> Mapping[str, _Entry]:
+    """`current` with `update`'s entries (per group key) parsed in; a null entry removes one."""
     if not isinstance(update, dict):
-        problems.append("force: must be an object")
+        problems.append(f"{name}: must be an object")
         return current
     merged = dict(current)
     for key, value in update.items():
         if value is None:
             merged.pop(key, None)
             continue
-        entry = _force_entry(str(key), value, problems)
+        entry = parse(str(key), value, problems)
         if entry is not None:
             merged[key] = entry
     return MappingProxyType(merged)
@@ -278,23 +285,6 @@ def _late_entry(key: str, value: object, problems: list[str]) -> LateLanding | N
             return LateLanding(count, delay)
     problems.append(f'late.{key}: must be {{"count": N >= 1, "delay_ms": D >= 0}} or null')
     return None
-
-
-def _merged_late(
-    current: Mapping[str, LateLanding], update: object, problems: list[str]
-) -> Mapping[str, LateLanding]:
-    if not isinstance(update, dict):
-        problems.append("late: must be an object")
-        return current
-    merged = dict(current)
-    for key, value in update.items():
-        if value is None:
-            merged.pop(key, None)
-            continue
-        entry = _late_entry(str(key), value, problems)
-        if entry is not None:
-            merged[key] = entry
-    return MappingProxyType(merged)
 
 
 class FaultInjector:
