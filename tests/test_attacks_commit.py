@@ -12,7 +12,7 @@ import datetime
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,6 @@ from lifecycle_helpers import (
     group,
     remote_key,
     running_daemon,
-    short_socket_dir,
     write_yaml,
 )
 
@@ -33,12 +32,6 @@ from cpmgr.client import AsyncCpmgrClient, CpmgrProtocolError
 from cpmgr.emulator import EmulatorHandle, running_emulator
 
 KEYS = {"access_key_id": "attack-key-id", "access_key_secret": "attack-secret-5e1b"}
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    with short_socket_dir() as path:
-        yield path
 
 
 @pytest.fixture

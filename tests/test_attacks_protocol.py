@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -18,7 +18,6 @@ from lifecycle_helpers import (
     group,
     remote_key,
     running_daemon,
-    short_socket_dir,
     write_yaml,
 )
 from test_ingest import connect
@@ -42,12 +41,6 @@ async def emulator() -> AsyncIterator[EmulatorHandle]:
         access_key_secret=KEYS["access_key_secret"],
     ) as handle:
         yield handle
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    with short_socket_dir() as path:
-        yield path
 
 
 @asynccontextmanager

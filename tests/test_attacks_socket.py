@@ -10,7 +10,7 @@ import os
 import re
 import resource
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,6 @@ from lifecycle_helpers import (
     daemon_config,
     group,
     remote_key,
-    short_socket_dir,
     write_yaml,
 )
 from test_ingest import Peer, connect
@@ -50,12 +49,6 @@ async def emulator() -> AsyncIterator[EmulatorHandle]:
         access_key_secret=KEY_SECRET,
     ) as handle:
         yield handle
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    with short_socket_dir() as path:
-        yield path
 
 
 class Attacked:

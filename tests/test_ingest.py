@@ -8,11 +8,9 @@ import base64
 import contextlib
 import json
 import os
-import shutil
 import socket
 import stat
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,15 +42,6 @@ from cpmgr.store import CheckpointStore, ErrorInfo
 
 def cp(number: int | str) -> str:
     return base64.b64encode(str(number).encode()).decode()
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cp", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

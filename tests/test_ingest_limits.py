@@ -6,14 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import pytest
 from prometheus_client import CollectorRegistry
 from test_ingest import FakeCommitter, FakeJournal, commit, connect, cp, make_config, running
 from test_ingest_journal import GatedFsync, started_journal
@@ -24,15 +20,6 @@ from cpmgr.outcomes import FlushResult
 from cpmgr.store import CheckpointStore
 
 UID = os.getuid()
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="cp", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def with_groups(config: Config, **per_group: dict[str, Any]) -> Config:

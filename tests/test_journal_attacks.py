@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,6 @@ from lifecycle_helpers import (
     group,
     remote_key,
     running_daemon,
-    short_socket_dir,
     write_yaml,
 )
 
@@ -35,12 +34,6 @@ async def emulator() -> AsyncIterator[EmulatorHandle]:
         **KEYS,
     ) as handle:
         yield handle
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    with short_socket_dir() as path:
-        yield path
 
 
 def damage_record(log: Path, *, containing: bytes) -> None:

@@ -10,7 +10,7 @@ import asyncio
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,6 @@ from lifecycle_helpers import (
     remote_key,
     run_to_exit,
     running_daemon,
-    short_socket_dir,
     write_credentials,
     write_raw,
     write_yaml,
@@ -61,12 +60,6 @@ async def emulator(stall: StallableSleep) -> AsyncIterator[EmulatorHandle]:
             yield handle
         finally:
             stall.release()  # let held requests end, so the emulator closes at once
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    with short_socket_dir() as path:
-        yield path
 
 
 def committed(emulator: EmulatorHandle) -> dict[str, str]:
