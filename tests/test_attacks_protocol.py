@@ -1,4 +1,4 @@
-"""Issue 11's attacks on the request parser, against a real `cpmgr run`: hostile lines are
+"""Attacks on the request parser, against a real `cpmgr run`: hostile lines are
 answered `BadRequest` at once, every other consumer keeps being served, and SIGTERM still acts."""
 
 from __future__ import annotations

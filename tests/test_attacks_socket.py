@@ -1,4 +1,4 @@
-"""Issue 11's attacks on the socket, each against a real `cpmgr run`: the daemon keeps serving
+"""Attacks on the socket, each against a real `cpmgr run`: the daemon keeps serving
 /healthz, permitted clients and SLS commits, and refuses the attacker with a clear error."""
 
 from __future__ import annotations
