@@ -49,6 +49,10 @@ _OWNERSHIP_CODES = frozenset(
         "ShardNotExsit",
     )
 )
+# SLS no longer knows the consumer (its heartbeats lapsed): it must join again with `[]`.
+_EXPIRED_MEMBER_CODES = frozenset(
+    code.lower() for code in ("ConsumerNotExist", "ConsumerNotExsit", "NotExistConsumerWithBody")
+)
 _PERMANENT_CODES = _OWNERSHIP_CODES | frozenset(
     code.lower()
     for code in (
@@ -142,3 +146,8 @@ class SLSError(CpmgrError):
     def ownership(self) -> bool:
         """The consumer does not hold the shard (or the shard is gone): both spellings."""
         return self.code.lower() in _OWNERSHIP_CODES
+
+    @property
+    def member_expired(self) -> bool:
+        """SLS does not know the consumer (any spelling, heartbeat or checkpoint): rejoin."""
+        return self.code.lower() in _EXPIRED_MEMBER_CODES

@@ -1,4 +1,5 @@
-"""The official aliyun-log-python-sdk, unchanged but for `_isRowIp = True`, against the emulator.
+"""The official aliyun-log-python-sdk, unchanged but for `_isRowIp = True`, against the emulator
+(and beside cpmgr's own client making the same calls).
 
 Faults stay off here: the SDK retries 5xx ten times with one-second sleeps.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from base64 import b64decode
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Literal
 
@@ -17,6 +19,9 @@ from aliyun.log.consumer.consumer_client import ConsumerClient
 
 from cpmgr.emulator import running_emulator
 from cpmgr.emulator.app import EmulatorHandle
+from cpmgr.errors import SLSError
+from cpmgr.sls.client import ConsumerGroup, SLSClient
+from cpmgr.sls.signer import Credentials
 
 P, L, G = "sdk-project", "sdk-logstore", "sdk-group"
 KEY_ID, SECRET = "sdk-key-id", "sdk-key-secret"
@@ -259,3 +264,92 @@ async def test_sdk_consumer_library_client_flow(emulator: EmulatorHandle) -> Non
         assert (await call(consumer.get_check_point, 2))["checkpoint"] == CP1
     finally:
         consumer.mclient._session.close()
+
+
+# --- the same calls from the SDK and from cpmgr's own client ------------------------------------
+
+
+@pytest.fixture
+async def our_client(emulator: EmulatorHandle) -> AsyncIterator[SLSClient]:
+    async with SLSClient(
+        endpoint=emulator.url, credentials=lambda: Credentials(KEY_ID, SECRET)
+    ) as client:
+        yield client
+
+
+async def test_get_cursor_answers_the_sdk_and_our_client_alike(
+    emulator: EmulatorHandle, make_client: ClientFactory, our_client: SLSClient
+) -> None:
+    sdk = make_client(emulator)
+    shard = emulator.state.logstore(P, L).shards[2]
+    shard.append(5, 1_700_000_000)
+    shard.append(5, 1_700_000_100)
+    for start in ("begin", "end", 1_699_999_000, 1_700_000_050, 1_700_000_100, 1_800_000_000):
+        theirs = (await call(sdk.get_cursor, P, L, 2, start)).get_cursor()
+        assert theirs == await our_client.get_cursor(P, L, 2, start), start
+    begin = (await call(sdk.get_begin_cursor, P, L, 2)).get_cursor()
+    end = (await call(sdk.get_end_cursor, P, L, 2)).get_cursor()
+    assert int(b64decode(end)) - int(b64decode(begin)) == 10
+    assert await sdk_error(sdk.get_cursor, P, L, 9, "end") == (400, "ShardNotExist")
+    assert emulator.state.snapshot()["requests"]["GetCursor"] == {"OK": 14, "ShardNotExist": 1}
+
+
+async def test_list_shards_and_one_shard_checkpoint_alike(
+    emulator: EmulatorHandle, make_client: ClientFactory, our_client: SLSClient
+) -> None:
+    sdk = make_client(emulator)
+    theirs = (await call(sdk.list_shards, P, L)).get_shards_info()
+    ours = await our_client.list_shards(P, L)
+    assert [(s.shard, s.status, s.begin_key, s.end_key, s.create_time) for s in ours] == [
+        (t["shardID"], t["status"], t["inclusiveBeginKey"], t["exclusiveEndKey"], t["createTime"])
+        for t in theirs
+    ]
+    await our_client.update_checkpoint(P, L, G, 1, CP1, consumer="c1")
+    for shard in (0, 1):
+        entry = (await call(sdk.get_check_point, P, L, G, shard)).get_consumer_group_check_points()
+        ours_entry = await our_client.get_shard_checkpoint(P, L, G, shard)
+        assert ours_entry is not None
+        assert [entry[0]["checkpoint"], entry[0]["consumer"], entry[0]["updateTime"]] == [
+            ours_entry.checkpoint,
+            ours_entry.consumer,
+            ours_entry.update_time,
+        ]
+
+
+async def test_group_settings_changed_by_one_are_seen_by_the_other(
+    emulator: EmulatorHandle, make_client: ClientFactory, our_client: SLSClient
+) -> None:
+    sdk = make_client(emulator)
+    await our_client.create_consumer_group(P, L, "shared", heartbeat_timeout=20, order=True)
+    await call(sdk.update_consumer_group, P, L, "shared", timeout=25)
+    assert ConsumerGroup("shared", 25, True) in await our_client.list_consumer_groups(P, L)
+    await our_client.update_consumer_group(P, L, "shared", heartbeat_timeout=30, order=False)
+    groups = (await call(sdk.list_consumer_group, P, L)).get_consumer_groups()
+    shared = next(g for g in groups if g.get_consumer_group_name() == "shared")
+    assert (shared.get_timeout(), shared.is_in_order()) == (30, False)
+
+
+async def test_sdk_and_our_heartbeats_share_one_group(
+    emulator: EmulatorHandle, make_client: ClientFactory, our_client: SLSClient
+) -> None:
+    sdk = make_client(emulator)
+
+    async def sdk_beat(shards: list[int]) -> list[int]:
+        return list((await call(sdk.heart_beat, P, L, G, "sdk-1", shards)).get_shards())
+
+    assert await sdk_beat([]) == [0, 1, 2, 3]
+    assert await our_client.heartbeat(P, L, G, "cpmgr-1", []) == []
+    assert await sdk_beat([0, 1, 2, 3]) == [0, 1]  # 2 and 3 in transfer, still reported
+    assert await our_client.heartbeat(P, L, G, "cpmgr-1", []) == []
+    assert await sdk_beat([0, 1]) == [0, 1]
+    assert await our_client.heartbeat(P, L, G, "cpmgr-1", []) == [2, 3]
+    assert await our_client.heartbeat(P, L, G, "cpmgr-1", [2, 3]) == [2, 3]
+    assert await our_client.heartbeat(P, L, G, "cpmgr-1", []) == []  # leaves
+    assert await sdk_beat([0, 1]) == [0, 1, 2, 3]
+    with pytest.raises(SLSError) as caught:
+        await our_client.heartbeat(P, L, G, "cpmgr-1", [2])
+    assert caught.value.code == "NotExistConsumerWithBody"
+    assert await sdk_error(sdk.heart_beat, P, L, G, "cpmgr-1", [2]) == (
+        400,
+        "NotExistConsumerWithBody",
+    )

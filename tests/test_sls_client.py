@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import trustme
@@ -24,6 +24,7 @@ from cpmgr.sls.client import (
     ConsumerGroup,
     Endpoint,
     RemoteCheckpoint,
+    ShardInfo,
     SLSClient,
     parse_endpoint,
 )
@@ -235,6 +236,9 @@ async def test_server_recomputes_our_signature(
     await client.update_checkpoint(PROJECT, LOGSTORE, GROUP, 1, CHECKPOINT, consumer="c-1")
     await client.get_checkpoint(PROJECT, LOGSTORE, GROUP, 1)
     await client.heartbeat(PROJECT, LOGSTORE, GROUP, "c-1", [0, 1])
+    await client.update_consumer_group(PROJECT, LOGSTORE, GROUP, heartbeat_timeout=30)
+    await client.list_shards(PROJECT, LOGSTORE)
+    assert [seen.method for seen in sls.seen] == ["POST", "GET", "POST", "PUT", "GET"]
     for seen in sls.seen:
         _verify_signature(seen, creds, region)
 
@@ -374,6 +378,149 @@ async def test_create_and_list_consumer_groups(sls: FakeSLS, make_client: MakeCl
     sls.answer = reply(200, [{"name": GROUP, "timeout": 60, "order": True}])
     assert await client.list_consumer_groups(PROJECT, LOGSTORE) == [ConsumerGroup(GROUP, 60, True)]
     assert sls.last.method == "GET"
+
+
+async def test_update_consumer_group_sends_only_what_changes(
+    sls: FakeSLS, make_client: MakeClient
+) -> None:
+    client = await make_client()
+    await client.update_consumer_group(PROJECT, LOGSTORE, GROUP, heartbeat_timeout=30, order=True)
+    seen = sls.last
+    assert (seen.method, seen.path, seen.query_string) == ("PUT", GROUP_PATH, "")
+    assert json.loads(seen.body) == {"order": True, "timeout": 30}
+    assert seen.headers["Content-MD5"] == hashlib.md5(seen.body).hexdigest().upper()
+    await client.update_consumer_group(PROJECT, LOGSTORE, GROUP, order=False)
+    assert json.loads(sls.last.body) == {"order": False}
+    await client.update_consumer_group(PROJECT, LOGSTORE, GROUP, heartbeat_timeout=45)
+    assert json.loads(sls.last.body) == {"timeout": 45}
+    with pytest.raises(ValueError, match="heartbeat_timeout, order or both"):
+        await client.update_consumer_group(PROJECT, LOGSTORE, GROUP)
+    assert len(sls.seen) == 3
+
+
+async def test_list_shards(sls: FakeSLS, make_client: MakeClient) -> None:
+    listing = [
+        {
+            "shardID": 0,
+            "status": "readonly",
+            "inclusiveBeginKey": "0" * 32,
+            "exclusiveEndKey": "8" + "0" * 31,
+            "createTime": 1700000000,
+            "serverIp": "10.0.0.1",  # optional, ignored
+        },
+        {
+            "shardID": 2,
+            "status": "readwrite",
+            "inclusiveBeginKey": "0" * 32,
+            "exclusiveEndKey": "4" + "0" * 31,
+            "createTime": 1700000100,
+        },
+    ]
+    sls.answer = reply(200, listing)
+    client = await make_client()
+    shards = await client.list_shards(PROJECT, LOGSTORE)
+    assert (sls.last.method, sls.last.path) == ("GET", f"/logstores/{LOGSTORE}/shards")
+    assert shards == [
+        ShardInfo(0, "readonly", "0" * 32, "8" + "0" * 31, 1700000000),
+        ShardInfo(2, "readwrite", "0" * 32, "4" + "0" * 31, 1700000100),
+    ]
+    assert [shard.read_only for shard in shards] == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("start", "sent"),
+    [("begin", "begin"), ("end", "end"), (1700000000, "1700000000"), (0, "0")],
+)
+async def test_get_cursor_request(
+    sls: FakeSLS, make_client: MakeClient, start: Literal["begin", "end"] | int, sent: str
+) -> None:
+    sls.answer = reply(200, {"cursor": CHECKPOINT})
+    client = await make_client()
+    assert await client.get_cursor(PROJECT, LOGSTORE, 7, start) == CHECKPOINT
+    seen = sls.last
+    assert (seen.method, seen.path) == ("GET", f"/logstores/{LOGSTORE}/shards/7")
+    assert seen.query_string == f"type=cursor&from={sent}"
+    assert seen.body == b""
+
+
+@pytest.mark.parametrize("start", ["now", "", -1, True, 1.5])
+async def test_get_cursor_refuses_a_bad_start_before_sending(
+    sls: FakeSLS, make_client: MakeClient, start: Any
+) -> None:
+    client = await make_client()
+    with pytest.raises(ValueError, match="unix time"):
+        await client.get_cursor(PROJECT, LOGSTORE, 0, start)
+    assert sls.seen == []
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"[]", b'{"cursor": ""}', b'{"cursor": 5}', b'{"next": "MTA="}']
+)
+async def test_malformed_get_cursor_answer_is_a_retryable_error(
+    sls: FakeSLS, make_client: MakeClient, body: bytes
+) -> None:
+    sls.answer = reply(200, body, request_id="REQ-2")
+    client = await make_client()
+    err = await _failure(client.get_cursor(PROJECT, LOGSTORE, 0, "begin"))
+    assert (err.code, err.status, err.request_id) == ("HTTP200", 200, "REQ-2")
+    assert err.retryable
+    assert "GetCursor" in err.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{}",
+        b'[{"shardID": "0", "status": "readwrite"}]',
+        b'[{"shardID": 0}]',
+        b'[{"shardID": 0, "status": "readwrite", "createTime": "today"}]',
+    ],
+)
+async def test_malformed_list_shards_answer_is_a_retryable_error(
+    sls: FakeSLS, make_client: MakeClient, body: bytes
+) -> None:
+    sls.answer = reply(200, body)
+    client = await make_client()
+    err = await _failure(client.list_shards(PROJECT, LOGSTORE))
+    assert (err.code, err.retryable) == ("HTTP200", True)
+    assert "ListShards" in err.message
+
+
+async def test_one_shard_checkpoint_is_picked_from_the_answer(
+    sls: FakeSLS, make_client: MakeClient
+) -> None:
+    entry = {"shard": 3, "checkpoint": CHECKPOINT, "updateTime": 1, "consumer": "c-1"}
+    other = {"shard": 4, "checkpoint": "", "updateTime": 0, "consumer": ""}
+    sls.answer = reply(200, [other, entry])
+    client = await make_client()
+    found = await client.get_shard_checkpoint(PROJECT, LOGSTORE, GROUP, 3)
+    assert found == RemoteCheckpoint(3, CHECKPOINT, 1, "c-1")
+    assert sls.last.query_string == "shard=3"
+    sls.answer = reply(200, [])  # what SLS answers for a shard that does not exist
+    assert await client.get_shard_checkpoint(PROJECT, LOGSTORE, GROUP, 9) is None
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "expired", "ownership"),
+    [
+        (400, "NotExistConsumerWithBody", True, False),
+        (404, "ConsumerNotExist", True, True),
+        (404, "ConsumerNotExsit", True, True),
+        (400, "ConsumerNotMatch", False, True),
+        (404, "ConsumerGroupNotExist", False, False),
+        (403, "MetaOperationQpsLimitExceeded", False, False),
+    ],
+)
+async def test_heartbeat_errors_say_whether_the_member_expired(
+    sls: FakeSLS, make_client: MakeClient, status: int, code: str, expired: bool, ownership: bool
+) -> None:
+    sls.answer = reply(status, {"errorCode": code, "errorMessage": "no"})
+    client = await make_client()
+    err = await _failure(client.heartbeat(PROJECT, LOGSTORE, GROUP, "c-1", [0]))
+    assert (err.code, err.status) == (code, status)
+    assert (err.member_expired, err.ownership) == (expired, ownership)
+    assert err.retryable == (code == "MetaOperationQpsLimitExceeded")
+    assert err.throttling == (code == "MetaOperationQpsLimitExceeded")
 
 
 # --- failures, one per class of CONTRACT.md section 5 ----------------------------------------

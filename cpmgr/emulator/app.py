@@ -192,6 +192,7 @@ class SlsCall:
     group: str
     params: Mapping[str, str]
     body: bytes
+    shard: str = ""  # the shard id segment of `/logstores/{ls}/shards/{id}`
 
     @property
     def group_key(self) -> str | None:
@@ -342,6 +343,14 @@ def _list_shards(state: EmulatorState, call: SlsCall) -> HttpAnswer:
     return _ok(state.list_shards(call.project, call.logstore))
 
 
+def _get_cursor(state: EmulatorState, call: SlsCall) -> HttpAnswer:
+    if not _INTEGER.fullmatch(call.shard):
+        raise parameter_invalid(f"shard must be an integer, not {call.shard!r}")
+    start = call.params.get("from", "")
+    cursor = state.get_cursor(call.project, call.logstore, int(call.shard), start)
+    return _ok({"cursor": cursor})
+
+
 # (resource, method, type query parameter) -> (API name, handler)
 _API_TABLE: dict[tuple[str, str, str], tuple[str, Handler]] = {
     ("groups", "GET", ""): ("ListConsumerGroup", _list_groups),
@@ -352,16 +361,20 @@ _API_TABLE: dict[tuple[str, str, str], tuple[str, Handler]] = {
     ("group", "POST", "heartbeat"): ("ConsumerGroupHeartBeat", _heartbeat),
     ("group", "POST", "checkpoint"): ("UpdateCheckPoint", _update_checkpoint),
     ("shards", "GET", ""): ("ListShards", _list_shards),
+    ("shard", "GET", "cursor"): ("GetCursor", _get_cursor),
 }
+# The resources whose API is chosen by the `type` query parameter.
+_TYPED = {("group", "POST"): "heartbeat or checkpoint", ("shard", "GET"): "cursor"}
 
 
 def _resolve(resource: str, method: str, params: Mapping[str, str]) -> tuple[str, Handler]:
-    kind = params.get("type", "") if (resource, method) == ("group", "POST") else ""
+    typed = _TYPED.get((resource, method))
+    kind = params.get("type", "") if typed else ""
     found = _API_TABLE.get((resource, method, kind))
     if found is not None:
         return found
-    if (resource, method) == ("group", "POST"):
-        raise parameter_invalid(f"type must be heartbeat or checkpoint, not {kind!r}")
+    if typed:
+        raise parameter_invalid(f"type must be {typed}, not {kind!r}")
     raise ApiError(405, "InvalidMethod", f"method {method} is not supported on this resource")
 
 
@@ -395,8 +408,8 @@ def _abort_connection(request: HttpRequest) -> None:
     request.transport.abort()
 
 
-# "/logstores/{logstore}/consumergroups[/{group}]" and "/logstores/{logstore}/shards"
-_SLS_PATH = re.compile(r"/logstores/([^/]+)/(?:consumergroups(?:/([^/]+))?|(shards))")
+# "/logstores/{logstore}/consumergroups[/{group}]" and "/logstores/{logstore}/shards[/{shard}]"
+_SLS_PATH = re.compile(r"/logstores/([^/]+)/(?:consumergroups(?:/([^/]+))?|(shards)(?:/([^/]+))?)")
 AdminHandler = Callable[[HttpRequest], HttpAnswer]
 
 
@@ -448,9 +461,11 @@ class EmulatorApp:
     def _route(self, request: HttpRequest) -> Reply:
         match = _SLS_PATH.fullmatch(request.path)
         if match is not None:
-            logstore, group, shards = match.groups()
-            resource = "shards" if shards else ("group" if group else "groups")
-            return self._serve(request, resource, logstore, group or "")
+            logstore, group, shards, shard = match.groups()
+            if shards:
+                resource = "shard" if shard else "shards"
+                return self._serve(request, resource, logstore, "", shard or "")
+            return self._serve(request, "group" if group else "groups", logstore, group or "")
         methods = self._admin.get(request.path)
         if methods is None:
             if not request.path.startswith(_ADMIN_PREFIX):
@@ -461,7 +476,9 @@ class EmulatorApp:
             raise ApiError(405, "InvalidMethod", f"unknown API: {request.method} {request.path}")
         return handler(request)
 
-    def _serve(self, request: HttpRequest, resource: str, logstore: str, group: str) -> Reply:
+    def _serve(
+        self, request: HttpRequest, resource: str, logstore: str, group: str, shard: str = ""
+    ) -> Reply:
         """Resolve, read, draw the faults; then answer at once or after the drawn wait."""
         api, code = "Unknown", "InternalServerError"
         try:
@@ -473,6 +490,7 @@ class EmulatorApp:
                 group=group,
                 params=params,
                 body=_read_body(request),
+                shard=shard,
             )
             decision = self.faults.decide(call.group_key, can_land_late=api == "UpdateCheckPoint")
             if decision.late_seconds is not None:

@@ -11,18 +11,18 @@ import os
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cpmgr.emulator.shards import Shard, encode_cursor, initial_shards
 from cpmgr.errors import ConfigError, CpmgrError
 from cpmgr.protocol import is_valid_checkpoint
 
 Clock = Callable[[], float]
 
 DEFAULT_GROUP_TIMEOUT = 60
-HASH_SPACE = 1 << 128
 # SLS naming rule for consumer groups: 2-128 chars of [a-z0-9_-], alphanumeric at both ends.
 _GROUP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,126}[a-z0-9]$")
 STATE_FILE_VERSION = 1
@@ -71,6 +71,8 @@ class ConsumerGroup:
     consumers: dict[str, float] = field(default_factory=dict)
     # shard -> the consumer holding it (also while the shard is being transferred away)
     owners: dict[int, str] = field(default_factory=dict)
+    # consumer name -> the shards its last heartbeat answer confirmed
+    confirmed: dict[str, frozenset[int]] = field(default_factory=dict)
     checkpoints: dict[int, StoredCheckpoint] = field(default_factory=dict)
 
     def held_by(self, consumer: str) -> list[int]:
@@ -83,7 +85,14 @@ class Logstore:
     name: str
     shard_count: int
     create_time: int
+    shards: dict[int, Shard] = field(default_factory=dict)
     groups: dict[str, ConsumerGroup] = field(default_factory=dict)
+
+    def assignable_shards(self) -> list[int]:
+        """The shards heartbeats hand out, in id order."""
+        # Every shard for now; finished (over) and waiting children of a split or merge will
+        # be left out here once shards can split.
+        return sorted(self.shards)
 
 
 def checkpoint_key(project: str, logstore: str, group: str, shard: int) -> str:
@@ -113,10 +122,10 @@ def shard_quotas(consumers: list[str], owners: dict[int, str], shard_count: int)
     return {name: base + (1 if index < extra else 0) for index, name in enumerate(ranked)}
 
 
-def transferring_shards(group: ConsumerGroup, shard_count: int) -> set[int]:
+def transferring_shards(group: ConsumerGroup, assignable: Sequence[int]) -> set[int]:
     """Shards whose holder has more than its quota: it must give them up before they move."""
     consumers = sorted(group.consumers)
-    quotas = shard_quotas(consumers, group.owners, shard_count)
+    quotas = shard_quotas(consumers, group.owners, len(assignable))
     moving: set[int] = set()
     for name in consumers:
         # Keep the lowest shard ids, release the rest: deterministic and easy to reason about.
@@ -124,15 +133,15 @@ def transferring_shards(group: ConsumerGroup, shard_count: int) -> set[int]:
     return moving
 
 
-def assign_free_shards(group: ConsumerGroup, shard_count: int) -> None:
+def assign_free_shards(group: ConsumerGroup, assignable: Sequence[int]) -> None:
     """Give every unowned shard to the consumers furthest below their quota."""
     consumers = sorted(group.consumers)
     if not consumers:
         return
-    quotas = shard_quotas(consumers, group.owners, shard_count)
-    moving = transferring_shards(group, shard_count)
+    quotas = shard_quotas(consumers, group.owners, len(assignable))
+    moving = transferring_shards(group, assignable)
     kept = Counter(owner for shard, owner in group.owners.items() if shard not in moving)
-    for shard in range(shard_count):
+    for shard in assignable:
         if shard in group.owners:
             continue
         needy = [name for name in consumers if kept[name] < quotas[name]]
@@ -177,7 +186,14 @@ class EmulatorState:
                     f"logstore {project}/{logstore} already has {existing.shard_count} shards",
                 )
             return existing
-        created = Logstore(project, logstore, shard_count, int(self.wall_clock()))
+        create_time = int(self.wall_clock())
+        created = Logstore(
+            project,
+            logstore,
+            shard_count,
+            create_time,
+            shards=initial_shards(shard_count, create_time),
+        )
         self.logstores[(project, logstore)] = created
         return created
 
@@ -240,10 +256,14 @@ class EmulatorState:
         now = self.monotonic()
         expired = [name for name, seen in group.consumers.items() if now - seen > group.timeout]
         for name in expired:
-            del group.consumers[name]
-        for shard, owner in list(group.owners.items()):
-            if owner not in group.consumers:
-                del group.owners[shard]
+            self._remove_consumer(group, name)
+
+    @staticmethod
+    def _remove_consumer(group: ConsumerGroup, name: str) -> None:
+        del group.consumers[name]
+        group.confirmed.pop(name, None)
+        for shard in group.held_by(name):
+            del group.owners[shard]
 
     def heartbeat(
         self, project: str, logstore: str, group_name: str, consumer: str, shards: Iterable[int]
@@ -252,25 +272,44 @@ class EmulatorState:
 
         Shards being moved away from the consumer are left out of the answer; they become
         free once the consumer stops reporting them (or expires), then go to the consumers
-        below their quota.
+        below their quota. A shard the consumer still reports is never given to another.
+        An empty body from a consumer whose last answer confirmed shards it still holds, and
+        was not asked to give up, is a leave: the consumer is removed at once and its shards go
+        to the others.
         """
         store = self.logstore(project, logstore)
         group = self.group(project, logstore, group_name)
+        assignable = store.assignable_shards()
         reported = set(shards)
         self._expire(group)
-        if consumer not in group.consumers and reported:
+        known = consumer in group.consumers
+        if not known and reported:
             raise ApiError(
                 400,
                 "NotExistConsumerWithBody",
                 "non-exist consumer with non-empty body of heartbeat message",
             )
+        if known and not reported and self._leaving(group, consumer, assignable):
+            self._remove_consumer(group, consumer)
+            return []
         group.consumers[consumer] = self.monotonic()
-        for shard in transferring_shards(group, store.shard_count):
+        for shard in transferring_shards(group, assignable):
             if group.owners[shard] == consumer and shard not in reported:
                 del group.owners[shard]
-        assign_free_shards(group, store.shard_count)
-        moving = transferring_shards(group, store.shard_count)
-        return [shard for shard in group.held_by(consumer) if shard not in moving]
+        assign_free_shards(group, assignable)
+        moving = transferring_shards(group, assignable)
+        answer = [shard for shard in group.held_by(consumer) if shard not in moving]
+        group.confirmed[consumer] = frozenset(answer)
+        return answer
+
+    @staticmethod
+    def _leaving(group: ConsumerGroup, consumer: str, assignable: Sequence[int]) -> bool:
+        """Whether `consumer` drops a shard it was told to keep (so its `[]` means leave)."""
+        moving = transferring_shards(group, assignable)
+        return any(
+            group.owners.get(shard) == consumer and shard not in moving
+            for shard in group.confirmed.get(consumer, ())
+        )
 
     def assignments(self, project: str, logstore: str, group_name: str) -> dict[str, list[int]]:
         """Every live consumer of the group and the shards it holds (transfers included)."""
@@ -331,16 +370,25 @@ class EmulatorState:
 
     def list_shards(self, project: str, logstore: str) -> list[dict[str, object]]:
         store = self.logstore(project, logstore)
-        return [
-            {
-                "shardID": shard,
-                "status": "readwrite",
-                "inclusiveBeginKey": _hash_key(shard * HASH_SPACE // store.shard_count),
-                "exclusiveEndKey": _hash_key((shard + 1) * HASH_SPACE // store.shard_count),
-                "createTime": store.create_time,
-            }
-            for shard in range(store.shard_count)
-        ]
+        return [shard.listing() for _, shard in sorted(store.shards.items())]
+
+    def shard(self, project: str, logstore: str, shard: int) -> Shard:
+        found = self.logstore(project, logstore).shards.get(shard)
+        if found is None:
+            # 400, not 404: GetCursor's documented answer for an unknown shard.
+            raise ApiError(400, "ShardNotExist", f"Shard {shard} does not exist")
+        return found
+
+    def get_cursor(self, project: str, logstore: str, shard: int, start: str) -> str:
+        """GetCursor: `start` is "begin", "end" or a unix time in seconds."""
+        found = self.shard(project, logstore, shard)
+        if start == "begin":
+            return found.begin_cursor
+        if start == "end":
+            return found.end_cursor
+        if not (start.isascii() and start.isdigit() and len(start) <= 18):
+            raise parameter_invalid("Parameter From is not valid")
+        return encode_cursor(found.cursor_at(int(start)))
 
     # --- introspection --------------------------------------------------------------------
 
@@ -415,10 +463,6 @@ class EmulatorState:
         self.load_json(data)
 
 
-def _hash_key(value: int) -> str:
-    return f"{min(value, HASH_SPACE - 1):032x}"
-
-
 def _checkpoint_entry(shard: int, stored: StoredCheckpoint | None) -> dict[str, object]:
     if stored is None:
         return {"shard": shard, "checkpoint": "", "updateTime": 0, "consumer": ""}
@@ -455,6 +499,7 @@ def _load_state(state: EmulatorState, data: object) -> None:
         if store is None:
             store = state.add_logstore(project, name, int(entry["shards"]))
             store.create_time = int(entry["createTime"])
+            store.shards = initial_shards(store.shard_count, store.create_time)
         for group_data in entry["groups"]:
             group_name = str(group_data["name"])
             group = store.groups.get(group_name)

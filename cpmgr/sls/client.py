@@ -71,6 +71,25 @@ class ConsumerGroup:
 
 
 @dataclass(frozen=True)
+class ShardInfo:
+    """One entry of a ListShards answer."""
+
+    shard: int
+    status: str  # "readwrite", or "readonly" for the parent of a split or merge
+    begin_key: str  # inclusive, 32 hex digits of the MD5 hash space
+    end_key: str  # exclusive
+    create_time: int  # unix seconds
+
+    @property
+    def read_only(self) -> bool:
+        return self.status == "readonly"
+
+
+CursorStart = Literal["begin", "end"] | int
+"""Where GetCursor looks: the oldest data, the next write, or a unix time in seconds."""
+
+
+@dataclass(frozen=True)
 class _Answer:
     status: int
     body: bytes
@@ -103,6 +122,18 @@ def _resource(logstore: str, group: str | None = None) -> tuple[str, str]:
     segments = ["logstores", logstore, "consumergroups"]
     if group is not None:
         segments.append(group)
+    return _path(segments)
+
+
+def _shard_resource(logstore: str, shard: int | None = None) -> tuple[str, str]:
+    """`/logstores/{logstore}/shards[/{shard}]`, raw and encoded."""
+    segments = ["logstores", logstore, "shards"]
+    if shard is not None:
+        segments.append(str(shard))
+    return _path(segments)
+
+
+def _path(segments: list[str]) -> tuple[str, str]:
     raw = "/" + "/".join(segments)
     return raw, "/" + "/".join(_encode(segment) for segment in segments)
 
@@ -186,6 +217,39 @@ def _consumer_group_entry(item: object) -> ConsumerGroup:
     raise _MalformedAnswer
 
 
+def _shard_info_entry(item: object) -> ShardInfo:
+    if isinstance(item, dict):
+        shard, status = item.get("shardID"), item.get("status")
+        begin, end = item.get("inclusiveBeginKey", ""), item.get("exclusiveEndKey", "")
+        create_time = item.get("createTime", 0)
+        if (
+            _is_int(shard)
+            and isinstance(status, str)
+            and isinstance(begin, str)
+            and isinstance(end, str)
+            and _is_int(create_time)
+        ):
+            return ShardInfo(shard, status.lower(), begin, end, create_time)
+    raise _MalformedAnswer
+
+
+def _cursor_from(start: CursorStart) -> str:
+    """The `from` query value; a bad start is the caller's mistake, refused before sending."""
+    if start in ("begin", "end"):
+        return str(start)
+    if _is_int(start) and start >= 0:
+        return str(start)
+    raise ValueError(f"start must be 'begin', 'end' or a unix time >= 0, not {start!r}")
+
+
+def _parse_cursor(answer: _Answer) -> str:
+    document = _json_or_none(answer.body)
+    cursor = document.get("cursor") if isinstance(document, dict) else None
+    if not isinstance(cursor, str) or not cursor:
+        raise _malformed("GetCursor", answer)
+    return cursor
+
+
 def _shard_entry(item: object) -> int:
     if _is_int(item):
         return item
@@ -203,6 +267,8 @@ def _parse_list(api: str, answer: _Answer, entry: Callable[[object], _T]) -> lis
         raise _malformed(api, answer) from None
 
 
+Method = Literal["GET", "POST", "PUT"]
+
 # (endpoint override, project, logstore, group, consumer, forceSuccess)
 _CheckpointKey = tuple[str | None, str, str, str, str, bool]
 
@@ -212,7 +278,7 @@ class _Prepared:
     """One request shape, prepared once: where it goes and what is the same every time."""
 
     endpoint: Endpoint
-    method: Literal["GET", "POST"]
+    method: Method
     raw_path: str  # what is signed
     params: Mapping[str, str]
     host: str
@@ -224,7 +290,7 @@ class _Prepared:
 
 def _prepare(
     endpoint: Endpoint,
-    method: Literal["GET", "POST"],
+    method: Method,
     project: str,
     resource: tuple[str, str],
     params: Mapping[str, str],
@@ -477,6 +543,92 @@ class SLSClient:
         )
         return _parse_list("ConsumerGroupHeartBeat", answer, _shard_entry)
 
+    async def get_shard_checkpoint(
+        self,
+        project: str,
+        logstore: str,
+        group: str,
+        shard: int,
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> RemoteCheckpoint | None:
+        """GetCheckPoint of one shard: its entry, or None if the shard does not exist.
+
+        The checkpoint is "" for a shard never committed; entries for other shards are ignored.
+        """
+        entries = await self.get_checkpoint(
+            project, logstore, group, shard, endpoint=endpoint, region=region
+        )
+        return next((entry for entry in entries if entry.shard == shard), None)
+
+    async def update_consumer_group(
+        self,
+        project: str,
+        logstore: str,
+        group: str,
+        *,
+        heartbeat_timeout: int | None = None,
+        order: bool | None = None,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> None:
+        """UpdateConsumerGroup: change the heartbeat timeout, the order, or both."""
+        settings: dict[str, object] = {}
+        if order is not None:
+            settings["order"] = order
+        if heartbeat_timeout is not None:
+            settings["timeout"] = heartbeat_timeout
+        if not settings:
+            raise ValueError("update_consumer_group needs heartbeat_timeout, order or both")
+        await self._call(
+            "PUT",
+            project,
+            _resource(logstore, group),
+            body=_compact_json(settings),
+            endpoint=endpoint,
+            region=region,
+        )
+
+    async def list_shards(
+        self,
+        project: str,
+        logstore: str,
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> list[ShardInfo]:
+        """ListShards: every shard of the logstore, read-only parents of splits included."""
+        answer = await self._call(
+            "GET", project, _shard_resource(logstore), endpoint=endpoint, region=region
+        )
+        return _parse_list("ListShards", answer, _shard_info_entry)
+
+    async def get_cursor(
+        self,
+        project: str,
+        logstore: str,
+        shard: int,
+        start: CursorStart,
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> str:
+        """GetCursor: the shard's cursor at `start` ("begin", "end" or a unix time in seconds).
+
+        A time before the oldest data gives the begin cursor, one after the newest the end.
+        """
+        params = {"type": "cursor", "from": _cursor_from(start)}
+        answer = await self._call(
+            "GET",
+            project,
+            _shard_resource(logstore, shard),
+            params=params,
+            endpoint=endpoint,
+            region=region,
+        )
+        return _parse_cursor(answer)
+
     def _endpoint(self, text: str | None) -> Endpoint:
         if text is None:
             return self._default_endpoint
@@ -487,7 +639,7 @@ class SLSClient:
 
     async def _call(
         self,
-        method: Literal["GET", "POST"],
+        method: Method,
         project: str,
         resource: tuple[str, str],
         *,
