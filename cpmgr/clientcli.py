@@ -1,4 +1,5 @@
-"""The socket-client subcommands (docs/protocol.md, "Clients"): commit, flush, get, status.
+"""The socket-client subcommands (docs/protocol.md, "Clients"): commit, flush, get, status,
+members; and `join` (cpmgr/joincli.py).
 
 Each prints a human table by default, or the daemon's answer as JSON with `--json` (without
 the request id the client adds). Exit codes: 0 ok, 1 the daemon answered `ok:false`, 2 bad
@@ -24,13 +25,14 @@ from cpmgr.client import (
     build_request,
     default_socket_path,
 )
+from cpmgr.joincli import add_join_command
 
 __all__ = ["CLIENT_COMMANDS", "add_client_commands", "run_client_command"]
 
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
 EXIT_UNREACHABLE: Final = 3
-CLIENT_COMMANDS: Final = ("commit", "flush", "get", "status")
+CLIENT_COMMANDS: Final = ("commit", "flush", "get", "status", "members")
 # Enough to ride out a daemon restart, short enough that "not running" is reported quickly.
 _RECONNECT_ATTEMPTS: Final = 2
 _ANSWER_TIMEOUT: Final = 60.0  # for requests the daemon answers at once
@@ -66,7 +68,8 @@ def _add_common(parser: argparse.ArgumentParser, name: str) -> None:
 
 
 def add_client_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add commit, flush, get and status; each sets `handler=run_client_command`."""
+    """Add commit, flush, get, status and members (each sets `handler=run_client_command`),
+    and join."""
     commit = subparsers.add_parser("commit", help="hand a checkpoint to the daemon")
     commit.add_argument("group", help="configured group name")
     commit.add_argument("shard", type=_shard)
@@ -91,6 +94,12 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     status = subparsers.add_parser("status", help="show the daemon's status")
     _add_common(status, "status")
 
+    members = subparsers.add_parser("members", help="show the members joined on the daemon")
+    members.add_argument("group", nargs="?", help="only this group")
+    _add_common(members, "members")
+
+    add_join_command(subparsers)
+
 
 def _payload(args: argparse.Namespace) -> dict[str, object]:
     command: str = args.client_command
@@ -109,6 +118,8 @@ def _payload(args: argparse.Namespace) -> dict[str, object]:
         return build_request("flush", group=args.group, timeout=args.timeout)
     if command == "get":
         return build_request("get", group=args.group, shard=args.shard, remote=args.remote)
+    if command == "members":
+        return build_request("members", group=args.group)
     return build_request("status")
 
 
@@ -240,6 +251,28 @@ def _render_status(args: argparse.Namespace, answer: Answer, out: TextIO) -> Non
     print(_table(["GROUP", "PENDING", "TRACKED", "FAILURES", "LAST_SUCCESS"], rows), file=out)
 
 
+def _render_members(args: argparse.Namespace, answer: Answer, out: TextIO) -> None:
+    headers = ["GROUP", "CONSUMER", "HELD", "RELEASING", "LAST_HEARTBEAT"]
+    rows = [_member_row(m) for m in answer.get("members", []) if isinstance(m, Mapping)]
+    print(_table(headers, rows), file=out)
+
+
+def _member_row(member: Mapping[str, Any]) -> list[str]:
+    shards = member.get("shards")
+    entries = [s for s in shards if isinstance(s, Mapping)] if isinstance(shards, list) else []
+
+    def listed(state: str) -> str:
+        return ",".join(str(s.get("shard")) for s in entries if s.get("state") == state) or "-"
+
+    return [
+        _text(member.get("group")),
+        _text(member.get("consumer")),
+        listed("held"),
+        listed("releasing"),
+        _time(member.get("last_heartbeat")),
+    ]
+
+
 def _render_error(answer: Answer, err: TextIO) -> None:
     error = answer.get("error")
     error = error if isinstance(error, Mapping) else {}
@@ -271,4 +304,5 @@ _RENDERERS: Final[dict[str, Renderer]] = {
     "flush": _render_flush,
     "get": _render_get,
     "status": _render_status,
+    "members": _render_members,
 }

@@ -65,8 +65,8 @@ async def cli(*argv: str) -> Result:
 
 
 def test_the_subcommands_are_registered() -> None:
-    assert CLIENT_COMMANDS == ("commit", "flush", "get", "status")
-    for argv in (["commit", "g", "1", "MTA="], ["flush"], ["get", "g"], ["status"]):
+    assert CLIENT_COMMANDS == ("commit", "flush", "get", "status", "members")
+    for argv in (["commit", "g", "1", "MTA="], ["flush"], ["get", "g"], ["status"], ["members"]):
         args = parser().parse_args(argv)
         assert args.handler is run_client_command
         assert args.client_command == argv[0]

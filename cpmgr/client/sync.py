@@ -362,7 +362,7 @@ class Member(MemberView, Closing):
         deadline = _deadline(timeout)
         while not self._events and not self._state.ended:
             try:
-                items = self._conn.read(_time_left(deadline))
+                items = self._conn.read(0.0 if timeout == 0 else _time_left(deadline))
             except TimeoutError:
                 return None
             except _ConnectionLost:
@@ -377,17 +377,25 @@ class Member(MemberView, Closing):
                 break
         return self._events.popleft() if self._events else None
 
+    def read_events(self) -> list[MemberEvent]:
+        """The events already read (along with answers), without reading more."""
+        events = list(self._events)
+        self._events.clear()
+        return events
+
     # --- transport --------------------------------------------------------------------
 
     def run(self, call: ops.Call[T]) -> T:
         """Send one request on the joined connection; its result (events read meanwhile wait
         for next_event)."""
+        return call.result(checked(self.request(call.payload)))
+
+    def request(self, payload: Mapping[str, object]) -> Answer:
+        """Send any request on the joined connection; its answer, `ok:false` included."""
         if self._state.ended:
             raise CpmgrUnavailable(f"the membership of {self.consumer} in {self.group} is over")
         try:
-            answers = self._conn.exchange(
-                [call.payload], timeout=self._timeout, observe=self._observe
-            )
+            answers = self._conn.exchange([payload], timeout=self._timeout, observe=self._observe)
         except TimeoutError:
             raise CpmgrUnavailable("no answer from the daemon in time") from None
         except _ConnectionLost:
@@ -396,7 +404,7 @@ class Member(MemberView, Closing):
         except CpmgrClientError:
             self._disconnected()
             raise
-        return call.result(checked(answers[0]))
+        return answers[0]
 
     def _observe(self, item: Received) -> None:
         if (event := self._state.observe(item)) is not None:
