@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cpmgr.journal import FSYNC_MODES, FsyncMode, Journal
-from cpmgr.journal.files import JournalFiles, Op
+from cpmgr.journal.files import JournalFiles
 
 Entry = tuple[str, int, str, str | None]
 _SYNCHRONOUS = {"always": "FULL", "batch": "NORMAL", "never": "OFF"}
@@ -169,11 +169,11 @@ def writer_work(args: argparse.Namespace) -> None:
     random shards among `shards` already known, `batch` per write (log) or transaction
     (SQLite), with an fsync per batch (`always`, `synchronous=FULL`) or none (`never`, `OFF`)."""
     rng = random.Random(1)
-    ops: list[Op] = [
-        ("a", "bench", rng.randrange(args.shards), f"{i:020d}", f"consumer-{i % 100}")
+    entries: list[Entry] = [
+        ("bench", rng.randrange(args.shards), f"{i:020d}", f"consumer-{i % 100}")
         for i in range(args.records)
     ]
-    batches = [ops[i : i + args.batch] for i in range(0, len(ops), args.batch)]
+    batches = [entries[i : i + args.batch] for i in range(0, len(entries), args.batch)]
     print(f"{args.records} updates of {args.shards} shards, {args.batch} per write/transaction")
     for mode in ("always", "never"):
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -181,7 +181,7 @@ def writer_work(args: argparse.Namespace) -> None:
                 Path(tmp), mode=mode, compact_bytes=1 << 40, fsync_fn=os.fsync, write_fn=os.write
             )
             files.open()
-            files.append([("a", "bench", s, "0" * 20, None) for s in range(args.shards)])
+            files.append([[("bench", s, "0" * 20, None) for s in range(args.shards)]])
             took, cpu = _time_log(files, batches, always=mode == "always")
             files.release()
         _report(mode, "log", took, cpu, args.records)
@@ -191,16 +191,17 @@ def writer_work(args: argparse.Namespace) -> None:
             db._write([("bench", s, "0" * 20, None) for s in range(args.shards)])
             assert db._db is not None
             db._db.execute(f"PRAGMA synchronous={_SYNCHRONOUS[mode]}")
-            rows = [[(g, s, c, u) for _, g, s, c, u in batch] for batch in batches]
-            took, cpu = _time_sqlite(db, rows)
+            took, cpu = _time_sqlite(db, batches)
             db._db.close()
         _report(mode, "sqlite", took, cpu, args.records)
 
 
-def _time_log(files: JournalFiles, batches: list[list[Op]], *, always: bool) -> tuple[float, float]:
+def _time_log(
+    files: JournalFiles, batches: list[list[Entry]], *, always: bool
+) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     for batch in batches:
-        files.append(batch)
+        files.append([batch])
         if always:
             files.sync()
     return time.perf_counter() - wall, time.process_time() - cpu

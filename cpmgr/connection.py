@@ -152,8 +152,10 @@ class Connection(asyncio.Protocol):
         lines = self._lines
         limit = self._limit
         server = self._server
-        # Without a journal, a commit without `wait` is answered at once (the hot path).
+        # Without a journal, a commit without `wait` is answered at once (the hot path); with
+        # one, it joins the chunk's journal batch unless something may refuse it first.
         plain_commits = server.plain_commits
+        batched = server.batched_journal and server.accepting and not server.dispatcher.restricted
         while lines and self._resume_at < 0:
             line = lines.popleft()
             if line is None or (len(line) > limit and not _fits(line, limit)):
@@ -178,6 +180,13 @@ class Connection(asyncio.Protocol):
                 and not self._running
             ):
                 self._out.append(server.commit_now(request, self.uid))
+            elif (
+                batched
+                and type(request) is CommitRequest
+                and not request.wait
+                and self._running < _MAX_PIPELINED
+            ):
+                self._batch.append(request)
             elif not self._handle(request):
                 return
 

@@ -327,30 +327,61 @@ class Dispatcher:
         gets its answer fields or the error refusing it (a journal failure refuses all)."""
         assert self._journal is not None
         outcomes: list[Fields | ProtocolError] = []
-        accepted: list[tuple[int, CommitRequest, list[tuple[str, int]]]] = []
+        admitted: list[int] = []
+        keys: list[tuple[str, int]] = []
         for index, request in enumerate(requests):
             try:
-                self._require_group(request.group)
-                self._check(request)
-                self._check_reserved(request)
-                self._check_shard_limit(request)
+                self._admit(request, keys)
             except ProtocolError as exc:
                 outcomes.append(exc)
                 continue
-            accepted.append((index, request, self._reserve(request)))
+            admitted.append(index)
             outcomes.append({})
         try:
-            await self._record([r for _, r, _ in accepted])
+            await self._record([requests[index] for index in admitted])
         except ProtocolError as exc:
-            for index, _, _ in accepted:
+            for index in admitted:
                 outcomes[index] = exc
             return outcomes
         finally:
-            for _, _, keys in accepted:
-                self._unreserve(keys)
-        for index, request, _ in accepted:
-            outcomes[index] = self._apply_recorded(request)
+            self._unreserve(keys)
+        for index in admitted:
+            outcomes[index] = self._apply_recorded(requests[index])
         return outcomes
+
+    def _admit(self, request: CommitRequest, keys: list[tuple[str, int]]) -> None:
+        """Check a journaled commit and reserve its shards (their keys go to `keys`)."""
+        if request.batch or request.force:
+            self._require_group(request.group)
+            self._check(request)
+            self._check_reserved(request)
+            self._check_shard_limit(request)
+            keys += self._reserve(request)
+            return
+        # The common request, one checkpoint without force, in one pass: the store's check,
+        # then the reservation (an existing one is the only regression left to check; a shard
+        # without one may be new, the only case the shard limit can refuse).
+        group = request.group
+        if group not in self._groups:
+            raise ProtocolError("UnknownGroup", f"unknown group {group!r}")
+        item = request.items[0]
+        shard, number = item.shard, item.number
+        tracked = self._store.check(group, shard, item.checkpoint, number=number)
+        key = (group, shard)
+        reserved = self._reserved.get(key)
+        if reserved is None:
+            if not tracked:
+                self._check_shard_limit(request)
+                self._reserved_new[group] += 1
+            self._reserved[key] = (number, 1, not tracked)
+        else:
+            newest, count, new = reserved
+            if newest is None or (number is not None and number > newest):
+                newest = number
+            elif number is not None and number < newest:
+                self._check_reserved(request)  # raises CheckpointRegression
+            self._reserved[key] = (newest, count + 1, new)
+        keys.append(key)
 
     async def _record(self, requests: Sequence[CommitRequest]) -> None:
         assert self._journal is not None
@@ -369,14 +400,27 @@ class Dispatcher:
             raise
 
     def _apply_recorded(self, request: CommitRequest) -> Fields | ProtocolError:
+        group = request.group
+        # A reload may have removed the group while the journal was writing.
+        if group not in self._groups:
+            return ProtocolError("UnknownGroup", f"unknown group {group!r}")
         try:
-            # A reload may have removed the group while the journal was writing.
-            self._require_group(request.group)
-            self._apply(request)
+            if request.batch:
+                self._apply(request)
+            else:
+                item = request.items[0]
+                self._store.accept(
+                    group,
+                    item.shard,
+                    item.checkpoint,
+                    consumer=item.consumer,
+                    force=request.force,
+                    number=item.number,
+                )
         except ProtocolError as exc:
             return exc
         count = len(request.items)
-        self._received[request.group] = self._received.get(request.group, 0) + count
+        self._received[group] = self._received.get(group, 0) + count
         return {"accepted": count} if request.batch else {}
 
     async def _accept(self, request: CommitRequest) -> dict[int, int]:

@@ -255,13 +255,16 @@ class CheckpointStore:
         *,
         force: bool = False,
         number: int | Literal[False] | None = False,
-    ) -> None:
-        """Raise what accept() would raise, changing nothing."""
+    ) -> bool:
+        """Raise what accept() would raise, changing nothing; whether the shard is tracked."""
         state = self._group(group).shards.get(shard)
-        if state is not None and not force:
+        if state is None:
+            return False
+        if not force:
             if number is False:
                 number = decode_cursor(checkpoint)
             _check_regression(state, shard, checkpoint, number, "")
+        return True
 
     def check_batch(self, group: str, items: Sequence[ItemLike], *, force: bool = False) -> None:
         """Raise what accept_batch() would raise, changing nothing."""

@@ -33,11 +33,11 @@ from cpmgr.journal.files import (
     FsyncMode,
     JournalFiles,
     JournalLocked,
-    Op,
+    Part,
     WriteFn,
 )
 from cpmgr.journal.format import FORMAT_VERSION, JournalError
-from cpmgr.journal.state import ShardRecord, Undo
+from cpmgr.journal.state import Entry, ShardRecord, Undo
 
 __all__ = [
     "FORMAT_VERSION",
@@ -62,7 +62,7 @@ FSYNC_MODES: tuple[FsyncMode, ...] = ("always", "batch", "never")
 class _Batch:
     """The records of one event-loop turn, and the writers waiting for them."""
 
-    ops: list[Op] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
     done: asyncio.Future[BaseException | None] | None = None
     timer: asyncio.TimerHandle | None = None
     round: _Round | None = None
@@ -215,7 +215,7 @@ class Journal:
 
     # --- recording (on the event loop) -----------------------------------------------------
 
-    async def record_accepted(self, entries: Sequence[tuple[str, int, str, str | None]]) -> None:
+    async def record_accepted(self, entries: Sequence[Entry]) -> None:
         """Persist accepted (group, shard, checkpoint, consumer) entries before they are
         acknowledged; JournalError means they were not persisted and must not be accepted."""
         if not self._opened or self._closed:
@@ -223,7 +223,7 @@ class Journal:
         if not entries:
             return
         batch = self._batch()
-        batch.ops.extend(("a", g, s, c, u) for g, s, c, u in entries)
+        batch.parts.append(list(entries))
         if batch.done is None:
             batch.done = self._start_writer().create_future()
         error = await asyncio.shield(batch.done)
@@ -234,13 +234,13 @@ class Journal:
         """Note a value SLS confirmed; not fsynced (losing it only repeats an idempotent
         commit). Errors are logged, not raised."""
         if self._opened and not self._closed:
-            self._batch().ops.append(("c", group, shard, checkpoint, None))
+            self._batch().parts.append(("c", group, shard, checkpoint))
 
     def record_dropped(self, group: str, shard: int, checkpoint: str) -> None:
         """Note a value SLS refused for good, so a restart does not make it pending again.
         Not fsynced (losing it only repeats a refused commit). Errors are logged, not raised."""
         if self._opened and not self._closed:
-            self._batch().ops.append(("d", group, shard, checkpoint, None))
+            self._batch().parts.append(("d", group, shard, checkpoint))
 
     async def compact(self, *, force: bool = True) -> bool:
         """Have the writer compact now (or, without `force`, if the log outgrew its
@@ -278,7 +278,7 @@ class Journal:
         with self._wake:
             taken = batch.round
             if taken is None:  # still queued: only the outcomes are written
-                batch.ops = [op for op in batch.ops if op[0] != "a"]
+                batch.parts = [part for part in batch.parts if not isinstance(part, list)]
             elif taken.finished:
                 return  # written in time; its answer is on the way
             else:
@@ -350,11 +350,11 @@ class Journal:
     def _write_round(self, batches: list[_Batch]) -> None:
         taken = batches[0].round
         assert taken is not None
-        ops = [op for batch in batches for op in batch.ops]
+        parts = [part for batch in batches for part in batch.parts]
         changes: list[Undo] = []
         error: OSError | None = None
         try:
-            changes = self._write(ops)
+            changes = self._write(parts)
         except OSError as exc:
             error = exc
         with self._wake:
@@ -364,13 +364,13 @@ class Journal:
             self._files.retract(changes)
         self._post(self._resolve, taken, error)
 
-    def _write(self, ops: list[Op]) -> list[Undo]:
-        if not ops:
+    def _write(self, parts: list[Part]) -> list[Undo]:
+        if not parts:
             return []
-        changes = self._files.append(ops)
+        changes = self._files.append(parts)
         if self._mode == "batch" and self._dirty_since is None:
             self._dirty_since = time.monotonic()
-        if self._mode == "always" and any(op[0] == "a" for op in ops):
+        if self._mode == "always" and any(isinstance(part, list) for part in parts):
             try:
                 self._files.sync()
             except OSError:

@@ -20,21 +20,21 @@ from cpmgr.journal.format import (
     Scan,
     SnapshotHeader,
     encode,
-    encode_accepted,
+    encode_accepted_run,
     scan,
     snapshot_header,
     snapshot_lines,
     warn_damage,
 )
 from cpmgr.journal.state import (
-    Accepted,
     Dropped,
+    Entry,
     LogRecord,
     Shard,
     ShardRecord,
     Shards,
     Undo,
-    accept,
+    accept_all,
     apply,
     by_key,
     committed_record,
@@ -51,8 +51,11 @@ LOCK_NAME = "lock"
 _SNAPSHOT_CHUNK = 500
 
 WriteFn = Callable[[int, memoryview], int]
-Op = tuple[Literal["a", "c", "d"], str, int, str, str | None]
-"""A record to write: kind, group, shard, checkpoint, consumer (None but for "a")."""
+Outcome = tuple[Literal["c", "d"], str, int, str]
+"""What SLS did with a value: took it ("c") or refused it for good ("d"); group, shard,
+checkpoint."""
+Part = list[Entry] | Outcome
+"""What is written, in order: the entries accepted together, or one outcome."""
 
 
 class JournalLocked(CpmgrError):
@@ -217,31 +220,29 @@ class JournalFiles:
 
     # --- writing ---------------------------------------------------------------------------
 
-    def _record(self, op: Op) -> LogRecord:
-        kind, group, shard, checkpoint, consumer = op
+    def _outcome(self, outcome: Outcome) -> LogRecord:
+        kind, group, shard, checkpoint = outcome
         self.seq += 1
-        if kind == "a":
-            return Accepted(self.seq, group, shard, checkpoint, consumer)
         if kind == "c":
             return committed_record(self.shards, self.seq, group, shard, checkpoint)
         return Dropped(self.seq, group, shard, checkpoint)
 
-    def append(self, ops: Sequence[Op]) -> list[Undo]:
-        """Apply `ops` to the state and write them at the end of the log in one write; return
+    def append(self, parts: Sequence[Part]) -> list[Undo]:
+        """Apply `parts` to the state and write them at the end of the log in one write; return
         what undoes them. On failure the state is restored, whatever got written is cut off
         and the OSError raised."""
         assert self._log_fd is not None
         changes: list[Undo] = []
         chunks = [b"\n"] if self._resync else []
         shards = self.shards
-        for op in ops:
-            kind, group, shard, checkpoint, consumer = op
-            if kind == "a":  # the common record, without building a record object
-                self.seq += 1
-                changes.append(accept(shards, (group, shard), checkpoint, consumer, self.seq))
-                chunks.append(encode_accepted(self.seq, group, shard, checkpoint, consumer))
+        for part in parts:
+            if isinstance(part, list):  # accepted entries, the common records
+                first = self.seq + 1
+                self.seq += len(part)
+                accept_all(shards, part, first, changes)
+                chunks += encode_accepted_run(first, part)
             else:
-                rec = self._record(op)
+                rec = self._outcome(part)
                 changes.append(apply(shards, rec))
                 chunks.append(encode(rec))
         data = b"".join(chunks)

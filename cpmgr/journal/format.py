@@ -35,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from cpmgr.errors import CpmgrError
-from cpmgr.journal.state import Accepted, Committed, Dropped, LogRecord, Shard, ShardRecord
+from cpmgr.journal.state import (
+    Accepted,
+    Committed,
+    Dropped,
+    Entry,
+    LogRecord,
+    Shard,
+    ShardRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +105,21 @@ def encode_accepted(
         f'{{"t":"a","n":{seq},"g":{_quote(group)},"s":{shard},"c":{_quote(checkpoint)}'
         f',"u":{_optional(consumer)}}}'
     )
+
+
+def encode_accepted_run(first_seq: int, entries: Iterable[Entry]) -> list[bytes]:
+    """`encode_accepted` of each entry, numbered from `first_seq`: one loop without a call per
+    record, since this is most of what the writer thread does while it holds the GIL."""
+    lines = []
+    crc32, quote = zlib.crc32, _quote
+    for seq, (group, shard, checkpoint, consumer) in enumerate(entries, first_seq):
+        user = "null" if consumer is None else quote(consumer)
+        raw = (
+            f'{{"t":"a","n":{seq},"g":{quote(group)},"s":{shard},"c":{quote(checkpoint)}'
+            f',"u":{user}}}'
+        ).encode("ascii")
+        lines.append(b"%08x %s\n" % (crc32(raw), raw))
+    return lines
 
 
 def encode(rec: LogRecord) -> bytes:

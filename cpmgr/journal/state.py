@@ -9,6 +9,8 @@ from typing import NamedTuple
 from cpmgr.protocol import decode_cursor
 
 Key = tuple[str, int]
+Entry = tuple[str, int, str, str | None]
+"""An accepted checkpoint as the journal is handed it: group, shard, checkpoint, consumer."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,21 @@ def accept(shards: Shards, key: Key, checkpoint: str, consumer: str | None, seq:
     new = Shard(key[0], key[1], checkpoint, consumer, committed, seq)
     shards[key] = new
     return key, new, prev
+
+
+def accept_all(
+    shards: Shards, entries: Iterable[Entry], first_seq: int, changes: list[Undo]
+) -> None:
+    """`accept` each entry, numbered from `first_seq`, adding the undos to `changes`: one loop
+    without a call per record (the writer thread runs it holding the GIL)."""
+    get, new_shard = shards.get, tuple.__new__
+    for seq, (group, shard, checkpoint, consumer) in enumerate(entries, first_seq):
+        key = (group, shard)
+        prev = get(key)
+        committed = None if prev is None else prev.committed
+        new: Shard = new_shard(Shard, (group, shard, checkpoint, consumer, committed, seq))
+        shards[key] = new
+        changes.append((key, new, prev))
 
 
 def apply(shards: Shards, rec: LogRecord) -> Undo:
