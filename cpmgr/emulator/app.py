@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import Final
 
 from cpmgr.emulator.faults import Decision, FaultInjector, FaultSettings, LateLanding
 from cpmgr.emulator.http import ABORT, HttpAnswer, HttpRequest, HttpServer, Reply
@@ -36,7 +38,14 @@ from cpmgr.emulator.state import (
     parameter_invalid,
 )
 from cpmgr.errors import ConfigError
-from cpmgr.sls.signer import EMPTY_SHA256, V4_ALGORITHM, Credentials, sign_v1, sign_v4
+from cpmgr.sls.signer import (
+    EMPTY_SHA256,
+    V4_ALGORITHM,
+    Credentials,
+    sign_v4,
+    v1_signature,
+    v1_string_to_sign,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +85,16 @@ def _secret(keys: Mapping[str, str], key_id: str) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _parse_http_date(text: str) -> datetime:
+def _http_date_seconds(text: str) -> float:
     """Parsed once per distinct Date: clients send the same one for a whole second."""
-    return parsedate_to_datetime(text)
-
-
-def _check_request_time(moment: datetime, now: float, shown: str) -> None:
+    moment = parsedate_to_datetime(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    if abs(moment.timestamp() - now) > REQUEST_TIME_WINDOW_SECONDS:
+    return moment.timestamp()
+
+
+def _check_request_time(seconds: float, now: float, shown: str) -> None:
+    if abs(seconds - now) > REQUEST_TIME_WINDOW_SECONDS:
         server_time = datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         raise ApiError(
             400,
@@ -112,28 +122,30 @@ class SignedRequest:
 
 
 def _verify_v1(keys: Mapping[str, str], request: SignedRequest, now: float) -> None:
-    key_id, _, signature = request.header("Authorization")[len("LOG ") :].partition(":")
+    headers = request.headers
+    key_id, _, signature = _header(headers, "Authorization")[len("LOG ") :].partition(":")
     secret = _secret(keys, key_id)
     # Some proxies strip Date, which is why the SDKs also send x-log-date.
-    date = request.header("Date") or request.header("x-log-date")
+    date = _header(headers, "Date")
+    signing_headers = headers
     if not date:
-        raise ApiError(400, "MissingDate", "the Date header is missing")
+        date = _header(headers, "x-log-date")
+        if not date:
+            raise ApiError(400, "MissingDate", "the Date header is missing")
+        signing_headers = {**headers, "Date": date}  # signed with the date it carries
     try:
-        moment = _parse_http_date(date)
+        seconds = _http_date_seconds(date)
     except (TypeError, ValueError) as exc:
         raise ApiError(400, "InvalidDateFormat", f"invalid Date header: {date}") from exc
-    _check_request_time(moment, now, date)
-    content_md5 = request.header("Content-MD5")
+    _check_request_time(seconds, now, date)
+    content_md5 = _header(headers, "Content-MD5")
     if content_md5 and content_md5.upper() != hashlib.md5(request.body).hexdigest().upper():
         raise _signature_mismatch("Content-MD5 does not match the body")
-    # Signed with the date it carries; a copy only when that came from x-log-date.
-    signing_headers = (
-        request.headers if request.header("Date") else {**request.headers, "Date": date}
+    string_to_sign = v1_string_to_sign(
+        request.method, request.path, request.params, signing_headers
     )
-    expected = sign_v1(
-        Credentials(key_id, secret), request.method, request.path, request.params, signing_headers
-    )
-    if not hmac.compare_digest(expected.partition(":")[2].encode(), signature.encode()):
+    expected = v1_signature(secret, string_to_sign)
+    if not hmac.compare_digest(expected.encode(), signature.encode()):
         raise _signature_mismatch(f"signature {signature} not match")
 
 
@@ -149,7 +161,7 @@ def _verify_v4(keys: Mapping[str, str], request: SignedRequest, now: float) -> N
         moment = datetime.strptime(log_date, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
     except ValueError as exc:
         raise ApiError(400, "InvalidDateFormat", f"invalid x-log-date: {log_date}") from exc
-    _check_request_time(moment, now, log_date)
+    _check_request_time(moment.timestamp(), now, log_date)
     content_sha256 = request.header("x-log-content-sha256") or EMPTY_SHA256
     if content_sha256.lower() != hashlib.sha256(request.body).hexdigest():
         raise _signature_mismatch("x-log-content-sha256 does not match the body")
@@ -381,8 +393,13 @@ def _resolve(resource: str, method: str, params: Mapping[str, str]) -> tuple[str
 # --- the application -------------------------------------------------------------------------
 
 
+# Request ids: 24 hex digits as SLS's, unique within this process without a syscall per id.
+_REQUEST_ID_PREFIX: Final = os.urandom(6).hex().upper()
+_request_numbers = itertools.count()
+
+
 def _request_id() -> str:
-    return os.urandom(12).hex().upper()
+    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):012X}"
 
 
 def _error_answer(error: ApiError) -> HttpAnswer:

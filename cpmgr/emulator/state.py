@@ -100,6 +100,13 @@ def checkpoint_key(project: str, logstore: str, group: str, shard: int) -> str:
     return f"{project}/{logstore}/{group}/{shard}"
 
 
+def _group_of(store: Logstore, name: str) -> ConsumerGroup:
+    found = store.groups.get(name)
+    if found is None:
+        raise ApiError(404, "ConsumerGroupNotExist", f"consumer group {name} does not exist")
+    return found
+
+
 def validate_group_name(name: str) -> None:
     if not _GROUP_NAME.match(name):
         raise parameter_invalid(
@@ -206,10 +213,7 @@ class EmulatorState:
         raise ApiError(404, "LogStoreNotExist", f"logstore {logstore} does not exist")
 
     def group(self, project: str, logstore: str, group: str) -> ConsumerGroup:
-        found = self.logstore(project, logstore).groups.get(group)
-        if found is None:
-            raise ApiError(404, "ConsumerGroupNotExist", f"consumer group {group} does not exist")
-        return found
+        return _group_of(self.logstore(project, logstore), group)
 
     # --- consumer groups ----------------------------------------------------------------
 
@@ -332,7 +336,7 @@ class EmulatorState:
     ) -> None:
         """Store a checkpoint as UpdateCheckPoint does; every success is appended to the history."""
         store = self.logstore(project, logstore)
-        group = self.group(project, logstore, group_name)
+        group = _group_of(store, group_name)
         if not consumer and not force_success:
             raise parameter_invalid("forceSuccess must be true when no consumer is given")
         if not is_valid_checkpoint(checkpoint):

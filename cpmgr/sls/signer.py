@@ -63,25 +63,43 @@ def v1_string_to_sign(
     method: str, path: str, params: Mapping[str, str], headers: Mapping[str, str]
 ) -> str:
     """The v1 string-to-sign. `x-log-date` is left out: the SDKs add it after signing."""
+    # One pass lower-cases every name (this runs for every request the emulator verifies):
+    # it collects the signed x-log-/x-acs- headers and a lower-cased view for the lookups.
     log_headers = []
-    for key, value in headers.items():  # a plain loop: this runs for every request verified
+    lowered: dict[str, str] = {}
+    for key, value in headers.items():
         name = key.lower()
-        if name.startswith(_LOG_PREFIXES) and name != "x-log-date" and _is_log_header(name):
+        lowered.setdefault(name, value)
+        if (
+            name.startswith(_LOG_PREFIXES)
+            and name != "x-log-date"
+            and not name.startswith("x-log-meta-")
+        ):
             log_headers.append((name, value))
     log_headers.sort()
-    canonical_headers = "".join(f"{name}:{value}\n" for name, value in log_headers)
-    resource = path
-    if params:
-        resource += "?" + "&".join(f"{key}={params[key]}" for key in sorted(params))
+    canonical_headers = "".join([f"{name}:{value}\n" for name, value in log_headers])
     return "\n".join(
         [
             method.upper(),
-            _header(headers, "Content-MD5"),
-            _header(headers, "Content-Type"),
-            _header(headers, "Date"),
-            canonical_headers + resource,
+            _content_header(headers, lowered, "Content-MD5"),
+            _content_header(headers, lowered, "Content-Type"),
+            _content_header(headers, lowered, "Date"),
+            canonical_headers + v1_resource(path, params),
         ]
     )
+
+
+def _content_header(headers: Mapping[str, str], lowered: Mapping[str, str], name: str) -> str:
+    """Header `name` as given if present, else under any case (`lowered`), else ""."""
+    found = headers.get(name)
+    return found if found is not None else lowered.get(name.lower(), "")
+
+
+def v1_resource(path: str, params: Mapping[str, str]) -> str:
+    """The canonical resource v1 signs: the path, then the parameters sorted by name."""
+    if not params:
+        return path
+    return path + "?" + "&".join([f"{key}={params[key]}" for key in sorted(params)])
 
 
 def sign_v1(
@@ -92,9 +110,15 @@ def sign_v1(
     headers: Mapping[str, str],
 ) -> str:
     """The Authorization header value for a v1-signed request."""
-    mac = _keyed_sha1(creds.access_key_secret).copy()
-    mac.update(v1_string_to_sign(method, path, params, headers).encode())
-    return f"LOG {creds.access_key_id}:{base64.b64encode(mac.digest()).decode()}"
+    string_to_sign = v1_string_to_sign(method, path, params, headers)
+    return f"LOG {creds.access_key_id}:{v1_signature(creds.access_key_secret, string_to_sign)}"
+
+
+def v1_signature(secret: str, string_to_sign: str) -> str:
+    """The signature part of a v1 Authorization value: base64 of the HMAC-SHA1."""
+    mac = _keyed_sha1(secret).copy()
+    mac.update(string_to_sign.encode())
+    return base64.b64encode(mac.digest()).decode()
 
 
 @dataclass(frozen=True)
@@ -119,9 +143,7 @@ class V1Template:
         has_body: bool,
         content_type: str = "application/json",
     ) -> V1Template:
-        resource = path
-        if params:
-            resource += "?" + "&".join(f"{key}={params[key]}" for key in sorted(params))
+        resource = v1_resource(path, params)
         # Sorted, as v1_string_to_sign sorts them; x-acs-security-token sorts before all three.
         fixed = f"x-log-apiversion:{API_VERSION}\n"
         if not has_body:
@@ -137,9 +159,7 @@ class V1Template:
             f"{self.method}\n{content_md5}\n{self.content_type}\n{date}\n"
             f"{token_line}{self.canonical_tail}"
         )
-        mac = _keyed_sha1(creds.access_key_secret).copy()
-        mac.update(message.encode())
-        return f"LOG {creds.access_key_id}:{base64.b64encode(mac.digest()).decode()}"
+        return f"LOG {creds.access_key_id}:{v1_signature(creds.access_key_secret, message)}"
 
 
 @functools.lru_cache(maxsize=8)
