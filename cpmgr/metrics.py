@@ -349,6 +349,9 @@ class Metrics:
             {"version": __version__}
         )
         self._received_by_group: dict[str, Counter] = {}
+        self._requests_by_code: dict[tuple[str, str], Counter] = {}
+        self._request_duration_by_group: dict[str, Histogram] = {}
+        self._commit_duration_by_group: dict[str, Histogram] = {}
         if process_metrics:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
@@ -376,14 +379,28 @@ class Metrics:
     # ---------------------------------------------------------------- the committer's observer
 
     def attempt_finished(self, group: str, code: str, seconds: float) -> None:
-        self.commit_requests.labels(group, code).inc()
-        self.request_duration.labels(group).observe(seconds)
+        # Once per UpdateCheckPoint: the children are looked up in plain dicts, since labels()
+        # validates and locks on every call.
+        requests = self._requests_by_code.get((group, code))
+        if requests is None:
+            requests = self._requests_by_code[group, code] = self.commit_requests.labels(
+                group, code
+            )
+        requests.inc()
+        self._child(self._request_duration_by_group, self.request_duration, group).observe(seconds)
+
+    @staticmethod
+    def _child(children: dict[str, Histogram], metric: Histogram, group: str) -> Histogram:
+        child = children.get(group)
+        if child is None:
+            child = children[group] = metric.labels(group)
+        return child
 
     def retried(self, group: str) -> None:
         self.retries.labels(group).inc()
 
     def commit_finished(self, group: str, code: str, seconds: float, *, ok: bool) -> None:
-        self.commit_duration.labels(group).observe(seconds)
+        self._child(self._commit_duration_by_group, self.commit_duration, group).observe(seconds)
         if not ok:
             self.commit_failures.labels(group, code).inc()
 

@@ -472,13 +472,17 @@ class CheckpointStore:
         newer_since = state.newer_since if state.in_flight == attempt.seq else None
         self._release(state, attempt)
         state.uncertain = False
+        pending = state.pending
         if attempt.seq > state.committed_seq:
-            number = decode_cursor(attempt.checkpoint)
+            # The pending value is usually the one sent: its cursor is decoded already.
+            if pending is not None and pending[_SEQ] == attempt.seq:
+                number = pending[_NUMBER]
+            else:
+                number = decode_cursor(attempt.checkpoint)
             state.committed = (attempt.checkpoint, number, attempt.consumer, attempt.seq)
             state.committed_at = now
             state.last_error = None
             table.last_success = now if table.last_success is None else max(table.last_success, now)
-        pending = state.pending
         if pending is not None and pending[_SEQ] <= state.committed_seq:
             self._mark_clean(table, attempt.shard, state)
         elif pending is not None and newer_since is not None:

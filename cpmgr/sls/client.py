@@ -658,9 +658,9 @@ class SLSClient:
             has_body=bool(body),
             user_agent=self._user_agent,
         )
-        return await self._send(prepared, body, region)
+        return _Answer.of(await self._send(prepared, body, region))
 
-    async def _send(self, prepared: _Prepared, body: bytes, region: str | None) -> _Answer:
+    async def _send(self, prepared: _Prepared, body: bytes, region: str | None) -> HttpAnswer:
         pools = self._require_started()
         creds = self._credentials()
         if not _header_safe(creds.security_token):
@@ -672,7 +672,7 @@ class SLSClient:
             data = self._signed_request(prepared, body, creds, region or self._region)
         pool = pools.get(prepared.endpoint) or self._new_pool(pools, prepared.endpoint)
         try:
-            answer = _Answer.of(await pool.request(data))
+            answer = await pool.request(data)
         # TimeoutError first: it is an OSError too.
         except TimeoutError as exc:
             message = f"no complete answer from {pool.host} within {self._request_timeout}s"
@@ -680,11 +680,13 @@ class SLSClient:
         except OSError as exc:
             message = _scrub(f"{type(exc).__name__}: {exc}", creds)
             raise SLSError("ConnectionError", 0, message) from exc
-        log.debug(
-            "%s %s -> %d (%s)", prepared.method, prepared.raw_path, answer.status, answer.request_id
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            request_id = answer.headers.get(REQUEST_ID_HEADER, "")
+            log.debug(
+                "%s %s -> %d (%s)", prepared.method, prepared.raw_path, answer.status, request_id
+            )
         if answer.status != HTTP_OK:
-            raise _error_from_answer(answer, creds)
+            raise _error_from_answer(_Answer.of(answer), creds)
         return answer
 
     def _v1_request(self, prepared: _Prepared, body: bytes, creds: Credentials) -> bytes:
