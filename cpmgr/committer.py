@@ -50,6 +50,7 @@ ShardKey = tuple[str, int]
 # Shards a worker may skip (already committed, in flight) before it lets the loop run others.
 _SKIPS_PER_TURN: Final = 256
 _CLOSING: Final = CommitOutcome(ok=False, code="ShuttingDown", message="closing")
+_COMMITTED: Final = CommitOutcome(ok=True)
 
 
 class CheckpointAPI(Protocol):
@@ -472,7 +473,7 @@ class Committer:
         job.attempts += 1
         attempt = job.attempt
         sent_at = self._clock()
-        error = await self._send(attempt)
+        error = await self._send(attempt, sent_at)
         if error is None:
             settled = self._store.on_success(attempt, at=self._wall_clock(), sent_at=sent_at)
             self._finish(job, None, settled=settled)
@@ -508,13 +509,15 @@ class Committer:
         self._retries.append(key)
         self._ensure_workers()
 
-    async def _send(self, attempt: Attempt) -> SLSError | None:
+    async def _send(self, attempt: Attempt, sent_at: float) -> SLSError | None:
         state = self._groups.get(attempt.group)
         if state is None:
             return SLSError("UnknownGroup", 0, f"group {attempt.group!r} is no longer configured")
         group = state.config
-        await self._limiter.acquire()
-        started = self._clock()
+        started = sent_at
+        if not self._limiter.try_acquire():
+            await self._limiter.acquire()
+            started = self._clock()
         try:
             await self._client.update_checkpoint(
                 group.project,
@@ -662,13 +665,28 @@ class Committer:
     def _answer(self, key: ShardKey, attempt: Attempt, error: SLSError | None) -> None:
         """Tell `wait` and `flush` callers of the shard what its job achieved; queue it again
         if one of them waits for a value newer than the job sent."""
+        group, shard = key
+        waiters = self._waiters.get(key)
+        flushes = self._flushes.get(group)
+        if not waiters and not flushes:
+            return
         again = False
-        for seq, deliver in self._watchers(key):
-            outcome = self._outcome_for(key, seq, attempt, error)
-            if outcome is None:
-                again = True
-            else:
-                deliver(outcome)
+        # Once per commit during a flush: no list of watchers is built.
+        for waiter in waiters or ():
+            if not waiter.future.done():
+                outcome = self._outcome_for(key, waiter.seq, attempt, error)
+                if outcome is None:
+                    again = True
+                else:
+                    waiter.future.set_result(outcome)
+        for flush in flushes or ():
+            seq = flush.remaining.get(shard)
+            if seq is not None:
+                outcome = self._outcome_for(key, seq, attempt, error)
+                if outcome is None:
+                    again = True
+                else:
+                    flush.settle(shard, outcome)
         self._prune_waiters(key)
         if again:
             self._queue_one(key)
@@ -710,7 +728,7 @@ class Committer:
     ) -> CommitOutcome | None:
         fate = self._store.is_settled(key[0], key[1], seq)
         if fate == "committed":
-            return CommitOutcome(ok=True)
+            return _COMMITTED
         if fate == "dropped":
             code = error.code if error is not None else "CommitFailed"
             message = error.message if error is not None else "value was dropped"
@@ -740,7 +758,7 @@ class Committer:
     def _immediate_outcome(self, group: str, shard: int, seq: int) -> CommitOutcome | None:
         fate = self._store.is_settled(group, shard, seq)
         if fate == "committed":
-            return CommitOutcome(ok=True)
+            return _COMMITTED
         if fate == "dropped":
             view = self._store.shard_view(group, shard)
             error = view.last_error if view is not None else None

@@ -37,10 +37,16 @@ class ConcurrencyLimiter:
     def current(self) -> int:
         return max(1, int(self.limit))
 
-    async def acquire(self) -> None:
+    def try_acquire(self) -> bool:
+        """Take a slot if one is free now and nobody waits for one; True if taken."""
         self._drop_abandoned()
         if self.in_use < self.current and not self._waiters:
             self.in_use += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
