@@ -257,7 +257,7 @@ class Dispatcher:
             self._check_shard_limit(request)  # without a journal nothing is reserved
         received = self._received
         if request.batch:
-            self._store.accept_batch(group, request.items, force=request.force)
+            self._store.accept_all(group, request.items, force=request.force)
             received[group] = received.get(group, 0) + count
             return {"accepted": count}
         item = request.items[0]

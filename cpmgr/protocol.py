@@ -30,13 +30,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from itertools import chain
 from typing import Any, Final, TypeGuard
 
+from cpmgr.batch import read_plain_batch
 from cpmgr.errors import ProtocolError
 from cpmgr.requests import (
+    MAX_SHARD,
     NO_ID,
     CommitItem,
     CommitRequest,
     FlushRequest,
     GetRequest,
+    ItemColumns,
     JsonScalar,
     PingRequest,
     Request,
@@ -56,6 +59,7 @@ __all__ = [
     "CommitRequest",
     "FlushRequest",
     "GetRequest",
+    "ItemColumns",
     "JsonScalar",
     "PingRequest",
     "Request",
@@ -74,7 +78,6 @@ __all__ = [
 ]
 
 MAX_DEPTH: Final = 32
-MAX_SHARD: Final = 2**31 - 1
 MAX_TIMEOUT: Final = 3600.0
 
 _BLANK: Final = b" \t\r\n"
@@ -109,22 +112,31 @@ def parse_request(line: bytes) -> Request:
     JSON object.
     """
     obj = _load_object(line)
-    # Fewer brackets than MAX_DEPTH cannot nest deeper: the common case skips the depth check.
-    # Otherwise it runs after building, where it can skip what the build found to be scalars,
-    # but it still decides first: a line too deep is refused as such, without its id.
-    maybe_deep = line.count(b"[") + line.count(b"{") > MAX_DEPTH
+    # The depth check runs after building, where it can skip what the build found to be
+    # scalars, but it still decides first: a line too deep is refused as such, without its id.
     try:
         request_id = _request_id(obj)
         request = _build(obj, request_id)
     except ProtocolError as exc:
-        if maybe_deep and _too_deep([obj]):
+        if _maybe_deep(line) and _too_deep([obj]):
             raise RequestError("BadRequest", _TOO_DEEP) from None
         if isinstance(exc, RequestError):
             raise  # a bad id: answered without one
         raise RequestError(exc.code, exc.message, request_id=request_id) from None
-    if maybe_deep and _unchecked_too_deep(obj, request):
+    if isinstance(request, CommitRequest) and isinstance(request.items, ItemColumns):
+        # Items read in the common shape hold scalars only: counting the brackets of their
+        # line would cost more than looking at the other fields.
+        too_deep = _too_deep(_unknown_fields(obj), depth=2)
+    else:
+        too_deep = _maybe_deep(line) and _unchecked_too_deep(obj, request)
+    if too_deep:
         raise RequestError("BadRequest", _TOO_DEEP)
     return request
+
+
+def _maybe_deep(line: bytes) -> bool:
+    """Fewer brackets than MAX_DEPTH cannot nest deeper: most lines skip the depth check."""
+    return line.count(b"[") + line.count(b"{") > MAX_DEPTH
 
 
 def _load_object(line: bytes) -> dict[str, Any]:
@@ -152,8 +164,7 @@ def _unchecked_too_deep(obj: dict[str, Any], request: Request) -> bool:
     """_too_deep([obj]) for a request that parsed, skipping what the parser found scalar."""
     if not (isinstance(request, CommitRequest) and request.batch):
         return _too_deep([obj])
-    # Known fields of a batch are scalars, or the list of item objects; the rest may nest.
-    top = [value for key, value in obj.items() if key not in _BATCH_FIELDS]
+    top = _unknown_fields(obj)
     inner = [
         value
         for entry in obj["checkpoints"]
@@ -162,6 +173,12 @@ def _unchecked_too_deep(obj: dict[str, Any], request: Request) -> bool:
         if key not in _ITEM_FIELDS
     ]
     return _too_deep(top, depth=2) or _too_deep(inner, depth=4)
+
+
+def _unknown_fields(batch: dict[str, Any]) -> list[Any]:
+    """The values of a batch's fields that its parser does not check: they may nest (the
+    known fields are scalars, or the list of item objects)."""
+    return [value for key, value in batch.items() if key not in _BATCH_FIELDS]
 
 
 def _too_deep(values: list[Any], *, depth: int = 1) -> bool:
@@ -259,7 +276,7 @@ def _commit(obj: Mapping[str, Any], request_id: RequestId) -> CommitRequest:
     if consumer is not None:
         consumer = _consumer(consumer, "consumer")
     checkpoints = obj.get("checkpoints")
-    items: tuple[CommitItem, ...]
+    items: Sequence[CommitItem]
     if checkpoints is None:
         items = (_item(obj, consumer, 0),)
     elif obj.get("shard") is not None or obj.get("checkpoint") is not None:
@@ -279,11 +296,19 @@ def _commit(obj: Mapping[str, Any], request_id: RequestId) -> CommitRequest:
     )
 
 
-def _batch_items(value: object, default_consumer: str | None) -> tuple[CommitItem, ...]:
+def _batch_items(value: object, default_consumer: str | None) -> Sequence[CommitItem]:
     if type(value) is not list:
         raise ProtocolError("BadRequest", "checkpoints: must be a list")
     if not value:
         raise ProtocolError("BadRequest", "checkpoints: must not be empty")
+    columns = read_plain_batch(value, default_consumer)
+    if columns is not None:
+        return columns
+    return _general_batch_items(value, default_consumer)
+
+
+def _general_batch_items(value: list[Any], default_consumer: str | None) -> tuple[CommitItem, ...]:
+    """A batch in any shape, item by item: the items, or the error of the first bad one."""
     by_shard: dict[int, CommitItem] = {}
     for index, entry in enumerate(value):
         if type(entry) is not dict:

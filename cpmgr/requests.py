@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Final, Literal
+from typing import ClassVar, Final, Literal, overload
 
 from cpmgr.errors import ProtocolError
 
 __all__ = [
+    "MAX_SHARD",
     "NO_ID",
     "CommitItem",
     "CommitRequest",
     "FlushRequest",
     "GetRequest",
+    "ItemColumns",
     "JsonScalar",
     "Op",
     "PingRequest",
@@ -30,6 +32,8 @@ __all__ = [
 
 JsonScalar = str | int | float | bool | None
 Op = Literal["commit", "flush", "get", "status", "ping"]
+
+MAX_SHARD: Final = 2**31 - 1  # SLS shard ids are 32-bit
 
 # Longest decimal cursor turned into an int; beyond it Python's int parsing gets slow (and
 # refuses past 4300 digits), and no real cursor comes close.
@@ -94,13 +98,95 @@ class CommitItem:
             self.number = decode_cursor(self.checkpoint)
 
 
+class ItemColumns(Sequence[CommitItem]):
+    """The items of a batch as parallel lists (item i is `shards[i]`, `checkpoints[i]`, ...).
+
+    A batch of 100 checkpoints in the common shape is read and accepted column by column,
+    without an object per item: building a CommitItem per item cost about as much as parsing
+    the line. Read as a sequence, it builds its CommitItems once, on first use, and compares
+    equal to any sequence of equal items. Treat it as immutable.
+    """
+
+    __slots__ = (
+        "_distinct",
+        "_items",
+        "checkpoints",
+        "consumers",
+        "numbers",
+        "positions",
+        "shards",
+    )
+
+    def __init__(
+        self,
+        shards: list[int],
+        checkpoints: list[str],
+        numbers: list[int | None],
+        consumers: list[str | None],
+        positions: Sequence[int] | None = None,
+        *,
+        distinct: bool | None = None,
+    ) -> None:
+        self.shards = shards
+        self.checkpoints = checkpoints
+        self.numbers = numbers  # decode_cursor() of each checkpoint
+        self.consumers = consumers
+        # Each item's index in `checkpoints` as sent, for error messages.
+        self.positions: Sequence[int] = range(len(shards)) if positions is None else positions
+        self._items: tuple[CommitItem, ...] | None = None
+        self._distinct = distinct  # whether no shard is there twice; None: not known yet
+
+    def distinct(self) -> bool:
+        """Whether every item is of another shard."""
+        if self._distinct is None:
+            self._distinct = len(set(self.shards)) == len(self.shards)
+        return self._distinct
+
+    def as_tuple(self) -> tuple[CommitItem, ...]:
+        if self._items is None:
+            self._items = tuple(
+                map(
+                    CommitItem,
+                    self.shards,
+                    self.checkpoints,
+                    self.consumers,
+                    self.positions,
+                    self.numbers,
+                )
+            )
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    @overload
+    def __getitem__(self, index: int) -> CommitItem: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[CommitItem, ...]: ...
+    def __getitem__(self, index: int | slice) -> CommitItem | tuple[CommitItem, ...]:
+        return self.as_tuple()[index]
+
+    def __iter__(self) -> Iterator[CommitItem]:
+        return iter(self.as_tuple())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ItemColumns | tuple | list):
+            return self.as_tuple() == tuple(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # like a list: equal to tuples, not hashable
+
+    def __repr__(self) -> str:
+        return f"ItemColumns({self.as_tuple()!r})"
+
+
 @dataclass(slots=True)
 class CommitRequest:
     """`commit`, single (`batch` False, one item) or batch (`checkpoints`, shards distinct)."""
 
     op: ClassVar[Op] = "commit"
     group: str
-    items: tuple[CommitItem, ...]
+    items: Sequence[CommitItem]
     batch: bool = False
     force: bool = False
     wait: bool = False

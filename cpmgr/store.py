@@ -29,10 +29,10 @@ import collections
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Final, Literal, Protocol
+from typing import Final, Literal, Protocol, cast
 
 from cpmgr.errors import ProtocolError
-from cpmgr.protocol import decode_cursor
+from cpmgr.protocol import ItemColumns, decode_cursor
 
 __all__ = [
     "Attempt",
@@ -269,31 +269,104 @@ class CheckpointStore:
     def check_batch(self, group: str, items: Sequence[ItemLike], *, force: bool = False) -> None:
         """Raise what accept_batch() would raise, changing nothing."""
         table = self._group(group)
-        if force:
-            return
-        for item in items:
-            state = table.shards.get(item.shard)
-            if state is not None:
-                where = f"checkpoints[{item.index}]: "
-                _check_regression(state, item.shard, item.checkpoint, item.number, where)
+        columns = _columns(items)
+        _check_columns(list(map(table.shards.get, columns.shards)), columns, force=force)
 
     def accept_batch(
         self, group: str, items: Sequence[ItemLike], *, force: bool = False
     ) -> dict[int, int]:
         """Accept several checkpoints all-or-nothing; returns {shard: seq}. A regression in any
         item (named by its index) refuses them all. A shard given twice keeps the last."""
-        self.check_batch(group, items, force=force)
-        table = self._groups[group]
-        seqs: dict[int, int] = {}
-        for item in items:
-            seqs[item.shard] = self._apply(
-                table,
-                item.shard,
-                item.checkpoint,
-                number=item.number,
-                consumer=item.consumer,
-            )
-        return seqs
+        seqs: list[int] = []
+        shards = self._accept_columns(group, _columns(items), force=force, seqs=seqs)
+        return dict(zip(shards, seqs, strict=True))
+
+    def accept_all(self, group: str, items: Sequence[ItemLike], *, force: bool = False) -> None:
+        """What accept_batch() does, without the seqs (the socket's common batch)."""
+        self._accept_columns(group, _columns(items), force=force, seqs=None)
+
+    def _accept_columns(
+        self, group: str, columns: ItemColumns, *, force: bool, seqs: list[int] | None
+    ) -> list[int]:
+        table = self._group(group)
+        states = list(map(table.shards.get, columns.shards))
+        plain = _check_columns(states, columns, force=force)
+        if plain is not None and columns.distinct():
+            self._replace_pending(table, plain, columns, seqs)
+        else:
+            self._apply_columns(table, states, columns, seqs)
+        return columns.shards
+
+    def _replace_pending(
+        self, table: _Group, states: list[_Shard], columns: ItemColumns, seqs: list[int] | None
+    ) -> None:
+        """_apply() of plain items of distinct shards (see _check_columns): each new value
+        just replaces the pending one, the shard stays dirty, nothing else changes."""
+        first = self._seq + 1
+        self._seq += len(states)
+        numbered = range(first, self._seq + 1)
+        values = zip(columns.checkpoints, columns.numbers, columns.consumers, numbered, strict=True)
+        for state, value in zip(states, values, strict=True):
+            state.pending = value
+        table.last_seq = self._seq
+        if table.recent_drops:  # a tracked shard is not among them, but a restored one may be
+            for shard in columns.shards:
+                table.recent_drops.pop(shard, None)
+        if seqs is not None:
+            seqs.extend(numbered)
+
+    def _apply_columns(
+        self,
+        table: _Group,
+        states: list[_Shard | None],
+        columns: ItemColumns,
+        seqs: list[int] | None,
+    ) -> None:
+        """_apply() each item in order (`states`: each item's shard before the batch), adding
+        their seqs to `seqs` if given. The common item, a known shard taking a new value, is
+        applied inline: a call per item cost a third of a batch."""
+        now = self._clock()
+        drops = table.recent_drops
+        seq = self._seq
+        newest = 0  # seq of the newest value applied inline
+        for state, shard, checkpoint, number, consumer in zip(
+            states,
+            columns.shards,
+            columns.checkpoints,
+            columns.numbers,
+            columns.consumers,
+            strict=True,
+        ):
+            if (
+                state is None
+                or ((pending := state.pending) is not None and pending[_CHECKPOINT] == checkpoint)
+                or (
+                    (committed := state.committed) is not None
+                    and committed[_CHECKPOINT] == checkpoint
+                    and not state.uncertain
+                )
+            ):
+                self._seq = seq
+                applied = self._apply(table, shard, checkpoint, number=number, consumer=consumer)
+                if seqs is not None:
+                    seqs.append(applied)
+                seq = self._seq
+                continue
+            # What _apply() does for a new value of a known shard.
+            seq += 1
+            newest = seq
+            if drops:
+                drops.pop(shard, None)
+            state.pending = (checkpoint, number, consumer, seq)
+            if seqs is not None:
+                seqs.append(seq)
+            if state.dirty_since is None:
+                state.dirty_since = now
+                table.mark_dirty(shard)
+            if state.in_flight is not None and state.newer_since is None:
+                state.newer_since = now
+        self._seq = seq
+        table.last_seq = max(table.last_seq, newest)
 
     def _apply(
         self,
@@ -651,6 +724,57 @@ class CheckpointStore:
         """Whether the group has seen the shard (it counts toward the group's shard limit)."""
         table = self._groups.get(group)
         return table is not None and shard in table.shards
+
+
+def _columns(items: Sequence[ItemLike]) -> ItemColumns:
+    if isinstance(items, ItemColumns):
+        return items
+    return ItemColumns(
+        [item.shard for item in items],
+        [item.checkpoint for item in items],
+        [item.number for item in items],
+        [item.consumer for item in items],
+        [item.index for item in items],
+    )
+
+
+def _check_columns(
+    states: list[_Shard | None], columns: ItemColumns, *, force: bool
+) -> list[_Shard] | None:
+    """Raise CheckpointRegression for the first item older than its shard's latest value,
+    unless `force` (`states`: each item's shard, None if new).
+
+    Returns `states` if every item is plain: a cursor newer than its shard's pending one (so
+    another checkpoint, and no regression), other than the committed one, nothing in flight.
+    Such an item only replaces the pending value. Told by the numbers alone: at thousands of
+    shards, reading a shard's values costs more than the work done on them.
+    """
+    for state, number in zip(states, columns.numbers, strict=True):
+        if not (
+            state is not None
+            and (pending := state.pending) is not None
+            and number is not None
+            and (newest := pending[_NUMBER]) is not None
+            and number > newest
+            and state.in_flight is None
+            and ((committed := state.committed) is None or committed[_NUMBER] != number)
+        ):
+            break
+    else:
+        return cast(list[_Shard], states)
+    if not force:
+        _check_numbers(states, columns)
+    return None
+
+
+def _check_numbers(states: list[_Shard | None], columns: ItemColumns) -> None:
+    for i, (state, number) in enumerate(zip(states, columns.numbers, strict=True)):
+        if state is None or number is None:
+            continue
+        guard = state.guard()
+        if guard is not None and guard[_NUMBER] is not None and number < guard[_NUMBER]:
+            where = f"checkpoints[{columns.positions[i]}]: "
+            _check_regression(state, columns.shards[i], columns.checkpoints[i], number, where)
 
 
 def _check_regression(
