@@ -8,7 +8,8 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
@@ -93,6 +94,29 @@ class LogConfig:
     format: LogFormat = "text"
 
 
+START_POSITIONS: tuple[str, ...] = ("begin", "end")
+
+
+@dataclass(frozen=True)
+class MembershipConfig:
+    """A `membership:` block: cpmgr heartbeats, assigns and hands over shards for its members."""
+
+    heartbeat_interval: float = 5.0
+    timeout: int = 60
+    create: bool = False
+    order: bool = False
+    release_timeout: float = 10.0
+    # "begin", "end", or an RFC 3339 time as written (see `start_time`).
+    start: str = "begin"
+
+    @property
+    def start_from(self) -> str:
+        """GetCursor's `from`: begin, end, or the start time in unix seconds."""
+        if self.start in START_POSITIONS:
+            return self.start
+        return str(int(parse_time(self.start)))
+
+
 @dataclass(frozen=True)
 class GroupConfig:
     name: str
@@ -106,6 +130,7 @@ class GroupConfig:
     region: str | None = None
     allowed_uids: tuple[int, ...] = ()
     max_shards: int = 100_000
+    membership: MembershipConfig | None = None
 
     def allows(self, uid: int | None) -> bool:
         """Whether a peer with this uid (None: unknown) may use the group."""
@@ -214,6 +239,37 @@ def parse_listen(value: object) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError('must be host:port (port 0-65535) or ""')
     return value
+
+
+def parse_time(value: object) -> float:
+    """Unix seconds from an RFC 3339 time with its offset (`2026-01-02T03:04:05Z`)."""
+    if not isinstance(value, str):
+        raise ValueError("must be begin, end or an RFC 3339 time like 2026-01-02T03:04:05Z")
+    text = value.strip()
+    try:
+        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" else text)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None or "T" not in text.upper():
+        raise ValueError("must be begin, end or an RFC 3339 time like 2026-01-02T03:04:05Z")
+    return moment.timestamp()
+
+
+def parse_start(value: object) -> str:
+    """`membership.start`: begin, end or an RFC 3339 time (kept as written)."""
+    if isinstance(value, str) and value.strip().lower() in START_POSITIONS:
+        return value.strip().lower()
+    parse_time(value)
+    assert isinstance(value, str)
+    return value.strip()
+
+
+def parse_whole_seconds(value: object) -> int:
+    """A duration of whole seconds >= 1 (SLS takes the group timeout as an integer)."""
+    seconds = parse_duration(value)
+    if seconds < 1 or seconds != int(seconds):
+        raise ValueError("must be a whole number of seconds >= 1")
+    return int(seconds)
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -465,7 +521,27 @@ def _read_log(s: _Section) -> LogConfig:
     return cfg
 
 
+def _read_membership(s: _Section) -> MembershipConfig:
+    d = MembershipConfig()
+    cfg = MembershipConfig(
+        heartbeat_interval=s.get("heartbeat_interval", parse_duration, d.heartbeat_interval),
+        timeout=s.get("timeout", parse_whole_seconds, d.timeout),
+        create=s.get("create", _boolean, d.create),
+        order=s.get("order", _boolean, d.order),
+        release_timeout=s.get("release_timeout", parse_duration, d.release_timeout),
+        start=s.get("start", parse_start, d.start),
+    )
+    s.finish()
+    return cfg
+
+
 def _read_group(s: _Section) -> GroupConfig:
+    membership = _read_membership(s.section("membership")) if s.has("membership") else None
+    if membership is not None:
+        # Each member names itself, and SLS must refuse a member that lost its shard.
+        for key in ("consumer", "force_success"):
+            if s.has(key):
+                s.problem(key, "not allowed with membership: every member commits as itself")
     cfg = GroupConfig(
         name=s.required("name", _non_empty),
         project=s.required("project", _non_empty),
@@ -478,7 +554,10 @@ def _read_group(s: _Section) -> GroupConfig:
         region=s.get("region", _optional_string, None),
         allowed_uids=s.get("allowed_uids", _uids, ()),
         max_shards=s.get("max_shards", _positive_int, GroupConfig.max_shards),
+        membership=membership,
     )
+    if membership is not None:
+        return replace(cfg, consumer=None, force_success=False)
     if not cfg.force_success and not cfg.consumer:
         s.problem("force_success", "false needs a consumer (SLS refuses it otherwise)")
     s.finish()
@@ -495,7 +574,34 @@ def _read_groups(node: object, problems: list[str]) -> tuple[GroupConfig, ...]:
         if group.name and group.name in seen:
             problems.append(f"groups[{i}].name: duplicate group name {group.name!r}")
         seen.add(group.name)
+    _check_shared_consumer_groups(groups, problems)
     return groups
+
+
+def _check_shared_consumer_groups(groups: tuple[GroupConfig, ...], problems: list[str]) -> None:
+    # Two groups heartbeating one SLS consumer group would fight over its members' shards.
+    first: dict[tuple[str, str, str, str | None], int] = {}
+    for i, group in enumerate(groups):
+        key = (group.project, group.logstore, group.consumer_group, group.endpoint)
+        other = first.setdefault(key, i)
+        if other != i and (group.membership or groups[other].membership):
+            problems.append(
+                f"groups[{i}].consumer_group: groups[{other}] names the same SLS consumer "
+                "group; with membership each SLS consumer group may be configured once"
+            )
+
+
+def _check_membership_timing(cfg: Config, problems: list[str]) -> None:
+    # A member must get two heartbeats through within SLS's timeout, or it loses its shards.
+    for i, group in enumerate(cfg.groups):
+        m = group.membership
+        if m is not None and m.heartbeat_interval + cfg.commit.request_timeout >= m.timeout / 2:
+            problems.append(
+                f"groups[{i}].membership.heartbeat_interval: heartbeat_interval "
+                f"({m.heartbeat_interval:g}s) + commit.request_timeout "
+                f"({cfg.commit.request_timeout:g}s) must be less than timeout / 2 "
+                f"({m.timeout / 2:g}s)"
+            )
 
 
 def _check_insecure_http(cfg: Config, problems: list[str]) -> None:
@@ -555,6 +661,7 @@ def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
     )
     top.finish()
     _check_regions(cfg, problems)
+    _check_membership_timing(cfg, problems)
     _check_insecure_http(cfg, problems)
     if problems:
         raise ConfigError(_unique(problems))

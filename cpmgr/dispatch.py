@@ -128,7 +128,10 @@ async def dispatch(
         return await handlers.get(request)
     if isinstance(request, StatusRequest):
         return await handlers.status(request, visible=visible)
-    return await handlers.ping(request)
+    if isinstance(request, PingRequest):
+        return await handlers.ping(request)
+    # Membership ops need the connection that sent them: the socket server answers them.
+    raise ProtocolError("BadRequest", f"{request.op} is not available here")
 
 
 # Shards of a whole-group `get` built, or encoded, per loop turn.

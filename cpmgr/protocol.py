@@ -35,13 +35,18 @@ from cpmgr.errors import ProtocolError
 from cpmgr.requests import (
     MAX_SHARD,
     NO_ID,
+    AssignmentRequest,
     CommitItem,
     CommitRequest,
     FlushRequest,
     GetRequest,
     ItemColumns,
+    JoinRequest,
     JsonScalar,
+    LeaveRequest,
+    MembersRequest,
     PingRequest,
+    ReleaseRequest,
     Request,
     RequestError,
     RequestId,
@@ -55,13 +60,18 @@ __all__ = [
     "MAX_SHARD",
     "MAX_TIMEOUT",
     "NO_ID",
+    "AssignmentRequest",
     "CommitItem",
     "CommitRequest",
     "FlushRequest",
     "GetRequest",
     "ItemColumns",
+    "JoinRequest",
     "JsonScalar",
+    "LeaveRequest",
+    "MembersRequest",
     "PingRequest",
+    "ReleaseRequest",
     "Request",
     "RequestError",
     "RequestId",
@@ -270,6 +280,35 @@ def _ping(obj: Mapping[str, Any], request_id: RequestId) -> PingRequest:
     return PingRequest(request_id)
 
 
+def _join(obj: Mapping[str, Any], request_id: RequestId) -> JoinRequest:
+    group = _req_str(obj, "group")
+    name = _consumer(obj.get("consumer"), "consumer")
+    if name is None:
+        # A member needs a name of its own: SLS tells members apart by it.
+        raise ProtocolError("BadRequest", f"consumer: required, {_CONSUMER_RULE}")
+    return JoinRequest(group, name, request_id)
+
+
+def _release(obj: Mapping[str, Any], request_id: RequestId) -> ReleaseRequest:
+    group = _req_str(obj, "group")
+    shard = obj.get("shard")
+    if shard is None:
+        raise ProtocolError("BadRequest", "shard: required")
+    return ReleaseRequest(group, _shard(shard, "shard"), request_id)
+
+
+def _leave(obj: Mapping[str, Any], request_id: RequestId) -> LeaveRequest:
+    return LeaveRequest(_req_str(obj, "group"), request_id)
+
+
+def _assignment(obj: Mapping[str, Any], request_id: RequestId) -> AssignmentRequest:
+    return AssignmentRequest(_req_str(obj, "group"), request_id)
+
+
+def _members(obj: Mapping[str, Any], request_id: RequestId) -> MembersRequest:
+    return MembersRequest(_opt_str(obj, "group"), request_id)
+
+
 def _commit(obj: Mapping[str, Any], request_id: RequestId) -> CommitRequest:
     group = _req_str(obj, "group")
     consumer = obj.get("consumer")
@@ -434,6 +473,11 @@ _BUILDERS: Final[Mapping[str, Callable[[Mapping[str, Any], RequestId], Request]]
     "get": _get,
     "status": _status,
     "ping": _ping,
+    "join": _join,
+    "release": _release,
+    "leave": _leave,
+    "assignment": _assignment,
+    "members": _members,
 }
 
 
@@ -513,6 +557,12 @@ def encode_request(request: Request) -> bytes:
         fields.update(group=request.group, timeout=request.timeout)
     elif isinstance(request, GetRequest):
         fields.update(group=request.group, shard=request.shard, remote=request.remote or None)
+    elif isinstance(request, JoinRequest):
+        fields.update(group=request.group, consumer=request.consumer)
+    elif isinstance(request, ReleaseRequest):
+        fields.update(group=request.group, shard=request.shard)
+    elif isinstance(request, LeaveRequest | AssignmentRequest | MembersRequest):
+        fields.update(group=request.group)
     wire = {key: value for key, value in fields.items() if value is not None}
     if request.request_id.present:
         wire["id"] = request.request_id.value

@@ -14,14 +14,20 @@ from cpmgr.errors import ProtocolError
 __all__ = [
     "MAX_SHARD",
     "NO_ID",
+    "AssignmentRequest",
     "CommitItem",
     "CommitRequest",
     "FlushRequest",
     "GetRequest",
     "ItemColumns",
+    "JoinRequest",
     "JsonScalar",
+    "LeaveRequest",
+    "MembersRequest",
+    "MembershipRequest",
     "Op",
     "PingRequest",
+    "ReleaseRequest",
     "Request",
     "RequestError",
     "RequestId",
@@ -31,7 +37,9 @@ __all__ = [
 ]
 
 JsonScalar = str | int | float | bool | None
-Op = Literal["commit", "flush", "get", "status", "ping"]
+Op = Literal[
+    "commit", "flush", "get", "status", "ping", "join", "release", "leave", "assignment", "members"
+]
 
 MAX_SHARD: Final = 2**31 - 1  # SLS shard ids are 32-bit
 
@@ -231,7 +239,57 @@ class PingRequest:
     request_id: RequestId = NO_ID
 
 
-Request = CommitRequest | FlushRequest | GetRequest | StatusRequest | PingRequest
+@dataclass(frozen=True, slots=True)
+class JoinRequest:
+    """`join`: the connection becomes `consumer`, a member of a membership group."""
+
+    op: ClassVar[Op] = "join"
+    group: str
+    consumer: str
+    request_id: RequestId = NO_ID
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseRequest:
+    """`release`: hand a shard back once its newest value is committed."""
+
+    op: ClassVar[Op] = "release"
+    group: str
+    shard: int
+    request_id: RequestId = NO_ID
+
+
+@dataclass(frozen=True, slots=True)
+class LeaveRequest:
+    """`leave`: release every shard, then end the membership."""
+
+    op: ClassVar[Op] = "leave"
+    group: str
+    request_id: RequestId = NO_ID
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentRequest:
+    """`assignment`: the shards this connection's member holds in a group."""
+
+    op: ClassVar[Op] = "assignment"
+    group: str
+    request_id: RequestId = NO_ID
+
+
+@dataclass(frozen=True, slots=True)
+class MembersRequest:
+    """`members`: every member on this daemon, of one group or all."""
+
+    op: ClassVar[Op] = "members"
+    group: str | None = None
+    request_id: RequestId = NO_ID
+
+
+MembershipRequest = JoinRequest | ReleaseRequest | LeaveRequest | AssignmentRequest | MembersRequest
+Request = (
+    CommitRequest | FlushRequest | GetRequest | StatusRequest | PingRequest | MembershipRequest
+)
 
 
 def decode_cursor(checkpoint: str) -> int | None:
