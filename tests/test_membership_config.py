@@ -29,6 +29,10 @@ def _config(membership: object, **group: object) -> dict[str, Any]:
     }
 
 
+def _same_sls_group(name: str) -> dict[str, object]:
+    return {"name": name, "project": "p", "logstore": "l", "consumer_group": "cg"}
+
+
 def _problems(data: dict[str, Any]) -> list[str]:
     with pytest.raises(ConfigError) as caught:
         parse_config(data, {})
