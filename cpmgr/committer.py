@@ -89,6 +89,7 @@ class CommitObserver(Protocol):
     def retried(self, group: str) -> None: ...
     def commit_finished(self, group: str, code: str, seconds: float, *, ok: bool) -> None: ...
     def cycle_finished(self, seconds: float, shards: int) -> None: ...
+    def value_dropped(self, group: str, code: str) -> None: ...
     def concurrency_changed(self, limit: int) -> None: ...
 
 
@@ -105,6 +106,9 @@ class NullObserver:
         pass
 
     def cycle_finished(self, seconds: float, shards: int) -> None:
+        pass
+
+    def value_dropped(self, group: str, code: str) -> None:
         pass
 
     def concurrency_changed(self, limit: int) -> None:
@@ -240,6 +244,7 @@ class Committer:
         on_credentials_error: Callable[[], None] | None = None,
         on_committed: Callable[[str, int, str], None] | None = None,
         on_dropped: Callable[[str, int, str], None] | None = None,
+        on_refused: Callable[[str, int, str | None, str], None] | None = None,
     ) -> None:
         self._store = store
         self._client = client
@@ -250,6 +255,9 @@ class Committer:
         self._on_credentials_error = on_credentials_error
         self._on_committed = on_committed
         self._on_dropped = on_dropped
+        # (group, shard, consumer, code) of every value SLS refused for good: membership
+        # learns from it that a member lost a shard.
+        self._on_refused = on_refused
         self._limiter = ConcurrencyLimiter(config.commit.max_in_flight, clock=clock)
         self._commit_cfg: CommitConfig = config.commit
         self._groups: dict[str, _GroupState] = {}
@@ -597,6 +605,8 @@ class Committer:
             self._store.on_permanent_failure(attempt, info)
             if self._on_dropped is not None:
                 self._on_dropped(attempt.group, attempt.shard, attempt.checkpoint)
+            if self._on_refused is not None:
+                self._on_refused(attempt.group, attempt.shard, attempt.consumer, error.code)
         else:
             self._store.on_retryable_failure(attempt, info)
         self._observer.commit_finished(attempt.group, error.code, seconds, ok=False)
@@ -736,6 +746,18 @@ class Committer:
         if error is not None and seq <= attempt.seq:
             return CommitOutcome(ok=False, code=error.code, message=error.message, dropped=False)
         return None  # a newer value than the job sent, or not settled yet: commit again
+
+    def discard(self, group: str, shard: int, *, code: str, message: str) -> None:
+        """Drop the shard's pending value (its member lost the shard); callers waiting for it
+        learn `code` with `dropped`. A job in flight still ends on its own."""
+        info = ErrorInfo(code=code, message=message, at=self._wall_clock())
+        checkpoint = self._store.discard_pending(group, shard, info)
+        if checkpoint is None:
+            return
+        self._observer.value_dropped(group, code)
+        if self._on_dropped is not None:
+            self._on_dropped(group, shard, checkpoint)
+        self._answer_settled((group, shard))
 
     async def wait_for(self, group: str, shard: int, seq: int, timeout: float) -> CommitOutcome:
         """Commit `shard` now (joining a job in flight) until value `seq` or newer is settled."""

@@ -110,11 +110,13 @@ class MembershipConfig:
     start: str = "begin"
 
     @property
-    def start_from(self) -> str:
+    def start_from(self) -> Literal["begin", "end"] | int:
         """GetCursor's `from`: begin, end, or the start time in unix seconds."""
-        if self.start in START_POSITIONS:
-            return self.start
-        return str(int(parse_time(self.start)))
+        if self.start == "begin":
+            return "begin"
+        if self.start == "end":
+            return "end"
+        return int(parse_time(self.start))
 
 
 @dataclass(frozen=True)

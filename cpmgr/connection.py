@@ -6,15 +6,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 
 from cpmgr.errors import ProtocolError
 from cpmgr.protocol import (
     NO_ID,
+    AssignmentRequest,
     CommitRequest,
+    JoinRequest,
+    LeaveRequest,
+    MembersRequest,
+    ReleaseRequest,
     Request,
     RequestId,
     encode_error,
+    encode_event,
     encode_failure,
     is_blank,
     parse_request,
@@ -22,6 +29,7 @@ from cpmgr.protocol import (
 
 if TYPE_CHECKING:  # the server owns its connections; only its type is needed here
     from cpmgr.ingest import IngestServer
+    from cpmgr.membership import Member
 
 __all__ = ["Connection"]
 
@@ -30,6 +38,15 @@ _MAX_PIPELINED: Final = 1024  # journaled commits in progress per connection
 _WRITE_HIGH_WATER: Final = 256 * 1024
 _CR: Final = 13
 _OPEN_BRACE: Final = 123
+# Events written while the peer does not read; past this many it is treated as gone.
+MAX_UNREAD_EVENTS: Final = 1000
+_MEMBERSHIP_OPS: Final = (
+    JoinRequest,
+    ReleaseRequest,
+    LeaveRequest,
+    AssignmentRequest,
+    MembersRequest,
+)
 
 
 # --- connections ----------------------------------------------------------------------------
@@ -65,7 +82,13 @@ class Connection(asyncio.Protocol):
         self._read_paused = False
         self._input_done = False  # EOF, a fatal error or close(): no more lines are read
         self._lost = False
+        self.joined: dict[str, Member] = {}  # group -> the member this connection joined as
+        self._unread_events = 0  # events written while writing is paused
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def lost(self) -> bool:
+        return self._lost
 
     @property
     def busy(self) -> bool:
@@ -117,6 +140,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        for member in self.joined.values():
+            self._server.member_disconnected(member)
+        self.joined.clear()
         self._input_done = True
         self._partial.clear()
         self._lines.clear()
@@ -132,7 +158,24 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._unread_events = 0
         self._update_reading()
+
+    # --- events (membership) --------------------------------------------------------------
+
+    def send_event(self, fields: Mapping[str, object]) -> None:
+        """Write an event line now, between answers: answers not yet complete stay in their
+        slots, so they follow it (a NotOwner answer always comes after the event behind it)."""
+        if self._lost or self._transport is None or self._transport.is_closing():
+            return
+        if self._write_paused:
+            self._unread_events += 1
+            if self._unread_events > MAX_UNREAD_EVENTS:
+                self._server.closed_by_limit("unread_events")
+                self.abort()  # connection_lost() then ends its memberships as a disconnect
+                return
+        self._out.append(encode_event(fields))
+        self._write()
 
     # --- lines -------------------------------------------------------------------------
 
@@ -178,6 +221,7 @@ class Connection(asyncio.Protocol):
                 and type(request) is CommitRequest
                 and not request.wait
                 and not self._running
+                and request.group not in server.member_groups
             ):
                 self._out.append(server.commit_now(request, self.uid))
             elif (
@@ -193,6 +237,14 @@ class Connection(asyncio.Protocol):
     def _handle(self, request: Request) -> bool:
         """Answer or start one request; False when later lines must wait for it."""
         server = self._server
+        if type(request) is CommitRequest and request.group in server.member_groups:
+            gated = server.gate_member_commit(request, self)
+            if isinstance(gated, bytes):
+                self._emit(gated)
+                return True
+            request = gated
+        elif isinstance(request, _MEMBERSHIP_OPS):
+            return self._start_member_op(request)
         if (
             server.plain_commits
             and not self._running
@@ -226,6 +278,20 @@ class Connection(asyncio.Protocol):
             self._resume_at = _MAX_PIPELINED - 1
             return False
         return True
+
+    def _start_member_op(self, request: Request) -> bool:
+        # Membership ops take effect in the order sent: later lines wait for them (a commit
+        # sent after a `release` must see the shard gone).
+        if self._batch:
+            self._seal()
+        if self._running:
+            self._held = request
+            self._resume_at = 0
+            return False
+        task = asyncio.get_running_loop().create_task(self._server.answer_member_op(request, self))
+        self._track((request.request_id,), task)
+        self._resume_at = 0
+        return False
 
     def _join_batch(self, request: CommitRequest) -> bool:
         # Journaled commits of a chunk are journaled together: one write (and, with fsync:

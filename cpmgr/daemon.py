@@ -27,6 +27,7 @@ from cpmgr.errors import ConfigError, CpmgrError
 from cpmgr.ingest import IngestServer
 from cpmgr.journal import Journal
 from cpmgr.logs import configure_logging
+from cpmgr.membership import Membership
 from cpmgr.metrics import LoopLagProbe, Metrics
 from cpmgr.sls.client import SLSClient
 from cpmgr.store import CheckpointStore
@@ -42,6 +43,8 @@ CLOSE_GRACE = 1.0
 # Shards named one per line in the shutdown report, per group; the rest are counted in one line
 # (a 100,000-shard backlog must not turn the report into minutes of logging).
 LEFT_BEHIND_LINES = 100
+# Requests membership may have open at once (heartbeats, GetCheckPoint, GetCursor).
+MEMBERSHIP_CONNECTIONS = 8
 
 ShutdownTrigger = Callable[[], Awaitable[object]]
 
@@ -107,7 +110,9 @@ class Daemon:
             on_credentials_error=self.credentials.invalidate,
             on_committed=self._journal_committed,
             on_dropped=self._journal_dropped,
+            on_refused=self._member_refused,
         )
+        self.member_client, self.membership = self._membership(config)
         self.journal = (
             Journal(
                 config.state.dir,
@@ -124,6 +129,7 @@ class Daemon:
             journal=self.journal,
             metrics=self.metrics,
             status=self.status,
+            membership=self.membership,
         )
         self.web = (
             WebServer(
@@ -146,9 +152,42 @@ class Daemon:
         self._retiring_groups: dict[str, GroupConfig] = {}
         self._retiring: set[asyncio.Task[None]] = set()
 
+    def _membership(self, config: Config) -> tuple[SLSClient | None, Membership | None]:
+        """Membership and its own SLS client (heartbeats never queue behind commits)."""
+        settings = [g.membership for g in config.groups if g.membership is not None]
+        if not settings:
+            return None, None
+        shortest = min(m.heartbeat_interval for m in settings)
+        client = SLSClient(
+            endpoint=config.sls.endpoint,
+            credentials=self.credentials,
+            signature_version=config.sls.signature_version,
+            region=config.sls.region,
+            request_timeout=min(config.commit.request_timeout, shortest),
+            connection_limit=MEMBERSHIP_CONNECTIONS,
+        )
+        membership = Membership(
+            config=config,
+            store=self.store,
+            committer=self.committer,
+            api=client,
+            observer=self.metrics,
+        )
+        self.metrics.watch_membership(membership.figures)
+        return client, membership
+
+    def _member_refused(self, group: str, shard: int, consumer: str | None, code: str) -> None:
+        if self.membership is not None:
+            self.membership.on_refused(group, shard, consumer, code)
+
     def _ready_for_probes(self) -> bool:
-        """/readyz: started, not draining, and the journal (if any) can write."""
-        return self.ready and (self.journal is None or self.journal.writable)
+        """/readyz: started, not draining, the journal (if any) can write, and every member
+        had a successful heartbeat within half its timeout."""
+        return (
+            self.ready
+            and (self.journal is None or self.journal.writable)
+            and (self.membership is None or self.membership.healthy())
+        )
 
     async def _render_metrics(self) -> bytes:
         return await self.store_collector.render(self.registry)
@@ -180,9 +219,15 @@ class Daemon:
         self._started.append(self.client.close)
         await self.committer.start()
         self._started.append(self.committer.close)
+        if self.member_client is not None:
+            await self.member_client.start()
+            self._started.append(self.member_client.close)
         with _startup_step(f"socket {self.config.socket.path}"):
             await self.ingest.start()
         self._started.append(self._close_ingest)
+        if self.membership is not None:
+            # Stopped before the socket closes: closing connections must not start handoffs.
+            self._started.append(self.membership.close)
         self.ready = True
         log.info(
             "cpmgr %s ready: socket %s, %d group(s), commit interval %gs",
@@ -221,12 +266,28 @@ class Daemon:
         self.ready = False
         self.ingest.stop_accepting()
         timeout = self.config.commit.shutdown_timeout
-        log.info("shutting down: flushing pending checkpoints (up to %gs)", timeout)
+        started = time.monotonic()
         try:
-            await self._flush_until(time.monotonic() + timeout)
+            if self.membership is not None:
+                await self._hand_over_for_shutdown(self.membership, timeout)
+            log.info("shutting down: flushing pending checkpoints (up to %gs)", timeout)
+            deadline = started + timeout
+            if self.membership is not None:
+                deadline -= self.config.commit.request_timeout  # the empty heartbeats follow
+            await self._flush_until(deadline)
         except Exception:
             log.exception("final flush failed")
+        if self.membership is not None:
+            await self.membership.close()  # every member's empty heartbeat, after the flush
         return self.report_left_behind()
+
+    async def _hand_over_for_shutdown(self, membership: Membership, timeout: float) -> None:
+        """Revoke every member's shards and wait for their releases (or deadlines)."""
+        longest = membership.revoke_all(timeout)
+        if longest:
+            log.info("shutting down: members release their shards (up to %gs)", longest)
+            deadline = time.monotonic() + longest + self.config.commit.request_timeout
+            await membership.wait_released(deadline)
 
     async def _flush_until(self, deadline: float, *, group: str | None = None) -> None:
         """Flush again while retryable failures leave values pending and time remains: a
@@ -310,11 +371,15 @@ class Daemon:
             for problem in exc.problems:
                 log.error("reload refused, keeping the running config: %s", problem)
             return False
-        self._apply(fresh)
-        return True
+        return self._apply(fresh)
 
-    def _apply(self, fresh: Config) -> None:
+    def _apply(self, fresh: Config) -> bool:
         old = self.config
+        refused = _membership_changes(old, fresh)
+        if refused:
+            for problem in refused:
+                log.error("reload refused, keeping the running config: %s", problem)
+            return False
         for setting, read in _RESTART_ONLY:
             if read(old) != read(fresh):
                 log.warning("reload: %s changed; it takes effect after a restart", setting)
@@ -324,6 +389,8 @@ class Daemon:
             self.store.add_group(group.name)
         self._retiring_groups.update((g.name, g) for g in removed)
         self.metrics.add_groups(self.store.groups())
+        if self.membership is not None:
+            self.membership.apply_config(fresh)
         self.credentials.update(fresh.sls)
         configure_logging(fresh.log.level, fresh.log.format)
         self.config = fresh
@@ -332,6 +399,7 @@ class Daemon:
         for group in removed:
             self._retire_group(group.name)
         log.info("config reloaded: %d group(s)", len(fresh.groups))
+        return True
 
     def _committer_config(self) -> Config:
         """The running config plus the removed groups whose final flush is still going on."""
@@ -369,8 +437,28 @@ class Daemon:
             "uptime_seconds": round(time.monotonic() - self._started_at, 3),
             "ready": self.ready,
             "shutting_down": self.shutting_down,
-            "groups": {name: self.store.group_status(name) for name in self.store.groups()},
+            "groups": {name: self._group_status(name) for name in self.store.groups()},
         }
+
+    def _group_status(self, name: str) -> dict[str, object]:
+        status = self.store.group_status(name)
+        if self.membership is not None and name in self.membership.groups:
+            members, held, last = self.membership.figures().get(name, (0, 0, None))
+            status["membership"] = {"members": members, "held_shards": held, "last_heartbeat": last}
+        return status
+
+
+def _membership_changes(old: Config, fresh: Config) -> list[str]:
+    """What a reload may not do: add or remove a membership block (or such a group)."""
+    problems = []
+    names = {g.name for g in old.groups} | {g.name for g in fresh.groups}
+    for name in sorted(names):
+        before, after = old.group(name), fresh.group(name)
+        had = before is not None and before.membership is not None
+        has = after is not None and after.membership is not None
+        if had != has:
+            problems.append(f"group {name}: adding or removing membership needs a restart")
+    return problems
 
 
 class _Signals:

@@ -202,6 +202,10 @@ class Dispatcher:
         visible = frozenset(g for g in self._groups if self.may_use(g, uid))
         return None if visible == self._groups else visible
 
+    def require_group(self, group: str) -> None:
+        """Raise UnknownGroup unless the group is configured."""
+        self._require_group(group)
+
     def _require_group(self, group: str) -> None:
         if group not in self._groups:
             raise ProtocolError("UnknownGroup", f"unknown group {group!r}")

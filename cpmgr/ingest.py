@@ -55,11 +55,18 @@ from cpmgr.dispatch import (
 )
 from cpmgr.errors import ProtocolError
 from cpmgr.listener import Acceptor, QuietLog, Refusals, bind, fd_ceiling, peer_uid
+from cpmgr.membership import Member, Membership
 from cpmgr.protocol import (
     NO_ID,
+    AssignmentRequest,
+    CommitItem,
     CommitRequest,
     FlushRequest,
     GetRequest,
+    JoinRequest,
+    LeaveRequest,
+    MembersRequest,
+    ReleaseRequest,
     Request,
     StatusRequest,
     encode_error,
@@ -102,8 +109,13 @@ class IngestServer:
         metrics: IngestObserver | None = None,
         status: Callable[[], Mapping[str, Any]] | None = None,
         handlers: Handlers | None = None,
+        membership: Membership | None = None,
     ) -> None:
         self._socket = config.socket
+        self.membership = membership
+        # Groups whose commits go through the membership gate (NotOwner, NotMember).
+        self.member_groups: frozenset[str] = membership.groups if membership else frozenset()
+        self._teardowns: set[asyncio.Task[None]] = set()
         self.observer: IngestObserver = metrics or NullObserver()
         self.dispatcher = Dispatcher(
             store,
@@ -295,7 +307,11 @@ class IngestServer:
 
     def refusal(self, request: Request, uid: int | None) -> bytes | None:
         """The answer refusing `request` before it runs (draining, or a forbidden group)."""
-        if not self._accepting and isinstance(request, CommitRequest):
+        if (
+            not self._accepting
+            and isinstance(request, CommitRequest)
+            and request.group not in self.member_groups  # revoked shards still take commits
+        ):
             return encode_error(request.request_id, "ShuttingDown", "the daemon is shutting down")
         group = getattr(request, "group", None)
         if (
@@ -308,6 +324,126 @@ class IngestServer:
                 request.request_id, "Forbidden", f"peer uid is not allowed to use group {group!r}"
             )
         return None
+
+    # --- membership ---------------------------------------------------------------------
+
+    def gate_member_commit(
+        self, request: CommitRequest, connection: Connection
+    ) -> CommitRequest | bytes:
+        """A commit to a membership group: every item named for a joined member holding its
+        shard (the joined name filled in), or the answer refusing it."""
+        refusal = self.refusal(request, connection.uid)
+        if refusal is not None:
+            return refusal
+        try:
+            return self._member_commit(request, connection)
+        except ProtocolError as exc:
+            self.observer.request_error(exc.code)
+            return encode_failure(exc, request.request_id)
+
+    def _member_commit(self, request: CommitRequest, connection: Connection) -> CommitRequest:
+        assert self.membership is not None
+        joined = connection.joined.get(request.group)
+        names = {item.consumer for item in request.items}
+        if joined is not None and names - {None, joined.name}:
+            raise ProtocolError(
+                "BadRequest",
+                f"consumer: this connection joined group {request.group!r} as {joined.name!r}",
+            )
+        if joined is None:
+            if None in names or len(names) != 1:
+                raise ProtocolError(
+                    "NotMember", f"commits to group {request.group!r} must come from a member"
+                )
+            (name,) = names
+            assert name is not None
+            joined = self.membership.member(request.group, name)
+            if joined is None:
+                raise ProtocolError(
+                    "NotMember", f"{name!r} is not a member of group {request.group!r}"
+                )
+        self.membership.check_commit(joined, [item.shard for item in request.items])
+        if None not in names:
+            return request
+        name = joined.name
+        items = tuple(
+            CommitItem(i.shard, i.checkpoint, name, i.index, i.number) for i in request.items
+        )
+        return CommitRequest(
+            request.group,
+            items,
+            request.batch,
+            request.force,
+            request.wait,
+            request.timeout,
+            request.request_id,
+        )
+
+    async def answer_member_op(self, request: Request, connection: Connection) -> list[bytes]:
+        """The answer line of join, release, leave, assignment or members."""
+        try:
+            refusal = self.refusal(request, connection.uid)
+            if refusal is not None:
+                return [refusal]
+            fields = await self._member_op(request, connection)
+            return [encode_ok(request.request_id, **fields)]
+        except ProtocolError as exc:
+            self.observer.request_error(exc.code)
+            return [encode_failure(exc, request.request_id)]
+        except Exception:
+            return [self._internal_error(request)]
+
+    async def _member_op(self, request: Request, connection: Connection) -> Fields:
+        if isinstance(request, MembersRequest):
+            visible = self.dispatcher.visible_groups(connection.uid)
+            if request.group is not None:
+                self.dispatcher.require_group(request.group)
+            members = (
+                self.membership.members_view(visible, request.group) if self.membership else []
+            )
+            return {"members": members}
+        group = getattr(request, "group", "")
+        self.dispatcher.require_group(group)
+        membership = self.membership
+        if membership is None or group not in self.member_groups:
+            raise ProtocolError("NotMembershipGroup", f"group {group!r} has no membership block")
+        if isinstance(request, JoinRequest):
+            return await self._join(membership, request, connection)
+        member = connection.joined.get(group)
+        if member is None:
+            raise ProtocolError("NotMember", f"this connection has not joined group {group!r}")
+        if isinstance(request, ReleaseRequest):
+            return {"checkpoint": await membership.release(member, request.shard)}
+        if isinstance(request, LeaveRequest):
+            released = await membership.leave(member)
+            connection.joined.pop(group, None)
+            return {"released": released}
+        assert isinstance(request, AssignmentRequest)
+        return {"consumer": member.name, "shards": member.view()}
+
+    async def _join(
+        self, membership: Membership, request: JoinRequest, connection: Connection
+    ) -> Fields:
+        if request.group in connection.joined:
+            raise ProtocolError(
+                "BadRequest", f"this connection already joined group {request.group!r}"
+            )
+        if not self._accepting:
+            raise ProtocolError("ShuttingDown", "the daemon is shutting down")
+        member = await membership.join(request.group, request.consumer, connection)
+        if connection.finished.done() or connection.lost:
+            self.member_disconnected(member)  # it went away while the join waited
+        else:
+            connection.joined[request.group] = member
+        return {"group": request.group, "consumer": request.consumer}
+
+    def member_disconnected(self, member: Member) -> None:
+        """A joined connection closed: its member hands everything over (in the background)."""
+        if self.membership is None:
+            return
+        task = asyncio.get_running_loop().create_task(self.membership.disconnected(member))
+        self._teardowns.add(task)
+        task.add_done_callback(self._teardowns.discard)
 
     def runs_concurrently(self, request: Request) -> bool:
         """Journaled commits without `wait` may overlap, to share the journal's fsyncs."""

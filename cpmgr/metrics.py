@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -256,6 +256,36 @@ class LoopLagProbe:
             self._histogram.observe(max(0.0, loop.time() - before - self._interval))
 
 
+# Per membership group: (members, held shards, wall time of the newest successful heartbeat).
+MemberFigures = tuple[int, int, float | None]
+
+
+class MembershipCollector(Collector):
+    """cpmgr_members, cpmgr_held_shards and cpmgr_last_heartbeat_timestamp_seconds."""
+
+    def __init__(self, figures: Callable[[], Mapping[str, MemberFigures]]) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        members = GaugeMetricFamily(
+            "cpmgr_members", "Members joined through this daemon.", labels=["group"]
+        )
+        held = GaugeMetricFamily(
+            "cpmgr_held_shards", "Shards held (or being released) by its members.", labels=["group"]
+        )
+        last = GaugeMetricFamily(
+            "cpmgr_last_heartbeat_timestamp_seconds",
+            "When a member's heartbeat last succeeded (unix time).",
+            labels=["group"],
+        )
+        for group, (count, shards, newest) in sorted(self._figures().items()):
+            members.add_metric([group], count)
+            held.add_metric([group], shards)
+            if newest is not None:
+                last.add_metric([group], newest)
+        yield from (members, held, last)
+
+
 class Metrics:
     """Every cpmgr metric, registered on `registry`; also the committer's observer."""
 
@@ -345,6 +375,25 @@ class Metrics:
             "Commits refused because the journal could not persist them.",
             registry=registry,
         )
+        self.heartbeat_requests = Counter(
+            "cpmgr_heartbeat_requests",
+            "ConsumerGroupHeartBeat requests sent for members, by outcome (OK or the error code).",
+            ["group", "code"],
+            registry=registry,
+        )
+        self.handoffs = Counter(
+            "cpmgr_shard_handoffs",
+            "Shards that left a member (rebalance, shutdown, deadline, disconnect, ended, lost).",
+            ["group", "reason"],
+            registry=registry,
+        )
+        self.handoff_duration = Histogram(
+            "cpmgr_handoff_duration_seconds",
+            "From a shard's revoked event to the shard leaving its member's heartbeat.",
+            ["group"],
+            buckets=COMMIT_BUCKETS,
+            registry=registry,
+        )
         Info("cpmgr_build", "cpmgr build information.", registry=registry).info(
             {"version": __version__}
         )
@@ -406,6 +455,23 @@ class Metrics:
 
     def cycle_finished(self, seconds: float, shards: int) -> None:
         self.cycle_duration.observe(seconds)
+
+    def value_dropped(self, group: str, code: str) -> None:
+        self.commit_failures.labels(group, code).inc()
+
+    # ---------------------------------------------------------------- membership's observer
+
+    def heartbeat_finished(self, group: str, code: str, wall_time: float) -> None:
+        self.heartbeat_requests.labels(group, code).inc()
+
+    def handoff_finished(self, group: str, reason: str, seconds: float | None) -> None:
+        self.handoffs.labels(group, reason).inc()
+        if seconds is not None:
+            self.handoff_duration.labels(group).observe(seconds)
+
+    def watch_membership(self, figures: Callable[[], Mapping[str, MemberFigures]]) -> None:
+        """Members, held shards and the last heartbeat per group, read at scrape time."""
+        self.registry.register(MembershipCollector(figures))
 
     def concurrency_changed(self, limit: int) -> None:
         self.concurrency.set(limit)

@@ -78,6 +78,7 @@ __all__ = [
     "StatusRequest",
     "decode_cursor",
     "encode_error",
+    "encode_event",
     "encode_failure",
     "encode_ok",
     "encode_ok_pieces",
@@ -523,6 +524,11 @@ def encode_error(
     if error_fields:
         error.update(error_fields)
     return _dump({"ok": False, **fields, "error": error}, request_id)
+
+
+def encode_event(fields: Mapping[str, object]) -> bytes:
+    """An event line (membership): an `event` field and never an `ok` field."""
+    return _ENCODER.encode(fields).encode("ascii") + b"\n"
 
 
 def encode_failure(exc: ProtocolError, request_id: RequestId = NO_ID) -> bytes:

@@ -431,6 +431,57 @@ class CheckpointStore:
             table.mark_dirty(shard)
             table.last_seq = self._seq
 
+    # --- membership (docs/design.md "Handoffs") -------------------------------------------
+
+    def newest_seq(self, group: str, shard: int) -> int:
+        """The seq of the shard's newest accepted value (pending, else committed); 0 if none."""
+        table = self._groups.get(group)
+        state = table.shards.get(shard) if table is not None else None
+        if state is None:
+            return 0
+        return state.pending[_SEQ] if state.pending is not None else state.committed_seq
+
+    def seed(self, group: str, shard: int, committed: str | None) -> None:
+        """A member acquired the shard: SLS's checkpoint (None: it has none) becomes the
+        committed value, even if older than what was here, and a pending value from before
+        is discarded, so the regression guard starts from what SLS holds."""
+        table = self._group(group)
+        state = table.shards.get(shard)
+        if state is None:
+            if committed is None:
+                return
+            state = table.shards[shard] = _Shard()
+        self._mark_clean(table, shard, state)
+        state.uncertain = False
+        self._seq += 1
+        state.committed = (
+            None if committed is None else (committed, decode_cursor(committed), None, self._seq)
+        )
+        if state.committed is None and state.in_flight is None:
+            del table.shards[shard]
+
+    def pending_of_consumer(self, group: str, consumer: str) -> list[tuple[int, int]]:
+        """(shard, seq) of every pending value of the group named for `consumer`."""
+        table = self._groups.get(group)
+        if table is None:
+            return []
+        shards = table.shards
+        values = ((shard, shards[shard].pending) for shard in table.dirty)
+        return [(s, v[_SEQ]) for s, v in values if v is not None and v[_CONSUMER] == consumer]
+
+    def discard_pending(self, group: str, shard: int, error: ErrorInfo) -> str | None:
+        """Drop the shard's pending value (its member no longer holds the shard, so SLS would
+        refuse it); the checkpoint dropped, or None if nothing was pending. Counts a failure."""
+        table = self._groups.get(group)
+        state = table.shards.get(shard) if table is not None else None
+        if table is None or state is None or state.pending is None:
+            return None
+        dropped = state.pending
+        state.dropped_seq = max(state.dropped_seq, dropped[_SEQ])
+        self._mark_clean(table, shard, state)
+        self._record_failure(group, state, error)
+        return dropped[_CHECKPOINT]
+
     # --- the committer's side -------------------------------------------------------------
 
     def pending_seqs(self, *, group: str | None = None) -> list[tuple[str, int, int]]:

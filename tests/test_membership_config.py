@@ -58,7 +58,7 @@ def test_every_key_is_read() -> None:
     cfg = parse_config({**_config(block), "commit": {"request_timeout": "500ms"}}, {})
     m = cfg.groups[0].membership
     assert m == MembershipConfig(0.2, 2, True, True, 1.0, "2026-01-02T03:04:05Z")
-    assert m.start_from == str(int(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp()))
+    assert m.start_from == int(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp())
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,733 @@
+"""Consumer-group membership (docs/protocol.md "Membership"): cpmgr is the SLS consumer-group
+member of every consumer that joins over the socket. One heartbeat loop per member; each
+heartbeat answer is diffed into `assigned` / `revoked` events; a shard leaves the heartbeat body
+only once its last checkpoint is committed (or its deadline passed).
+
+Decisions where the contract is silent:
+- A shard SLS assigns is in the heartbeat body from the first answer that names it ("acquiring");
+  commits to it are refused `NotOwner` until its `assigned` event is written.
+- A `release` of a shard that was never revoked counts as a `rebalance` handoff.
+- Past a revoke's deadline cpmgr gives the newest value one `request_timeout` to be committed;
+  what is still unsaved then is dropped with code `NotOwner` (its member no longer holds it).
+- A shard SLS drops from a member's answer while its acquisition is still running is dropped
+  silently: its member was never told it held it.
+- The consumer group's settings are read (and, with `create`, the group created) before a
+  member's first heartbeat, and again before each later one until that succeeded once.
+- Values pending under a member's name when it joins (a journal replay, or a previous connection
+  of the same name) are committed, or refused by SLS, before its first heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal, Protocol
+
+from cpmgr.config import Config, GroupConfig, MembershipConfig
+from cpmgr.errors import ProtocolError, SLSError
+from cpmgr.outcomes import CommitOutcome
+from cpmgr.requests import RequestError
+from cpmgr.sls.client import ConsumerGroup, RemoteCheckpoint
+from cpmgr.store import CheckpointStore
+
+__all__ = ["EventSink", "Member", "Membership", "MembershipAPI"]
+
+log = logging.getLogger(__name__)
+
+ShardState = Literal["acquiring", "held", "releasing", "closing"]
+HandoffReason = Literal["rebalance", "shutdown", "deadline", "disconnect", "ended", "lost"]
+# SLS no longer knows the member: every shard is gone, and it must heartbeat `[]` to rejoin.
+EXPIRED_CODES: Final = frozenset({"ConsumerNotExist", "NotExistConsumerWithBody"})
+NOT_OWNER_CODES: Final = frozenset({"ConsumerNotMatch"})
+# The empty heartbeats at shutdown share this bound (CONTRACT: "bounded by 1 s").
+FINAL_HEARTBEAT_SECONDS: Final = 1.0
+
+
+class EventSink(Protocol):
+    """Where a member's events go: its connection (events are written as they happen)."""
+
+    def send_event(self, fields: Mapping[str, object]) -> None: ...
+
+
+class MembershipAPI(Protocol):
+    """The SLS calls membership makes, on a client of its own (never behind commits)."""
+
+    async def heartbeat(
+        self,
+        project: str,
+        logstore: str,
+        group: str,
+        consumer: str,
+        shards: Sequence[int],
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> list[int]: ...
+
+    async def get_checkpoint(
+        self,
+        project: str,
+        logstore: str,
+        group: str,
+        shard: int | None = None,
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> list[RemoteCheckpoint]: ...
+
+    async def get_cursor(
+        self,
+        project: str,
+        logstore: str,
+        shard: int,
+        start: Literal["begin", "end"] | int,
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> str: ...
+
+    async def list_consumer_groups(
+        self, project: str, logstore: str, *, endpoint: str | None = None, region: str | None = None
+    ) -> list[ConsumerGroup]: ...
+
+    async def create_consumer_group(
+        self,
+        project: str,
+        logstore: str,
+        group: str,
+        *,
+        heartbeat_timeout: int,
+        order: bool = False,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> None: ...
+
+
+class CommitSide(Protocol):
+    """What handoffs need from the committer."""
+
+    async def wait_for(self, group: str, shard: int, seq: int, timeout: float) -> CommitOutcome: ...
+    def discard(self, group: str, shard: int, *, code: str, message: str) -> None: ...
+
+
+class MembershipObserver(Protocol):
+    """Receives what membership does (metrics.Metrics fits)."""
+
+    def heartbeat_finished(self, group: str, code: str, wall_time: float) -> None: ...
+    def handoff_finished(self, group: str, reason: str, seconds: float | None) -> None: ...
+
+
+class _NullObserver:
+    def heartbeat_finished(self, group: str, code: str, wall_time: float) -> None:
+        pass
+
+    def handoff_finished(self, group: str, reason: str, seconds: float | None) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Shard:
+    state: ShardState
+    since: float
+    reason: HandoffReason = "rebalance"
+    revoked_at: float | None = None
+    timer: asyncio.TimerHandle | None = None
+    task: asyncio.Task[None] | None = None
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+
+
+@dataclass(eq=False)
+class Member:
+    """One joined consumer: its connection, shards and heartbeat loop."""
+
+    group: GroupConfig
+    name: str
+    sink: EventSink | None
+    joined_at: float
+    last_good: float  # send time of the last successful heartbeat (join time before one)
+    shards: dict[int, _Shard] = field(default_factory=dict)
+    last_heartbeat_wall: float | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    ending: bool = False
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def settings(self) -> MembershipConfig:
+        assert self.group.membership is not None
+        return self.group.membership
+
+    def body(self) -> list[int]:
+        return sorted(self.shards)
+
+    def owned(self) -> list[int]:
+        """Shards the consumer knows it holds: held and releasing (closing included)."""
+        return sorted(s for s, st in self.shards.items() if st.state != "acquiring")
+
+    def holds(self, shard: int) -> bool:
+        st = self.shards.get(shard)
+        return st is not None and st.state in ("held", "releasing")
+
+    def view(self) -> list[dict[str, object]]:
+        return [
+            {"shard": s, "state": "held" if st.state == "held" else "releasing"}
+            for s, st in sorted(self.shards.items())
+            if st.state != "acquiring"
+        ]
+
+
+class Membership:
+    """Every member on this daemon: `join`, `release`, `leave` and the rules of CONTRACT 7."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: CheckpointStore,
+        committer: CommitSide,
+        api: MembershipAPI,
+        observer: MembershipObserver | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._committer = committer
+        self._api = api
+        self._observer: MembershipObserver = observer or _NullObserver()
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._members: dict[tuple[str, str], Member] = {}
+        self._prepared: set[str] = set()  # groups whose settings SLS confirmed
+        self._timeouts: dict[str, int] = {}  # the group timeout SLS uses, once known
+        self._changed = asyncio.Event()  # a shard left some heartbeat body
+        self.accepting = True
+        self._closed = False
+        self.apply_config(config)
+
+    def apply_config(self, config: Config) -> None:
+        self._groups = {g.name: g for g in config.groups if g.membership is not None}
+        self._request_timeout = config.commit.request_timeout
+        self._wait_timeout = config.commit.wait_timeout
+        for member in self._members.values():
+            member.group = self._groups.get(member.group.name, member.group)
+
+    @property
+    def groups(self) -> frozenset[str]:
+        return frozenset(self._groups)
+
+    def members(self) -> list[Member]:
+        return list(self._members.values())
+
+    # ------------------------------------------------------------------ join
+
+    async def join(self, group: str, consumer: str, sink: EventSink) -> Member:
+        """A new member on `sink`'s connection; its shards follow as events."""
+        config = self._membership_group(group)
+        if not self.accepting:
+            raise ProtocolError("ShuttingDown", "the daemon is shutting down")
+        previous = self._members.get((group, consumer))
+        if previous is not None and not previous.ending:
+            raise ProtocolError(
+                "ConsumerInUse", f"consumer {consumer!r} is already a member of group {group!r}"
+            )
+        if previous is not None:
+            await previous.ended.wait()  # a rejoin waits for the old connection's teardown
+            if (group, consumer) in self._members or not self.accepting:
+                raise ProtocolError("ConsumerInUse", f"consumer {consumer!r} joined meanwhile")
+        now = self._clock()
+        member = Member(config, consumer, sink, joined_at=now, last_good=now)
+        self._members[(group, consumer)] = member
+        member.task = asyncio.create_task(self._run(member), name=f"heartbeat-{group}-{consumer}")
+        log.info("group %s: %s joined", group, consumer)
+        return member
+
+    def _membership_group(self, group: str) -> GroupConfig:
+        config = self._groups.get(group)
+        if config is not None:
+            return config
+        raise ProtocolError("NotMembershipGroup", f"group {group!r} has no membership block")
+
+    def member(self, group: str, consumer: str) -> Member | None:
+        member = self._members.get((group, consumer))
+        return None if member is None or member.ending else member
+
+    # ------------------------------------------------------------------ commits
+
+    def check_commit(self, member: Member, shards: Collection[int]) -> None:
+        """Refuse with NotOwner unless the member holds every shard."""
+        for shard in shards:
+            if not member.holds(shard):
+                raise ProtocolError(
+                    "NotOwner",
+                    f"consumer {member.name!r} does not hold shard {shard} of group "
+                    f"{member.group.name!r}",
+                )
+
+    def on_refused(self, group: str, shard: int, consumer: str | None, code: str) -> None:
+        """SLS refused a member's checkpoint for good: it lost the shard, or everything."""
+        member = self._members.get((group, consumer or ""))
+        if member is None:
+            return
+        if code in NOT_OWNER_CODES and member.holds(shard):
+            self._lose(member, [shard], "not_owner")
+        elif code in EXPIRED_CODES:
+            self._lose(member, member.owned(), "expired")
+            member.wake.set()
+
+    # ------------------------------------------------------------------ heartbeats
+
+    async def _run(self, member: Member) -> None:
+        try:
+            await self._commit_leftovers(member)
+            while not member.ending:
+                sent = self._clock()
+                await self._heartbeat(member, sent)
+                self._check_heartbeat_lost(member)
+                await self._sleep_until(member, sent + member.settings.heartbeat_interval)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("group %s: heartbeat loop of %s failed", member.group.name, member.name)
+
+    async def _sleep_until(self, member: Member, when: float) -> None:
+        member.wake.clear()
+        delay = when - self._clock()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(member.wake.wait(), delay)
+
+    async def _commit_leftovers(self, member: Member) -> None:
+        """Values pending under the member's name from before it joined go first, as it."""
+        group = member.group.name
+        leftovers = self._store.pending_of_consumer(group, member.name)
+        if leftovers:
+            timeout = member.settings.release_timeout
+            await asyncio.gather(
+                *(self._committer.wait_for(group, s, seq, timeout) for s, seq in leftovers)
+            )
+
+    async def _heartbeat(self, member: Member, sent: float) -> None:
+        group = member.group
+        if group.name not in self._prepared:
+            await self._prepare_group(group)
+        try:
+            assigned = await self._api.heartbeat(
+                group.project,
+                group.logstore,
+                group.consumer_group,
+                member.name,
+                member.body(),
+                endpoint=group.endpoint,
+                region=group.region,
+            )
+        except SLSError as exc:
+            self._observer.heartbeat_finished(group.name, exc.code, self._wall_clock())
+            log.warning("group %s: heartbeat of %s failed: %s", group.name, member.name, exc)
+            if exc.code in EXPIRED_CODES and not member.ending:
+                self._lose(member, member.owned(), "expired")
+                member.wake.set()
+            return
+        member.last_good = sent
+        member.last_heartbeat_wall = self._wall_clock()
+        self._observer.heartbeat_finished(group.name, "OK", member.last_heartbeat_wall)
+        if not member.ending:
+            self._apply_assignment(member, set(assigned))
+
+    async def _prepare_group(self, group: GroupConfig) -> None:
+        settings = group.membership
+        assert settings is not None
+        try:
+            found = await self._api.list_consumer_groups(
+                group.project, group.logstore, endpoint=group.endpoint, region=group.region
+            )
+            existing = next((g for g in found if g.name == group.consumer_group), None)
+            if existing is None and settings.create:
+                await self._api.create_consumer_group(
+                    group.project,
+                    group.logstore,
+                    group.consumer_group,
+                    heartbeat_timeout=settings.timeout,
+                    order=settings.order,
+                    endpoint=group.endpoint,
+                    region=group.region,
+                )
+                log.info("group %s: created consumer group %s", group.name, group.consumer_group)
+        except SLSError as exc:
+            log.warning("group %s: cannot read the consumer group: %s", group.name, exc)
+            return
+        self._prepared.add(group.name)
+        if existing is not None and existing.timeout != settings.timeout:
+            log.warning(
+                "group %s: consumer group %s has timeout %ds at SLS (config: %ds); using SLS's",
+                group.name,
+                group.consumer_group,
+                existing.timeout,
+                settings.timeout,
+            )
+            self._timeouts[group.name] = existing.timeout
+
+    def timeout_of(self, member: Member) -> float:
+        return self._timeouts.get(member.group.name, member.settings.timeout)
+
+    def _check_heartbeat_lost(self, member: Member) -> None:
+        settings = member.settings
+        limit = member.last_good + self.timeout_of(member) - settings.heartbeat_interval
+        if self._clock() >= limit and member.shards:
+            self._lose(member, member.owned(), "heartbeat_lost")
+            for shard in list(member.shards):
+                self._forget(member, shard)
+
+    def _apply_assignment(self, member: Member, assigned: set[int]) -> None:
+        for shard, st in list(member.shards.items()):
+            if shard in assigned:
+                continue
+            if st.state == "acquiring":
+                self._forget(member, shard)
+            elif st.state == "held":
+                self._revoke(member, shard, "rebalance", member.settings.release_timeout)
+        for shard in sorted(assigned - member.shards.keys()):
+            st = _Shard("acquiring", self._clock())
+            member.shards[shard] = st
+            st.task = asyncio.create_task(self._acquire(member, shard, st))
+
+    # ------------------------------------------------------------------ acquiring
+
+    async def _acquire(self, member: Member, shard: int, st: _Shard) -> None:
+        settings = member.settings
+        while member.shards.get(shard) is st and not member.ending:
+            try:
+                checkpoint, start = await self._start_position(member.group, shard)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # SLSError, or a bug: the shard must not stay stuck
+                if self._clock() - st.since >= settings.release_timeout:
+                    log.warning(
+                        "group %s: %s gives shard %d back: cannot read where it starts (%s)",
+                        member.group.name,
+                        member.name,
+                        shard,
+                        exc,
+                    )
+                    self._forget(member, shard)
+                    return
+                await asyncio.sleep(min(settings.heartbeat_interval, settings.release_timeout))
+                continue
+            if member.shards.get(shard) is not st or member.ending:
+                return
+            self._store.seed(member.group.name, shard, checkpoint)
+            st.state, st.since, st.task = "held", self._clock(), None
+            self._event(member, "assigned", shard=shard, checkpoint=start)
+            log.info("group %s: shard %d assigned to %s", member.group.name, shard, member.name)
+            return
+
+    async def _start_position(self, group: GroupConfig, shard: int) -> tuple[str | None, str]:
+        """(SLS's checkpoint or None, where to start reading)."""
+        entries = await self._api.get_checkpoint(
+            group.project,
+            group.logstore,
+            group.consumer_group,
+            shard,
+            endpoint=group.endpoint,
+            region=group.region,
+        )
+        checkpoint = next(
+            (e.checkpoint for e in entries if e.shard == shard and e.checkpoint), None
+        )
+        if checkpoint is not None:
+            return checkpoint, checkpoint
+        assert group.membership is not None
+        cursor = await self._api.get_cursor(
+            group.project,
+            group.logstore,
+            shard,
+            group.membership.start_from,
+            endpoint=group.endpoint,
+            region=group.region,
+        )
+        return None, cursor
+
+    # ------------------------------------------------------------------ handing over
+
+    def _revoke(self, member: Member, shard: int, reason: HandoffReason, deadline: float) -> None:
+        st = member.shards[shard]
+        st.state, st.reason, st.revoked_at = "releasing", reason, self._clock()
+        self._event(member, "revoked", shard=shard, reason=reason, deadline=deadline)
+        loop = asyncio.get_running_loop()
+        st.timer = loop.call_later(deadline, self._deadline_passed, member, shard, st)
+        log.info(
+            "group %s: shard %d revoked from %s (%s)", member.group.name, shard, member.name, reason
+        )
+
+    def _deadline_passed(self, member: Member, shard: int, st: _Shard) -> None:
+        st.timer = None
+        if member.shards.get(shard) is st:
+            st.state = "closing"
+            st.task = asyncio.create_task(self._hand_over_by_deadline(member, shard, st))
+
+    async def _hand_over_by_deadline(self, member: Member, shard: int, st: _Shard) -> None:
+        outcome = await self._settle(member, shard, self._request_timeout)
+        if member.shards.get(shard) is not st:
+            return
+        if not outcome.ok:
+            self._committer.discard(
+                member.group.name,
+                shard,
+                code="NotOwner",
+                message=f"shard {shard} was handed over at its release deadline",
+            )
+        self._hand_over(member, shard, "deadline")
+
+    async def _settle(self, member: Member, shard: int, timeout: float) -> CommitOutcome:
+        """Wait until the shard's newest accepted value is settled at SLS."""
+        seq = self._store.newest_seq(member.group.name, shard)
+        if not seq:
+            return CommitOutcome(ok=True)
+        return await self._committer.wait_for(member.group.name, shard, seq, timeout)
+
+    def _hand_over(self, member: Member, shard: int, reason: HandoffReason) -> None:
+        """The shard leaves the heartbeat body: SLS may give it to another member."""
+        st = member.shards.pop(shard)
+        st.stop()
+        seconds = None if st.revoked_at is None else self._clock() - st.revoked_at
+        self._observer.handoff_finished(member.group.name, reason, seconds)
+        self._changed.set()
+        log.info(
+            "group %s: %s handed shard %d over (%s)", member.group.name, member.name, shard, reason
+        )
+
+    def _forget(self, member: Member, shard: int) -> None:
+        st = member.shards.pop(shard, None)
+        if st is not None:
+            st.stop()
+            self._changed.set()
+
+    def _lose(self, member: Member, shards: list[int], reason: str) -> None:
+        """The shards are gone already (SLS says so, or heartbeats failed too long)."""
+        lost = [s for s in shards if s in member.shards]
+        if not lost:
+            return
+        for shard in lost:
+            self._committer.discard(
+                member.group.name,
+                shard,
+                code="NotOwner",
+                message=f"consumer {member.name!r} lost shard {shard} ({reason})",
+            )
+            self._forget(member, shard)
+            self._observer.handoff_finished(member.group.name, "lost", None)
+        self._event(member, "lost", shards=lost, reason=reason)
+        log.warning(
+            "group %s: %s lost shard(s) %s (%s)", member.group.name, member.name, lost, reason
+        )
+
+    async def release(self, member: Member, shard: int) -> str | None:
+        """Hand `shard` back once its newest value is committed; the committed checkpoint."""
+        st = member.shards.get(shard)
+        if st is None or st.state == "acquiring":
+            raise ProtocolError("NotOwner", f"consumer {member.name!r} does not hold shard {shard}")
+        reason = st.reason if st.revoked_at is not None else "rebalance"
+        st.state = "closing"  # commits from here on are refused NotOwner
+        outcome = await self._settle(member, shard, self._wait_timeout)
+        if member.shards.get(shard) is not st:
+            return self._committed(member, shard)  # handed over meanwhile (its deadline)
+        if not outcome.ok:
+            st.state = "releasing"
+            raise RequestError(
+                outcome.code, outcome.message, error_fields={"dropped": outcome.dropped}
+            )
+        self._hand_over(member, shard, reason)
+        return self._committed(member, shard)
+
+    def _committed(self, member: Member, shard: int) -> str | None:
+        view = self._store.shard_view(member.group.name, shard)
+        return view.committed if view is not None else None
+
+    async def leave(self, member: Member) -> int:
+        """Release every shard, then end the membership; how many shards were released."""
+        owned = member.owned()
+        results = await asyncio.gather(
+            *(self.release(member, s) for s in owned), return_exceptions=True
+        )
+        failed = [
+            (shard, r)
+            for shard, r in zip(owned, results, strict=True)
+            if isinstance(r, BaseException)
+        ]
+        if failed:
+            raise RequestError(
+                "CommitFailed",
+                f"{len(failed)} shard(s) could not be released",
+                fields={"failed": [_failure(member, s, e) for s, e in failed]},
+            )
+        await self._end(member)
+        return len(owned)
+
+    async def disconnected(self, member: Member) -> None:
+        """The member's connection closed: commit what it has, then release everything at once
+        with an empty heartbeat, so others take its shards within one heartbeat interval."""
+        if member.ending or self._closed:
+            return
+        member.sink = None
+        owned = member.owned()
+        for shard in owned:
+            member.shards[shard].state = "closing"
+        timeout = member.settings.release_timeout
+        outcomes = await asyncio.gather(*(self._settle(member, s, timeout) for s in owned))
+        for shard, outcome in zip(owned, outcomes, strict=True):
+            if not outcome.ok:
+                self._committer.discard(
+                    member.group.name,
+                    shard,
+                    code="NotOwner",
+                    message=f"consumer {member.name!r} disconnected before shard {shard} was saved",
+                )
+            if shard in member.shards:
+                self._hand_over(member, shard, "disconnect")
+        await self._end(member)
+
+    async def _end(self, member: Member) -> None:
+        """Stop heartbeating, send the empty heartbeat that frees the member's shards, forget it."""
+        member.ending = True
+        for shard in list(member.shards):
+            self._forget(member, shard)
+        if member.task is not None and member.task is not asyncio.current_task():
+            member.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await member.task
+        await self._final_heartbeat(member, self._final_timeout(member))
+        key = (member.group.name, member.name)
+        if self._members.get(key) is member:
+            del self._members[key]
+        member.ended.set()
+        log.info("group %s: %s left", member.group.name, member.name)
+
+    def _final_timeout(self, member: Member) -> float:
+        return min(self._request_timeout, member.settings.heartbeat_interval)
+
+    async def _final_heartbeat(self, member: Member, timeout: float) -> None:
+        group = member.group
+        call = self._api.heartbeat(
+            group.project,
+            group.logstore,
+            group.consumer_group,
+            member.name,
+            [],
+            endpoint=group.endpoint,
+            region=group.region,
+        )
+        try:
+            await asyncio.wait_for(call, timeout)
+        except (SLSError, TimeoutError) as exc:
+            log.warning("group %s: last heartbeat of %s failed: %s", group.name, member.name, exc)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def revoke_all(self, shutdown_timeout: float) -> float:
+        """Shutdown: refuse joins, revoke every shard; the longest deadline given."""
+        self.accepting = False
+        longest = 0.0
+        for member in self._members.values():
+            deadline = min(member.settings.release_timeout, shutdown_timeout / 2)
+            for shard, st in list(member.shards.items()):
+                if st.state == "acquiring":
+                    self._forget(member, shard)
+                elif st.state == "held":
+                    self._revoke(member, shard, "shutdown", deadline)
+                    longest = max(longest, deadline)
+        return longest
+
+    async def wait_released(self, deadline: float) -> bool:
+        """Until every member's heartbeat body is empty, or `deadline` (monotonic)."""
+        while any(m.shards for m in self._members.values()):
+            self._changed.clear()
+            left = deadline - self._clock()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        return True
+
+    async def close(self) -> None:
+        """Stop every heartbeat loop; one empty heartbeat per member, all within 1 s."""
+        self.accepting = False
+        self._closed = True
+        members = list(self._members.values())
+        for member in members:
+            member.ending = True
+            for shard in list(member.shards):
+                self._forget(member, shard)
+            if member.task is not None:
+                member.task.cancel()
+        await asyncio.gather(
+            *(m.task for m in members if m.task is not None), return_exceptions=True
+        )
+        await asyncio.gather(*(self._final_heartbeat(m, FINAL_HEARTBEAT_SECONDS) for m in members))
+        for member in members:
+            self._members.pop((member.group.name, member.name), None)
+            member.ended.set()
+
+    # ------------------------------------------------------------------ views
+
+    def healthy(self) -> bool:
+        """False while some member has had no successful heartbeat for timeout / 2."""
+        now = self._clock()
+        return all(
+            now - m.last_good < self.timeout_of(m) / 2
+            for m in self._members.values()
+            if not m.ending
+        )
+
+    def members_view(self, visible: Collection[str] | None, group: str | None) -> list[object]:
+        return [
+            {
+                "group": m.group.name,
+                "consumer": m.name,
+                "shards": m.view(),
+                "last_heartbeat": m.last_heartbeat_wall,
+            }
+            for m in self._members.values()
+            if not m.ending
+            and (visible is None or m.group.name in visible)
+            and (group is None or m.group.name == group)
+        ]
+
+    def figures(self) -> dict[str, tuple[int, int, float | None]]:
+        """Per membership group: (members, held shards, newest heartbeat wall time)."""
+        figures: dict[str, tuple[int, int, float | None]] = {g: (0, 0, None) for g in self._groups}
+        for m in self._members.values():
+            count, held, last = figures.get(m.group.name, (0, 0, None))
+            newest = m.last_heartbeat_wall
+            if last is not None and (newest is None or last > newest):
+                newest = last
+            figures[m.group.name] = (count + 1, held + len(m.owned()), newest)
+        return figures
+
+    # ------------------------------------------------------------------ events
+
+    def _event(self, member: Member, kind: str, **fields: object) -> None:
+        if member.sink is not None:
+            member.sink.send_event(
+                {"event": kind, "group": member.group.name, "consumer": member.name, **fields}
+            )
+
+
+def _failure(member: Member, shard: int, error: BaseException) -> dict[str, object]:
+    code = getattr(error, "code", "InternalError")
+    dropped = bool(getattr(error, "error_fields", {}).get("dropped", False))
+    return {
+        "group": member.group.name,
+        "shard": shard,
+        "code": code,
+        "message": str(getattr(error, "message", error)),
+        "dropped": dropped,
+    }

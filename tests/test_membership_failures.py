@@ -1,0 +1,206 @@
+"""Membership when things go wrong (CONTRACT section 7): SLS unreachable past the timeout, a
+daemon stopped with members, a consumer of the official SDK in the same consumer group, and a
+heartbeat that must not wait behind a 10,000-shard commit cycle."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+from aliyun.log import LogClient
+from lifecycle_helpers import LOGSTORE, PROJECT, cursor, group, remote_key
+from membership_helpers import (
+    CONSUMER_GROUP,
+    KEY_ID,
+    SECRET,
+    Consumer,
+    consumer,
+    emulator,
+    emulator_process,
+    member_config,
+    running_daemon,
+)
+
+from cpmgr.emulator import EmulatorHandle
+
+
+async def join(peer: Consumer, name: str) -> None:
+    answer = await peer.ask({"op": "join", "group": "orders", "consumer": name})
+    assert answer["ok"], answer
+
+
+async def assigned(peer: Consumer, count: int) -> dict[int, str]:
+    shards = {}
+    while len(shards) < count:
+        event = await peer.event("assigned")
+        shards[event["shard"]] = event["checkpoint"]
+    return shards
+
+
+def history(emu: EmulatorHandle, shard: int) -> list[str]:
+    return emu.state.history[remote_key(CONSUMER_GROUP, shard)]
+
+
+async def test_sls_unreachable_past_the_timeout_loses_the_shards_then_they_come_back(
+    sock_dir: Path,
+) -> None:
+    async with emulator() as emu:
+        data = member_config(sock_dir / "a.sock", emu.url)
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            commit = {"op": "commit", "group": "orders"}
+            saved = {**commit, "shard": 0, "checkpoint": cursor(10), "wait": True}
+            assert await peer.ask(saved) == {"ok": True}
+            assert await peer.ask({**commit, "shard": 1, "checkpoint": cursor(20)}) == {"ok": True}
+            emu.faults.update({"reset_rate": 1.0})
+            lost = await peer.event("lost")
+            assert lost["reason"] == "heartbeat_lost" and lost["shards"] == list(range(8))
+            # What was accepted but not saved is dropped, and said so; nothing new is taken.
+            shard = (await peer.ask({"op": "get", "group": "orders", "shard": 1}))["shards"][0]
+            assert shard["pending"] is None and shard["last_error"]["code"] == "NotOwner"
+            refused = await peer.ask({**commit, "shard": 1, "checkpoint": cursor(21)})
+            assert refused["error"]["code"] == "NotOwner"
+            emu.faults.update({"reset_rate": 0.0})
+            back = await assigned(peer, 8)
+            assert back[0] == cursor(10)
+            assert history(emu, 1) == []
+
+
+async def test_sigterm_commits_every_final_checkpoint_then_the_shards_move(
+    sock_dir: Path,
+) -> None:
+    async with emulator() as emu:
+        first = member_config(sock_dir / "a.sock", emu.url)
+        second = member_config(sock_dir / "b.sock", emu.url)
+        async with running_daemon(first) as a, running_daemon(second) as b:
+            async with consumer(a.socket_path) as m1, consumer(a.socket_path) as m2:
+                await join(m1, "m1")
+                await assigned(m1, 8)
+                for shard in range(8):
+                    commit = {"op": "commit", "group": "orders", "shard": shard}
+                    assert (await m1.ask({**commit, "checkpoint": cursor(700 + shard)}))["ok"]
+                await join(m2, "m2")  # m1 is revoked 4 shards, which it ignores
+                async with consumer(b.socket_path) as m3:
+                    stopping = asyncio.create_task(a.shut_down())
+                    revoked = [await m1.event("revoked") for _ in range(4)]
+                    assert {e["reason"] for e in revoked} <= {"rebalance", "shutdown"}
+                    await join(m3, "m3")
+                    taken = await assigned(m3, 8)
+                    assert await stopping == 0
+            assert taken == {shard: cursor(700 + shard) for shard in range(8)}
+            assert all(history(emu, s) == [cursor(700 + s)] for s in range(8))
+
+
+async def test_shards_never_overlap_with_a_consumer_of_the_official_sdk(sock_dir: Path) -> None:
+    """The SDK consumer heartbeats what it holds and drops at once what the answer leaves out;
+    cpmgr's member holds a shard from `assigned` until its release is answered."""
+    async with emulator() as emu:
+        data = member_config(sock_dir / "a.sock", emu.url)
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            client = LogClient(emu.endpoint, KEY_ID, SECRET)
+            client._isRowIp = True
+            sdk_periods: list[tuple[int, float, float]] = []
+            stop = asyncio.Event()
+            sdk = asyncio.create_task(_sdk_consumer(client, sdk_periods, stop))
+            try:
+                await join(peer, "cpmgr-member")
+                periods = await _hold_and_release(peer, seconds=3.0)
+            finally:
+                stop.set()
+                await sdk
+                client._session.close()
+            assert periods and sdk_periods  # both held shards at some point
+            for shard, start, end in periods:
+                for other, sdk_start, sdk_end in sdk_periods:
+                    if other == shard:
+                        assert end <= sdk_start or sdk_end <= start, (shard, start, end)
+
+
+async def _sdk_consumer(
+    client: LogClient, periods: list[tuple[int, float, float]], stop: asyncio.Event
+) -> None:
+    held: dict[int, float] = {}
+    while not stop.is_set():
+        sent = time.monotonic()
+        answer = await asyncio.to_thread(
+            client.heart_beat, PROJECT, LOGSTORE, CONSUMER_GROUP, "sdk-consumer", sorted(held)
+        )
+        now = time.monotonic()
+        shards = set(answer.get_shards())
+        for shard in list(held):
+            if shard not in shards:
+                periods.append((shard, held.pop(shard), sent))
+        for shard in shards - held.keys():
+            held[shard] = now
+        await asyncio.sleep(0.2)  # the SDK consumer's own heartbeat interval
+    for shard, start in held.items():
+        periods.append((shard, start, float("inf")))
+
+
+async def _hold_and_release(peer: Consumer, *, seconds: float) -> list[tuple[int, float, float]]:
+    """A consumer that releases every revoked shard at once; its held periods."""
+    held: dict[int, float] = {}
+    periods = []
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            event = await peer.event(timeout=left)
+        except TimeoutError:
+            break
+        if event["event"] == "assigned":
+            held[event["shard"]] = event["_at"]
+        elif event["event"] == "revoked":
+            answer = await peer.ask({"op": "release", "group": "orders", "shard": event["shard"]})
+            assert answer["ok"], answer
+            periods.append((event["shard"], held.pop(event["shard"]), time.monotonic()))
+    periods += [(shard, start, float("inf")) for shard, start in held.items()]
+    return periods
+
+
+async def test_a_10000_shard_commit_cycle_does_not_delay_a_heartbeat(sock_dir: Path) -> None:
+    """The emulator runs in its own process here, as SLS does: the daemon's loop is the one
+    whose work could delay a heartbeat."""
+    async with emulator_process(
+        f"--logstore={PROJECT}/{LOGSTORE}:8",
+        f"--logstore={PROJECT}/wide:10000",
+        f"--consumer-group={PROJECT}/{LOGSTORE}/{CONSUMER_GROUP}",
+        f"--consumer-group={PROJECT}/wide/wide-group",
+    ) as url:
+        data = member_config(sock_dir / "a.sock", url)
+        wide = group("wide", "wide-group", consumer="c", force_success=True)
+        wide["logstore"] = "wide"
+        data["groups"].append(wide)
+        data["commit"]["max_in_flight"] = 32
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            client = daemon.daemon.member_client
+            assert client is not None
+            sent: list[float] = []
+            heartbeat = client.heartbeat
+
+            async def recording(*args: Any, **kwargs: Any) -> list[int]:
+                sent.append(time.monotonic())
+                return await heartbeat(*args, **kwargs)
+
+            client.heartbeat = recording  # type: ignore[method-assign]
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            items = [{"shard": s, "checkpoint": cursor(s + 1)} for s in range(10_000)]
+            batch = {"op": "commit", "group": "wide", "checkpoints": items}
+            assert (await peer.ask(batch))["ok"]
+            started = time.monotonic()
+            flush = {"op": "flush", "group": "wide", "timeout": 120}
+            flushed = await peer.ask(flush, timeout=120)
+            assert flushed == {"ok": True, "committed": 10_000}
+            finished = time.monotonic()
+        during = [t for t in sent if started <= t <= finished]
+        gaps = [b - a for a, b in itertools.pairwise(during)]
+        print(
+            f"10,000-shard flush took {finished - started:.2f}s; {len(gaps)} heartbeat gaps, "
+            f"largest {max(gaps) * 1000:.0f} ms (interval 200 ms)"
+        )
+        assert len(gaps) >= 3
+        assert max(gaps) <= 1.1 * 0.2
