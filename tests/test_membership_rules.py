@@ -1,0 +1,197 @@
+"""Each rule and the shutdown of CONTRACT section 7, one test named after it, against daemons
+in this process and the in-process emulator."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from lifecycle_helpers import LOGSTORE, PROJECT, cursor, remote_key
+from membership_helpers import (
+    CONSUMER_GROUP,
+    Consumer,
+    consumer,
+    emulator,
+    member_config,
+    running_daemon,
+)
+
+from cpmgr.emulator import EmulatorHandle
+
+
+async def join(peer: Consumer, name: str) -> None:
+    answer = await peer.ask({"op": "join", "group": "orders", "consumer": name})
+    assert answer["ok"], answer
+
+
+async def assigned(peer: Consumer, count: int) -> dict[int, str]:
+    shards = {}
+    while len(shards) < count:
+        event = await peer.event("assigned")
+        shards[event["shard"]] = event["checkpoint"]
+    return shards
+
+
+class Heartbeats:
+    """Every heartbeat body the emulator receives, as (consumer, shards), as it arrives."""
+
+    def __init__(self, emu: EmulatorHandle) -> None:
+        self.calls: list[tuple[str, list[int]]] = []
+        self._arrived = asyncio.Event()
+        original = emu.state.heartbeat
+
+        def recording(*args: Any) -> list[int]:
+            self.calls.append((args[3], sorted(args[4])))
+            self._arrived.set()
+            return original(*args)
+
+        emu.state.heartbeat = recording  # type: ignore[method-assign]
+
+    async def of(self, name: str, count: int) -> list[list[int]]:
+        """The bodies of the next `count` heartbeats of `name`."""
+        start = len(self.calls)
+        while True:
+            bodies = [body for who, body in self.calls[start:] if who == name]
+            if len(bodies) >= count:
+                return bodies[:count]
+            self._arrived.clear()
+            await asyncio.wait_for(self._arrived.wait(), 10)
+
+
+async def test_rule_the_heartbeat_body_keeps_a_revoked_shard_until_its_release(
+    sock_dir: Path,
+) -> None:
+    async with emulator() as emu:
+        heartbeats = Heartbeats(emu)
+        data = member_config(sock_dir / "a.sock", emu.url, membership={"release_timeout": "5s"})
+        async with (
+            running_daemon(data) as daemon,
+            consumer(daemon.socket_path) as first,
+            consumer(daemon.socket_path) as second,
+        ):
+            await join(first, "first")
+            await assigned(first, 8)
+            await join(second, "second")
+            shard = (await first.event("revoked"))["shard"]
+            # Three heartbeats later the revoked shard is still reported, so SLS keeps it.
+            assert all(shard in body for body in await heartbeats.of("first", 3))
+            await first.ask({"op": "release", "group": "orders", "shard": shard})
+            assert all(shard not in body for body in await heartbeats.of("first", 2))
+
+
+async def test_rule_readyz_is_503_while_a_member_has_no_heartbeat_for_half_the_timeout(
+    sock_dir: Path,
+) -> None:
+    async with emulator() as emu:
+        data = member_config(sock_dir / "a.sock", emu.url)
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            assert daemon.daemon._ready_for_probes()
+            emu.faults.update({"reset_rate": 1.0})
+            await peer.event("lost")  # after timeout - interval; half the timeout has passed
+            assert not daemon.daemon._ready_for_probes()
+            emu.faults.update({"reset_rate": 0.0})
+            await assigned(peer, 8)
+            assert daemon.daemon._ready_for_probes()
+
+
+async def test_rule_journal_replay_commits_as_the_journaled_member_before_its_heartbeat(
+    sock_dir: Path, tmp_path: Path
+) -> None:
+    async with emulator(timeout=60) as emu:
+        data = member_config(sock_dir / "a.sock", emu.url, shutdown_timeout="1s")
+        data["state"] = {"dir": str(tmp_path / "journal"), "fsync": "always"}
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            commit = {"op": "commit", "group": "orders", "shard": 2, "checkpoint": cursor(99)}
+            assert await peer.ask(commit) == {"ok": True}
+            emu.faults.update({"reset_rate": 1.0})  # the final flush cannot reach SLS
+            assert await daemon.shut_down() == 0  # journaled: left for the next start
+        emu.faults.update({"reset_rate": 0.0})
+        order: list[str] = []
+        heartbeat = emu.state.heartbeat
+
+        def recording_heartbeat(*args: Any) -> list[int]:
+            order.append(f"heartbeat {args[3]}")
+            return heartbeat(*args)
+
+        emu.state.heartbeat = recording_heartbeat  # type: ignore[method-assign]
+        update = emu.state.update_checkpoint
+
+        def recording_update(*args: Any, **kwargs: Any) -> None:
+            order.append(f"commit {kwargs['consumer']} {kwargs['force_success']}")
+            update(*args, **kwargs)
+
+        emu.state.update_checkpoint = recording_update  # type: ignore[method-assign]
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await peer.event("assigned")
+        assert order[:2] == ["commit pod-a False", "heartbeat pod-a"]
+        assert emu.state.history[remote_key(CONSUMER_GROUP, 2)] == [cursor(99)]
+
+
+async def test_shutdown_refuses_joins_revokes_everything_then_sends_empty_heartbeats(
+    sock_dir: Path,
+) -> None:
+    async with emulator() as emu:
+        heartbeats = Heartbeats(emu)
+        data = member_config(sock_dir / "a.sock", emu.url, shutdown_timeout="4s")
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            stopping = asyncio.create_task(daemon.shut_down())
+            revoked = [await peer.event("revoked") for _ in range(8)]
+            # deadline = min(release_timeout 1 s, shutdown_timeout / 2 = 2 s)
+            assert {(e["reason"], e["deadline"]) for e in revoked} == {("shutdown", 1.0)}
+            async with consumer(daemon.socket_path) as late:
+                refused = await late.ask({"op": "join", "group": "orders", "consumer": "late"})
+                assert refused["error"]["code"] == "ShuttingDown"
+            # Commits and releases of revoked shards still work while draining.
+            commit = {"op": "commit", "group": "orders", "shard": 0, "checkpoint": cursor(5)}
+            assert await peer.ask(commit) == {"ok": True}
+            released = await peer.ask({"op": "release", "group": "orders", "shard": 0})
+            assert released == {"ok": True, "checkpoint": cursor(5)}
+            assert await stopping == 0
+        assert heartbeats.calls[-1] == ("pod-a", [])
+        assert emu.state.assignments(PROJECT, LOGSTORE, CONSUMER_GROUP) == {}
+
+
+async def test_leave_releases_every_shard_and_ends_the_membership(sock_dir: Path) -> None:
+    async with emulator() as emu:
+        data = member_config(sock_dir / "a.sock", emu.url)
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            commit = {"op": "commit", "group": "orders", "shard": 4, "checkpoint": cursor(8)}
+            assert await peer.ask(commit) == {"ok": True}
+            assert await peer.ask({"op": "leave", "group": "orders"}) == {"ok": True, "released": 8}
+            assert emu.state.history[remote_key(CONSUMER_GROUP, 4)] == [cursor(8)]
+            assert emu.state.assignments(PROJECT, LOGSTORE, CONSUMER_GROUP) == {}
+            assert (await peer.ask({"op": "members"}))["members"] == []
+            again = await peer.ask(commit)
+            assert again["error"]["code"] == "NotMember"
+
+
+async def test_membership_metrics_and_status(sock_dir: Path) -> None:
+    async with emulator() as emu:
+        data = member_config(sock_dir / "a.sock", emu.url)
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            registry = daemon.daemon.registry
+            assert registry.get_sample_value("cpmgr_members", {"group": "orders"}) == 1
+            assert registry.get_sample_value("cpmgr_held_shards", {"group": "orders"}) == 8
+            ok = {"group": "orders", "code": "OK"}
+            assert registry.get_sample_value("cpmgr_heartbeat_requests_total", ok) >= 1
+            last = registry.get_sample_value(
+                "cpmgr_last_heartbeat_timestamp_seconds", {"group": "orders"}
+            )
+            assert last is not None and last > 0
+            await peer.ask({"op": "release", "group": "orders", "shard": 0})
+            handed = {"group": "orders", "reason": "rebalance"}
+            assert registry.get_sample_value("cpmgr_shard_handoffs_total", handed) == 1
+            status = (await peer.ask({"op": "status"}))["groups"]["orders"]["membership"]
+            assert status["members"] == 1 and status["held_shards"] == 7
