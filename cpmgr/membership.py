@@ -8,7 +8,8 @@ Decisions where the contract is silent:
   commits to it are refused `NotOwner` until its `assigned` event is written.
 - A `release` of a shard that was never revoked counts as a `rebalance` handoff.
 - Past a revoke's deadline cpmgr gives the newest value one `request_timeout` to be committed;
-  what is still unsaved then is dropped with code `NotOwner` (its member no longer holds it).
+  what is still unsaved then is dropped with code `NotOwner` (its member no longer holds it),
+  except at shutdown: then it stays pending for the final flush and the journal.
 - A shard SLS drops from a member's answer while its acquisition is still running is dropped
   silently: its member was never told it held it.
 - The consumer group's settings are read (and, with `create`, the group created) before a
@@ -478,7 +479,9 @@ class Membership:
         outcome = await self._settle(member, shard, self._request_timeout)
         if member.shards.get(shard) is not st:
             return
-        if not outcome.ok:
+        if not outcome.ok and st.reason != "shutdown":
+            # At shutdown the value stays pending: the final flush tries again, and a journal
+            # keeps it for the next start (sent then as this member, refused if it moved on).
             self._committer.discard(
                 member.group.name,
                 shard,
