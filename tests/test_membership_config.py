@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from cpmgr.config import MembershipConfig, parse_config
+from cpmgr.daemon import _membership_changes
 from cpmgr.errors import ConfigError
 from cpmgr.protocol import (
     AssignmentRequest,
@@ -141,3 +142,16 @@ def test_bad_membership_requests_are_refused_with_bad_request(line: bytes, messa
         parse_request(line)
     assert getattr(caught.value, "code", None) == "BadRequest"
     assert message in str(caught.value)
+
+
+def test_a_reload_may_not_add_or_remove_a_membership_block() -> None:
+    plain = _config({})
+    del plain["groups"][0]["membership"]
+    member = parse_config(_config({}), {})
+    without = parse_config(plain, {})
+    assert _membership_changes(without, member) == [
+        "group orders: adding or removing membership needs a restart"
+    ]
+    assert _membership_changes(member, without) == _membership_changes(without, member)
+    faster = parse_config(_config({"heartbeat_interval": "1s"}), {})
+    assert _membership_changes(member, faster) == []
