@@ -204,3 +204,23 @@ async def test_a_10000_shard_commit_cycle_does_not_delay_a_heartbeat(sock_dir: P
         )
         assert len(gaps) >= 3
         assert max(gaps) <= 1.1 * 0.2
+
+
+async def test_an_ownership_refusal_from_sls_becomes_lost_for_that_shard(sock_dir: Path) -> None:
+    async with emulator() as emu:
+        data = member_config(sock_dir / "a.sock", emu.url)
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            # Another member took shard 6 at SLS behind cpmgr's back.
+            group = emu.state.group(PROJECT, LOGSTORE, CONSUMER_GROUP)
+            group.consumers["someone-else"] = emu.state.monotonic()
+            group.owners[6] = "someone-else"
+            commit = {"op": "commit", "group": "orders", "shard": 6, "checkpoint": cursor(60)}
+            answer = await peer.ask({**commit, "wait": True})
+            assert answer["error"]["code"] == "ConsumerNotMatch"
+            assert answer["error"]["dropped"] is True
+            lost = await peer.event("lost")
+            assert (lost["shards"], lost["reason"]) == ([6], "not_owner")
+            again = await peer.ask(commit)
+            assert again["error"]["code"] == "NotOwner"

@@ -195,3 +195,17 @@ async def test_membership_metrics_and_status(sock_dir: Path) -> None:
             assert registry.get_sample_value("cpmgr_shard_handoffs_total", handed) == 1
             status = (await peer.ask({"op": "status"}))["groups"]["orders"]["membership"]
             assert status["members"] == 1 and status["held_shards"] == 7
+
+
+async def test_create_makes_a_missing_consumer_group_with_its_timeout_and_order(
+    sock_dir: Path,
+) -> None:
+    async with emulator() as emu:
+        emu.state.delete_group(PROJECT, LOGSTORE, CONSUMER_GROUP)
+        settings = {"create": True, "timeout": "3s", "order": True}
+        data = member_config(sock_dir / "a.sock", emu.url, membership=settings)
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+        made = emu.state.group(PROJECT, LOGSTORE, CONSUMER_GROUP)
+        assert (made.timeout, made.order) == (3, True)
