@@ -229,6 +229,7 @@ class Connection(asyncio.Protocol):
                 and type(request) is CommitRequest
                 and not request.wait
                 and self._running < _MAX_PIPELINED
+                and request.group not in server.member_groups
             ):
                 self._batch.append(request)
             elif not self._handle(request):

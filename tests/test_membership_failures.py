@@ -170,7 +170,10 @@ async def test_a_10000_shard_commit_cycle_does_not_delay_a_heartbeat(sock_dir: P
         f"--consumer-group={PROJECT}/{LOGSTORE}/{CONSUMER_GROUP}",
         f"--consumer-group={PROJECT}/wide/wide-group",
     ) as url:
-        data = member_config(sock_dir / "a.sock", url)
+        # A 1 s interval: the 10% allowance (100 ms) is then above what the scheduling of a
+        # busy machine alone adds to a timer (tens of ms), so what is measured is cpmgr's own.
+        settings = {"heartbeat_interval": "1s", "timeout": "10s"}
+        data = member_config(sock_dir / "a.sock", url, membership=settings)
         wide = group("wide", "wide-group", consumer="c", force_success=True)
         wide["logstore"] = "wide"
         data["groups"].append(wide)
@@ -200,10 +203,10 @@ async def test_a_10000_shard_commit_cycle_does_not_delay_a_heartbeat(sock_dir: P
         gaps = [b - a for a, b in itertools.pairwise(during)]
         print(
             f"10,000-shard flush took {finished - started:.2f}s; {len(gaps)} heartbeat gaps, "
-            f"largest {max(gaps) * 1000:.0f} ms (interval 200 ms)"
+            f"largest {max(gaps) * 1000:.0f} ms (interval 1000 ms)"
         )
         assert len(gaps) >= 3
-        assert max(gaps) <= 1.1 * 0.2
+        assert max(gaps) <= 1.1 * 1.0
 
 
 async def test_an_ownership_refusal_from_sls_becomes_lost_for_that_shard(sock_dir: Path) -> None:

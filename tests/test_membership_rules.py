@@ -209,3 +209,19 @@ async def test_create_makes_a_missing_consumer_group_with_its_timeout_and_order(
             await assigned(peer, 8)
         made = emu.state.group(PROJECT, LOGSTORE, CONSUMER_GROUP)
         assert (made.timeout, made.order) == (3, True)
+
+
+async def test_rule_not_owner_holds_with_a_journal_too(sock_dir: Path, tmp_path: Path) -> None:
+    async with emulator() as emu:
+        data = member_config(sock_dir / "a.sock", emu.url)
+        data["state"] = {"dir": str(tmp_path / "journal"), "fsync": "never"}
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            await peer.ask({"op": "release", "group": "orders", "shard": 1})
+            commit = {"op": "commit", "group": "orders", "checkpoint": cursor(3)}
+            assert await peer.ask({**commit, "shard": 0}) == {"ok": True}
+            refused = await peer.ask({**commit, "shard": 1})
+            assert refused["error"]["code"] == "NotOwner"
+            async with consumer(daemon.socket_path) as stranger:
+                assert (await stranger.ask({**commit, "shard": 0}))["error"]["code"] == "NotMember"
