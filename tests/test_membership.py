@@ -74,6 +74,11 @@ async def test_commits_go_out_as_the_member_and_others_are_refused(sock_dir: Pat
             assert as_member == {"ok": True}
         wrong = await peer.ask({**commit, "consumer": "pod-b"})
         assert wrong["error"]["code"] == "BadRequest"
+        items = [{"shard": s, "checkpoint": cursor(200 + s)} for s in (1, 2)]
+        batch = {"op": "commit", "group": "orders", "checkpoints": items, "wait": True}
+        assert await peer.ask(batch) == {"ok": True, "accepted": 2}
+        group = emu.state.group("lifecycle-project", "lifecycle-logstore", CONSUMER_GROUP)
+        assert {group.checkpoints[s].consumer for s in (1, 2)} == {"pod-a-1"}
         assert emu.state.history[remote_key(CONSUMER_GROUP, 3)] == [cursor(150)]
 
 
