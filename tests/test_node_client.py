@@ -20,11 +20,13 @@ from lifecycle_helpers import (
     write_yaml,
 )
 
-from cpmgr.emulator import running_emulator
+from cpmgr.emulator import GroupSpec, running_emulator
 
 NODE_DIR = REPO / "clients" / "node"
 NODE_TIMEOUT = 300.0
 SHARDS = 8
+MEMBERS = "node-members"  # the SLS consumer group of the membership group "members"
+MEMBERSHIP = {"heartbeat_interval": "200ms", "timeout": "2s", "release_timeout": "2s"}
 
 
 def node_binary() -> str:
@@ -71,21 +73,29 @@ async def test_the_node_client_against_a_real_daemon(sock_dir: Path, tmp_path: P
     groups = {"orders": "node-orders", "audit": "node-audit"}
     async with running_emulator(
         logstores=[f"{PROJECT}/{LOGSTORE}:{SHARDS}"],
-        consumer_groups=[f"{PROJECT}/{LOGSTORE}/{cg}" for cg in groups.values()],
+        consumer_groups=[
+            *(f"{PROJECT}/{LOGSTORE}/{cg}" for cg in groups.values()),
+            GroupSpec(PROJECT, LOGSTORE, MEMBERS, 2),
+        ],
     ) as emulator:
         socket_path = sock_dir / "cpmgr.sock"
         config = daemon_config(
             socket_path=socket_path,
             endpoint=emulator.url,
             credentials={"access_key_id": "id", "access_key_secret": "secret"},
-            groups=[group(name, cg, consumer="node-1") for name, cg in groups.items()],
+            groups=[
+                *(group(name, cg, consumer="node-1") for name, cg in groups.items()),
+                group("members", MEMBERS, membership=MEMBERSHIP),
+            ],
         )
+        config["commit"]["request_timeout"] = "300ms"  # heartbeat_interval + it < timeout / 2
         async with running_daemon(write_yaml(tmp_path / "cpmgr.yaml", config)):
             env = {
                 "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                 "CPMGR_SOCKET": str(socket_path),
                 "CPMGR_TEST_EMULATOR": emulator.url,
                 "CPMGR_TEST_REMOTE": f"{PROJECT}/{LOGSTORE}/{groups['orders']}",
+                "CPMGR_TEST_MEMBER_REMOTE": f"{PROJECT}/{LOGSTORE}/{MEMBERS}",
                 "CPMGR_TEST_SHARDS": str(SHARDS),
             }
             code, out = await run_node_tests(node, env)

@@ -34,7 +34,7 @@ test("ping and status", () =>
     await client.ping();
     const status = await client.status();
     assert.equal(status.ok, true);
-    assert.deepEqual(Object.keys(status.groups).sort(), ["audit", "orders"]);
+    assert.deepEqual(Object.keys(status.groups).sort(), ["audit", "members", "orders"]);
   }));
 
 test("commit with wait reaches SLS before it resolves", () =>
