@@ -488,11 +488,16 @@ def _quote(text: str) -> str:
 
 def encode_ok(request_id: RequestId = NO_ID, /, **fields: object) -> bytes:
     """A success answer line: `{"ok":true, **fields}` plus the echoed `id`."""
-    if fields:
-        return _dump({"ok": True, **fields}, request_id)
-    if not request_id.present:
-        return _OK
-    return b'{"ok":true,"id":%b}\n' % _encode_scalar(request_id.value)
+    if not fields:
+        if not request_id.present:
+            return _OK
+        return b'{"ok":true,"id":%b}\n' % _encode_scalar(request_id.value)
+    if len(fields) == 1 and type(count := fields.get("accepted")) is int:
+        # A batch commit's answer: the same bytes the encoder writes, without building them.
+        if not request_id.present:
+            return b'{"ok":true,"accepted":%d}\n' % count
+        return b'{"ok":true,"accepted":%d,"id":%b}\n' % (count, _encode_scalar(request_id.value))
+    return _dump({"ok": True, **fields}, request_id)
 
 
 def encode_ok_pieces(

@@ -679,6 +679,15 @@ def test_answers_are_the_bytes_json_dumps_writes(value: Any, fields: dict[str, A
 
 
 @FAST
+@given(st.none() | wire_scalars.map(RequestId.of), st.integers() | st.booleans())
+def test_a_batch_answer_is_the_bytes_json_dumps_writes(rid: RequestId | None, count: int) -> None:
+    expected: dict[str, Any] = {"ok": True, "accepted": count}
+    if rid is not None:
+        expected["id"] = rid.value
+    assert encode_ok(rid or NO_ID, accepted=count) == dumped(expected)
+
+
+@FAST
 @given(wire_scalars)
 def test_every_id_that_parses_is_echoed_exactly(value: Any) -> None:
     raw = json.dumps({"op": "ping", "id": value}).encode()
