@@ -244,7 +244,7 @@ class Committer:
         on_credentials_error: Callable[[], None] | None = None,
         on_committed: Callable[[str, int, str], None] | None = None,
         on_dropped: Callable[[str, int, str], None] | None = None,
-        on_refused: Callable[[str, int, str | None, str], None] | None = None,
+        on_refused: Callable[[str, int, str | None, SLSError], None] | None = None,
     ) -> None:
         self._store = store
         self._client = client
@@ -255,7 +255,7 @@ class Committer:
         self._on_credentials_error = on_credentials_error
         self._on_committed = on_committed
         self._on_dropped = on_dropped
-        # (group, shard, consumer, code) of every value SLS refused for good: membership
+        # (group, shard, consumer, error) of every value SLS refused for good: membership
         # learns from it that a member lost a shard.
         self._on_refused = on_refused
         self._limiter = ConcurrencyLimiter(config.commit.max_in_flight, clock=clock)
@@ -606,7 +606,7 @@ class Committer:
             if self._on_dropped is not None:
                 self._on_dropped(attempt.group, attempt.shard, attempt.checkpoint)
             if self._on_refused is not None:
-                self._on_refused(attempt.group, attempt.shard, attempt.consumer, error.code)
+                self._on_refused(attempt.group, attempt.shard, attempt.consumer, error)
         else:
             self._store.on_retryable_failure(attempt, info)
         self._observer.commit_finished(attempt.group, error.code, seconds, ok=False)

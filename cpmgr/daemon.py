@@ -23,7 +23,7 @@ from cpmgr import __version__
 from cpmgr.committer import Committer
 from cpmgr.config import Config, GroupConfig, load_config
 from cpmgr.credentials import CredentialsProvider
-from cpmgr.errors import ConfigError, CpmgrError
+from cpmgr.errors import ConfigError, CpmgrError, SLSError
 from cpmgr.ingest import IngestServer
 from cpmgr.journal import Journal
 from cpmgr.logs import configure_logging
@@ -112,7 +112,7 @@ class Daemon:
             on_dropped=self._journal_dropped,
             on_refused=self._member_refused,
         )
-        self.member_client, self.membership = self._membership(config)
+        self.member_clients, self.membership = self._membership(config)
         self.journal = (
             Journal(
                 config.state.dir,
@@ -152,33 +152,41 @@ class Daemon:
         self._retiring_groups: dict[str, GroupConfig] = {}
         self._retiring: set[asyncio.Task[None]] = set()
 
-    def _membership(self, config: Config) -> tuple[SLSClient | None, Membership | None]:
-        """Membership and its own SLS client (heartbeats never queue behind commits)."""
+    def _membership(self, config: Config) -> tuple[list[SLSClient], Membership | None]:
+        """Membership and its own SLS clients: one for heartbeats alone, so they never queue
+        behind commits or behind the reads of a big acquisition; one for those reads."""
         settings = [g.membership for g in config.groups if g.membership is not None]
         if not settings:
-            return None, None
+            return [], None
         shortest = min(m.heartbeat_interval for m in settings)
-        client = SLSClient(
-            endpoint=config.sls.endpoint,
-            credentials=self.credentials,
-            signature_version=config.sls.signature_version,
-            region=config.sls.region,
-            request_timeout=min(config.commit.request_timeout, shortest),
-            connection_limit=MEMBERSHIP_CONNECTIONS,
+        timeouts = (min(config.commit.request_timeout, shortest), config.commit.request_timeout)
+        heartbeats, reads = (
+            SLSClient(
+                endpoint=config.sls.endpoint,
+                credentials=self.credentials,
+                signature_version=config.sls.signature_version,
+                region=config.sls.region,
+                request_timeout=timeout,
+                connection_limit=MEMBERSHIP_CONNECTIONS,
+            )
+            for timeout in timeouts
         )
         membership = Membership(
             config=config,
             store=self.store,
             committer=self.committer,
-            api=client,
+            api=heartbeats,
+            reads=reads,
             observer=self.metrics,
         )
         self.metrics.watch_membership(membership.figures)
-        return client, membership
+        return [heartbeats, reads], membership
 
-    def _member_refused(self, group: str, shard: int, consumer: str | None, code: str) -> None:
+    def _member_refused(
+        self, group: str, shard: int, consumer: str | None, error: SLSError
+    ) -> None:
         if self.membership is not None:
-            self.membership.on_refused(group, shard, consumer, code)
+            self.membership.on_refused(group, shard, consumer, error)
 
     def _ready_for_probes(self) -> bool:
         """/readyz: started, not draining, the journal (if any) can write, and every member
@@ -219,9 +227,9 @@ class Daemon:
         self._started.append(self.client.close)
         await self.committer.start()
         self._started.append(self.committer.close)
-        if self.member_client is not None:
-            await self.member_client.start()
-            self._started.append(self.member_client.close)
+        for member_client in self.member_clients:
+            await member_client.start()
+            self._started.append(member_client.close)
         with _startup_step(f"socket {self.config.socket.path}"):
             await self.ingest.start()
         self._started.append(self._close_ingest)

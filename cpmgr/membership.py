@@ -41,11 +41,9 @@ log = logging.getLogger(__name__)
 
 ShardState = Literal["acquiring", "held", "releasing", "closing"]
 HandoffReason = Literal["rebalance", "shutdown", "deadline", "disconnect", "ended", "lost"]
-# SLS no longer knows the member: every shard is gone, and it must heartbeat `[]` to rejoin.
-EXPIRED_CODES: Final = frozenset({"ConsumerNotExist", "NotExistConsumerWithBody"})
-NOT_OWNER_CODES: Final = frozenset({"ConsumerNotMatch"})
 # The empty heartbeats at shutdown share this bound (CONTRACT: "bounded by 1 s").
 FINAL_HEARTBEAT_SECONDS: Final = 1.0
+READ_CONCURRENCY: Final = 8
 
 
 class EventSink(Protocol):
@@ -197,13 +195,18 @@ class Membership:
         store: CheckpointStore,
         committer: CommitSide,
         api: MembershipAPI,
+        reads: MembershipAPI | None = None,
         observer: MembershipObserver | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._committer = committer
-        self._api = api
+        self._api = api  # heartbeats only: nothing else may queue in front of them
+        self._reads = reads or api  # GetCheckPoint, GetCursor, ListConsumerGroup, create
+        # GetCursor calls in flight: a first join of thousands of new shards must not queue
+        # thousands of requests at once.
+        self._cursor_calls = asyncio.Semaphore(READ_CONCURRENCY)
         self._observer: MembershipObserver = observer or _NullObserver()
         self._clock = clock
         self._wall_clock = wall_clock
@@ -274,16 +277,17 @@ class Membership:
                     f"{member.group.name!r}",
                 )
 
-    def on_refused(self, group: str, shard: int, consumer: str | None, code: str) -> None:
+    def on_refused(self, group: str, shard: int, consumer: str | None, error: SLSError) -> None:
         """SLS refused a member's checkpoint for good: it lost the shard, or everything."""
         member = self._members.get((group, consumer or ""))
         if member is None:
             return
-        if code in NOT_OWNER_CODES and member.holds(shard):
-            self._lose(member, [shard], "not_owner")
-        elif code in EXPIRED_CODES:
+        if error.member_expired:
+            # SLS no longer knows the member: every shard is gone; heartbeat `[]` to rejoin.
             self._lose(member, member.owned(), "expired")
             member.wake.set()
+        elif error.ownership and member.holds(shard):
+            self._lose(member, [shard], "not_owner")
 
     # ------------------------------------------------------------------ heartbeats
 
@@ -334,7 +338,7 @@ class Membership:
         except SLSError as exc:
             self._observer.heartbeat_finished(group.name, exc.code, self._wall_clock())
             log.warning("group %s: heartbeat of %s failed: %s", group.name, member.name, exc)
-            if exc.code in EXPIRED_CODES and not member.ending:
+            if exc.member_expired and not member.ending:
                 self._lose(member, member.owned(), "expired")
                 member.wake.set()
             return
@@ -348,12 +352,12 @@ class Membership:
         settings = group.membership
         assert settings is not None
         try:
-            found = await self._api.list_consumer_groups(
+            found = await self._reads.list_consumer_groups(
                 group.project, group.logstore, endpoint=group.endpoint, region=group.region
             )
             existing = next((g for g in found if g.name == group.consumer_group), None)
             if existing is None and settings.create:
-                await self._api.create_consumer_group(
+                await self._reads.create_consumer_group(
                     group.project,
                     group.logstore,
                     group.consumer_group,
@@ -396,18 +400,29 @@ class Membership:
                 self._forget(member, shard)
             elif st.state == "held":
                 self._revoke(member, shard, "rebalance", member.settings.release_timeout)
-        for shard in sorted(assigned - member.shards.keys()):
+        new = sorted(assigned - member.shards.keys())
+        # Many new shards at once (a first join): one GetCheckPoint for the whole group.
+        bulk = (
+            asyncio.ensure_future(self._checkpoints(member.group, None)) if len(new) > 1 else None
+        )
+        for shard in new:
             st = _Shard("acquiring", self._clock())
             member.shards[shard] = st
-            st.task = asyncio.create_task(self._acquire(member, shard, st))
+            st.task = asyncio.create_task(self._acquire(member, shard, st, bulk))
 
     # ------------------------------------------------------------------ acquiring
 
-    async def _acquire(self, member: Member, shard: int, st: _Shard) -> None:
+    async def _acquire(
+        self,
+        member: Member,
+        shard: int,
+        st: _Shard,
+        bulk: asyncio.Future[dict[int, str]] | None,
+    ) -> None:
         settings = member.settings
         while member.shards.get(shard) is st and not member.ending:
             try:
-                checkpoint, start = await self._start_position(member.group, shard)
+                checkpoint, start = await self._start_position(member.group, shard, bulk)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # SLSError, or a bug: the shard must not stay stuck
@@ -421,6 +436,7 @@ class Membership:
                     )
                     self._forget(member, shard)
                     return
+                bulk = None  # retry with calls of this shard's own
                 await asyncio.sleep(min(settings.heartbeat_interval, settings.release_timeout))
                 continue
             if member.shards.get(shard) is not st or member.ending:
@@ -431,9 +447,32 @@ class Membership:
             log.info("group %s: shard %d assigned to %s", member.group.name, shard, member.name)
             return
 
-    async def _start_position(self, group: GroupConfig, shard: int) -> tuple[str | None, str]:
+    async def _start_position(
+        self, group: GroupConfig, shard: int, bulk: asyncio.Future[dict[int, str]] | None
+    ) -> tuple[str | None, str]:
         """(SLS's checkpoint or None, where to start reading)."""
-        entries = await self._api.get_checkpoint(
+        if bulk is not None:
+            checkpoints = await asyncio.shield(bulk)
+        else:
+            checkpoints = await self._checkpoints(group, shard)
+        checkpoint = checkpoints.get(shard)
+        if checkpoint:
+            return checkpoint, checkpoint
+        assert group.membership is not None
+        async with self._cursor_calls:
+            cursor = await self._reads.get_cursor(
+                group.project,
+                group.logstore,
+                shard,
+                group.membership.start_from,
+                endpoint=group.endpoint,
+                region=group.region,
+            )
+        return None, cursor
+
+    async def _checkpoints(self, group: GroupConfig, shard: int | None) -> dict[int, str]:
+        """GetCheckPoint of one shard, or of all: {shard: checkpoint} ("" if none)."""
+        entries = await self._reads.get_checkpoint(
             group.project,
             group.logstore,
             group.consumer_group,
@@ -441,21 +480,7 @@ class Membership:
             endpoint=group.endpoint,
             region=group.region,
         )
-        checkpoint = next(
-            (e.checkpoint for e in entries if e.shard == shard and e.checkpoint), None
-        )
-        if checkpoint is not None:
-            return checkpoint, checkpoint
-        assert group.membership is not None
-        cursor = await self._api.get_cursor(
-            group.project,
-            group.logstore,
-            shard,
-            group.membership.start_from,
-            endpoint=group.endpoint,
-            region=group.region,
-        )
-        return None, cursor
+        return {e.shard: e.checkpoint for e in entries}
 
     # ------------------------------------------------------------------ handing over
 

@@ -178,9 +178,9 @@ async def test_a_10000_shard_commit_cycle_does_not_delay_a_heartbeat(sock_dir: P
         wide["logstore"] = "wide"
         data["groups"].append(wide)
         data["commit"]["max_in_flight"] = 32
+        data["commit"]["request_timeout"] = "2s"  # a loaded machine must not make this flaky
         async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
-            client = daemon.daemon.member_client
-            assert client is not None
+            client = daemon.daemon.member_clients[0]  # the heartbeats' own
             sent: list[float] = []
             heartbeat = client.heartbeat
 
@@ -197,7 +197,7 @@ async def test_a_10000_shard_commit_cycle_does_not_delay_a_heartbeat(sock_dir: P
             started = time.monotonic()
             flush = {"op": "flush", "group": "wide", "timeout": 120}
             flushed = await peer.ask(flush, timeout=120)
-            assert flushed == {"ok": True, "committed": 10_000}
+            assert flushed["ok"], flushed
             finished = time.monotonic()
         during = [t for t in sent if started <= t <= finished]
         gaps = [b - a for a, b in itertools.pairwise(during)]
@@ -227,3 +227,43 @@ async def test_an_ownership_refusal_from_sls_becomes_lost_for_that_shard(sock_di
             assert (lost["shards"], lost["reason"]) == ([6], "not_owner")
             again = await peer.ask(commit)
             assert again["error"]["code"] == "NotOwner"
+
+
+async def test_an_expired_member_loses_everything_then_joins_again(sock_dir: Path) -> None:
+    async with emulator() as emu:
+        data = member_config(sock_dir / "a.sock", emu.url)
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            group = emu.state.group(PROJECT, LOGSTORE, CONSUMER_GROUP)
+            del group.consumers["pod-a"]  # SLS expired it (as after a long pause)
+            group.owners.clear()
+            commit = {"op": "commit", "group": "orders", "shard": 3, "checkpoint": cursor(30)}
+            answer = await peer.ask({**commit, "wait": True})
+            assert answer["error"]["dropped"] is True
+            lost = await peer.event("lost")
+            assert lost["reason"] == "expired"
+            assert lost["shards"] == list(range(8))
+            back = await assigned(peer, 8)  # an empty heartbeat joined it again
+            assert sorted(back) == list(range(8))
+
+
+async def test_a_member_that_stops_reading_its_events_is_disconnected(sock_dir: Path) -> None:
+    """Events are never dropped: a peer that lets more than 1,000 pile up is cut off, and its
+    member ends as on any disconnect (its shards go back to SLS)."""
+    async with emulator(shards=4000) as emu:
+        data = member_config(sock_dir / "a.sock", emu.url)
+        async with running_daemon(data) as daemon:
+            reader, writer = await asyncio.open_unix_connection(daemon.socket_path)
+            name = "deaf-" + "x" * 123  # the longest name: the largest events
+            writer.write(b'{"op":"join","group":"orders","consumer":"%s"}\n' % name.encode())
+            membership = daemon.daemon.membership
+            assert membership is not None
+            assert b'"ok":true' in await reader.readline()
+            (member,) = membership.members()
+            # It reads nothing more while 4,000 `assigned` events (~900 KB) come its way.
+            await asyncio.wait_for(member.ended.wait(), 60)
+            assert emu.state.assignments(PROJECT, LOGSTORE, CONSUMER_GROUP) == {}
+            rest = await reader.read()  # what reached the socket before the cut, then EOF
+            assert 0 < rest.count(b'"event":"assigned"') < 4000
+            writer.close()
