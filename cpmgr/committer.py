@@ -489,7 +489,10 @@ class Committer:
         if not error.permanent:
             self._store.note_error(attempt, self._error_info(error))
             if error.may_have_landed:
-                until = sent_at + 2 * self._commit_cfg.request_timeout
+                # From when the attempt ended, not from when it was queued: an attempt that
+                # waited for a free slot went out later than `sent_at`, and its window must
+                # not close early (a later success would then settle under a late landing).
+                until = self._clock() + 2 * self._commit_cfg.request_timeout
                 self._store.on_ambiguous(attempt, until=until)
             if error.credentials_problem and self._on_credentials_error is not None:
                 self._on_credentials_error()
