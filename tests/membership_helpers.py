@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lifecycle_helpers import LOGSTORE, PROJECT, REPO, daemon_config, group
+from lifecycle_helpers import LOGSTORE, PROJECT, REPO, daemon_config, group, remote_key
 
 from cpmgr.config import parse_config
 from cpmgr.daemon import Daemon, run
@@ -155,6 +155,26 @@ async def consumer(socket_path: str) -> AsyncIterator[Consumer]:
         yield peer
     finally:
         await peer.close()
+
+
+async def join(peer: Consumer, name: str) -> None:
+    """Join group `orders` as `name`; the answer must be ok."""
+    answer = await peer.ask({"op": "join", "group": "orders", "consumer": name})
+    assert answer["ok"], answer
+
+
+async def assigned(peer: Consumer, count: int) -> dict[int, str]:
+    """The next `count` shards assigned to the peer: {shard: where to start}."""
+    shards = {}
+    while len(shards) < count:
+        event = await peer.event("assigned")
+        shards[event["shard"]] = event["checkpoint"]
+    return shards
+
+
+def history(emu: EmulatorHandle, shard: int) -> list[str]:
+    """Every checkpoint SLS accepted for the shard of CONSUMER_GROUP, oldest first."""
+    return emu.state.history[remote_key(CONSUMER_GROUP, shard)]
 
 
 async def until(condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:

@@ -14,8 +14,11 @@ from membership_helpers import (
     CONSUMER_GROUP,
     Consumer,
     RunningDaemon,
+    assigned,
     consumer,
     emulator,
+    history,
+    join,
     member_config,
     running_daemon,
 )
@@ -31,14 +34,6 @@ async def one_daemon(
         data = member_config(sock_dir / "a.sock", emu.url, membership=membership)
         async with running_daemon(data) as daemon:
             yield emu, daemon
-
-
-async def assigned(peer: Consumer, count: int) -> dict[int, str]:
-    shards = {}
-    while len(shards) < count:
-        event = await peer.event("assigned")
-        shards[event["shard"]] = event["checkpoint"]
-    return shards
 
 
 async def test_a_member_joins_and_is_assigned_every_shard_with_where_to_start(
@@ -176,15 +171,6 @@ async def test_three_members_on_two_daemons_share_eight_shards_at_most_one_apart
         counts = sorted(len(p.held) for p in peers)
         assert counts[-1] - counts[0] <= 1, counts
         assert sorted(s for shards in owners(emu).values() for s in shards) == list(range(8))
-
-
-def history(emu: EmulatorHandle, shard: int) -> list[str]:
-    return emu.state.history[remote_key(CONSUMER_GROUP, shard)]
-
-
-async def join(peer: Consumer, name: str) -> None:
-    answer = await peer.ask({"op": "join", "group": "orders", "consumer": name})
-    assert answer["ok"], answer
 
 
 async def test_a_closed_connection_hands_its_shards_over_within_one_heartbeat(

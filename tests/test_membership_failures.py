@@ -11,37 +11,21 @@ from pathlib import Path
 from typing import Any
 
 from aliyun.log import LogClient
-from lifecycle_helpers import LOGSTORE, PROJECT, cursor, group, remote_key
+from lifecycle_helpers import LOGSTORE, PROJECT, cursor, group
 from membership_helpers import (
     CONSUMER_GROUP,
     KEY_ID,
     SECRET,
     Consumer,
+    assigned,
     consumer,
     emulator,
     emulator_process,
+    history,
+    join,
     member_config,
     running_daemon,
 )
-
-from cpmgr.emulator import EmulatorHandle
-
-
-async def join(peer: Consumer, name: str) -> None:
-    answer = await peer.ask({"op": "join", "group": "orders", "consumer": name})
-    assert answer["ok"], answer
-
-
-async def assigned(peer: Consumer, count: int) -> dict[int, str]:
-    shards = {}
-    while len(shards) < count:
-        event = await peer.event("assigned")
-        shards[event["shard"]] = event["checkpoint"]
-    return shards
-
-
-def history(emu: EmulatorHandle, shard: int) -> list[str]:
-    return emu.state.history[remote_key(CONSUMER_GROUP, shard)]
 
 
 async def test_sls_unreachable_past_the_timeout_loses_the_shards_then_they_come_back(

@@ -10,27 +10,15 @@ from typing import Any
 from lifecycle_helpers import LOGSTORE, PROJECT, cursor, remote_key
 from membership_helpers import (
     CONSUMER_GROUP,
-    Consumer,
+    assigned,
     consumer,
     emulator,
+    join,
     member_config,
     running_daemon,
 )
 
 from cpmgr.emulator import EmulatorHandle
-
-
-async def join(peer: Consumer, name: str) -> None:
-    answer = await peer.ask({"op": "join", "group": "orders", "consumer": name})
-    assert answer["ok"], answer
-
-
-async def assigned(peer: Consumer, count: int) -> dict[int, str]:
-    shards = {}
-    while len(shards) < count:
-        event = await peer.event("assigned")
-        shards[event["shard"]] = event["checkpoint"]
-    return shards
 
 
 class Heartbeats:
