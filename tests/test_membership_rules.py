@@ -7,7 +7,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from lifecycle_helpers import LOGSTORE, PROJECT, cursor, remote_key
+from lifecycle_helpers import LOGSTORE, PROJECT, cursor, remote_key, write_yaml
+from lifecycle_helpers import running_daemon as process_daemon
 from membership_helpers import (
     CONSUMER_GROUP,
     assigned,
@@ -213,3 +214,21 @@ async def test_rule_not_owner_holds_with_a_journal_too(sock_dir: Path, tmp_path:
             assert refused["error"]["code"] == "NotOwner"
             async with consumer(daemon.socket_path) as stranger:
                 assert (await stranger.ask({**commit, "shard": 0}))["error"]["code"] == "NotMember"
+
+
+async def test_rule_if_cpmgr_dies_its_members_see_their_connection_drop(
+    sock_dir: Path, tmp_path: Path
+) -> None:
+    async with emulator() as emu:
+        data = member_config(sock_dir / "a.sock", emu.url)
+        config_path = write_yaml(tmp_path / "cpmgr.yaml", data)
+        async with process_daemon(config_path) as daemon:
+            await daemon.wait_for_line(" ready: socket ")
+            async with consumer(str(sock_dir / "a.sock")) as peer:
+                await join(peer, "pod-a")
+                await assigned(peer, 8)
+                await daemon.kill()
+                # The read loop ends at EOF: the consumer must stop every shard and join again.
+                assert peer._pump is not None
+                await asyncio.wait_for(peer._pump, 10)
+                assert peer.reader.at_eof()
