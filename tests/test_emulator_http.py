@@ -468,6 +468,14 @@ async def test_admin_can_declare_logstores(session: aiohttp.ClientSession) -> No
         assert_sls_error(answer, 400, "ParameterInvalid")
 
 
+async def test_a_body_over_many_reads_is_read_whole(session: aiohttp.ClientSession) -> None:
+    async with running_emulator() as handle:
+        declare = json.dumps({"project": P, "logstore": L, "shards": 3}).encode()
+        padded = declare[:-1] + b" " * (300 * 1024) + b"}"  # several reads of the socket
+        answer = await send(session, handle, "POST", "/_emulator/logstores", body=padded)
+        assert answer.json == {"project": P, "logstore": L, "shards": 3}
+
+
 # --- state file and TLS --------------------------------------------------------------------
 
 

@@ -686,6 +686,21 @@ async def test_https_is_the_default_and_certificates_are_verified(
     assert len(tls_sls.seen) == 1
 
 
+async def test_a_large_answer_over_tls(
+    tls_sls: FakeSLS, tls_ca: trustme.CA, make_client: MakeClient
+) -> None:
+    entries = [
+        {"shard": n, "checkpoint": CHECKPOINT, "updateTime": n, "consumer": f"c-{n}"}
+        for n in range(5000)
+    ]
+    tls_sls.answer = reply(200, entries)
+    trusting = ssl.create_default_context()
+    tls_ca.configure_trust(trusting)
+    client = await make_client(endpoint=f"127.0.0.1:{tls_sls.port}", ssl_context=trusting)
+    result = await client.get_checkpoint(PROJECT, LOGSTORE, GROUP)
+    assert result == [RemoteCheckpoint(n, CHECKPOINT, n, f"c-{n}") for n in range(5000)]
+
+
 # --- endpoints and lifecycle -----------------------------------------------------------------
 
 

@@ -46,6 +46,7 @@ MAX_HEAD_BYTES: Final = 64 * 1024
 MAX_ANSWER_BYTES: Final = 32 * 1024 * 1024
 MAX_CHUNK_LINE_BYTES: Final = 4 * 1024
 CLOSE_SECONDS: Final = 1.0
+READ_BYTES: Final = 64 * 1024  # read at most this much per loop turn and connection
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
 _SWITCHING_PROTOCOLS: Final = 101
 _CHUNK_SIZE: Final = re.compile(rb"[0-9A-Fa-f]{1,16}")
@@ -256,8 +257,13 @@ def parse_chunk_size(line: bytes) -> int:
     return size
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection carrying one request at a time."""
+class _Connection(asyncio.BufferedProtocol):
+    """One keep-alive connection carrying one request at a time.
+
+    A buffered protocol: the transport reads into one buffer kept for the connection's life.
+    A plain Protocol's every read allocates a 256 KiB bytes object, which the C library maps,
+    shrinks and unmaps again (three system calls and a page fault per answer).
+    """
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, *, on_lost: Callable[[_Connection], None]
@@ -271,10 +277,17 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.lost: asyncio.Future[None] = loop.create_future()
+        self._read_buffer = memoryview(bytearray(READ_BYTES))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._read_buffer[:nbytes])
 
     def send(self, data: bytes) -> asyncio.Future[HttpAnswer]:
         """Write one request; the future resolves with its answer or a transport error."""
@@ -284,7 +297,7 @@ class _Connection(asyncio.Protocol):
         self._transport.write(data)
         return self._waiter
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._answer is None or self._waiter is None:
             self._fail(HttpProtocolError("data from the server while no request was sent"))
             return
