@@ -62,6 +62,10 @@ class Drain:
         return self.client_cpu / self.calls * 1e6
 
     @property
+    def emulator_us_per_call(self) -> float:
+        return self.emulator_cpu / self.calls * 1e6
+
+    @property
     def emulator_share(self) -> float:
         """Cores the emulator kept busy meanwhile."""
         return self.emulator_cpu / self.seconds
@@ -118,11 +122,13 @@ async def backlog(settings: Settings, progress: Callable[[str], None]) -> Sectio
             progress(f"  SDK loop: {sdk.rate:,.0f} UpdateCheckPoint/s")
     rows = [_row("cpmgr daemon, one `flush`", daemon), _row("official SDK in a loop", sdk)]
     header = ["committer", "calls", "seconds", "UpdateCheckPoint/s", "client CPU µs/call"]
-    header += ["emulator busy (cores)"]
+    header += ["emulator CPU µs/call", "emulator busy (cores)"]
     body = table(header, rows)
     body += (
         f"\n\nThe emulator is one process, so it can keep at most one core busy; above "
-        f"{EMULATOR_SATURATED:.0%} of a core it, not the committer, sets the pace."
+        f"{EMULATOR_SATURATED:.0%} of a core it, not the committer, sets the pace. Each side "
+        "is one process on its own core, so which one that is shows in the CPU per call: the "
+        "emulator is not the bottleneck while its CPU per call stays below the daemon's."
     )
     goals: tuple[Goal, ...] = (
         at_least("d1", f"{shards:,} dirty shards: daemon vs SDK loop", daemon.rate / sdk.rate, 10),
@@ -146,5 +152,6 @@ def _row(name: str, drain: Drain) -> list[str]:
         f"{drain.seconds:.2f}",
         f"{drain.rate:,.0f}",
         f"{drain.client_us_per_call:,.0f}",
+        f"{drain.emulator_us_per_call:,.0f}",
         f"{drain.emulator_share:.2f}",
     ]
