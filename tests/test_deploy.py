@@ -237,6 +237,8 @@ def _exported_names() -> set[str]:
     metrics = Metrics(registry)
     metrics.add_groups(["orders"])
     metrics.watch_store(CheckpointStore(["orders"]), lambda: ["orders"])
+    # A daemon with a membership group: (members, held shards, last successful heartbeat).
+    metrics.watch_membership(lambda: {"orders": (1, 2, 1.7e9)})
     suffixes = {
         "counter": ["_total"],
         "histogram": ["_bucket", "_sum", "_count"],
