@@ -59,7 +59,6 @@ from cpmgr.membership import Member, Membership
 from cpmgr.protocol import (
     NO_ID,
     AssignmentRequest,
-    CommitItem,
     CommitRequest,
     FlushRequest,
     GetRequest,
@@ -74,6 +73,7 @@ from cpmgr.protocol import (
     encode_ok,
     encode_ok_pieces,
 )
+from cpmgr.requests import item_consumers, item_shards, with_consumer
 from cpmgr.store import CheckpointStore
 
 __all__ = [
@@ -344,7 +344,7 @@ class IngestServer:
     def _member_commit(self, request: CommitRequest, connection: Connection) -> CommitRequest:
         assert self.membership is not None
         joined = connection.joined.get(request.group)
-        names = {item.consumer for item in request.items}
+        names = set(item_consumers(request.items))
         if joined is not None and names - {None, joined.name}:
             raise ProtocolError(
                 "BadRequest",
@@ -362,16 +362,12 @@ class IngestServer:
                 raise ProtocolError(
                     "NotMember", f"{name!r} is not a member of group {request.group!r}"
                 )
-        self.membership.check_commit(joined, [item.shard for item in request.items])
+        self.membership.check_commit(joined, item_shards(request.items))
         if None not in names:
             return request
-        name = joined.name
-        items = tuple(
-            CommitItem(i.shard, i.checkpoint, name, i.index, i.number) for i in request.items
-        )
         return CommitRequest(
             request.group,
-            items,
+            with_consumer(request.items, joined.name),
             request.batch,
             request.force,
             request.wait,

@@ -34,6 +34,9 @@ __all__ = [
     "StatusRequest",
     "cursor_number",
     "decode_cursor",
+    "item_consumers",
+    "item_shards",
+    "with_consumer",
 ]
 
 JsonScalar = str | int | float | bool | None
@@ -186,6 +189,32 @@ class ItemColumns(Sequence[CommitItem]):
 
     def __repr__(self) -> str:
         return f"ItemColumns({self.as_tuple()!r})"
+
+
+def item_shards(items: Sequence[CommitItem]) -> list[int]:
+    """The shard of each item (read off the column, for a batch read as columns)."""
+    return items.shards if isinstance(items, ItemColumns) else [item.shard for item in items]
+
+
+def item_consumers(items: Sequence[CommitItem]) -> list[str | None]:
+    """The consumer of each item (read off the column, for a batch read as columns)."""
+    if isinstance(items, ItemColumns):
+        return items.consumers
+    return [item.consumer for item in items]
+
+
+def with_consumer(items: Sequence[CommitItem], consumer: str) -> Sequence[CommitItem]:
+    """The same items, each of `consumer`; a batch read as columns stays columns."""
+    if isinstance(items, ItemColumns):
+        return ItemColumns(
+            items.shards,
+            items.checkpoints,
+            items.numbers,
+            [consumer] * len(items),
+            items.positions,
+            distinct=items.distinct(),
+        )
+    return tuple(CommitItem(i.shard, i.checkpoint, consumer, i.index, i.number) for i in items)
 
 
 @dataclass(slots=True)

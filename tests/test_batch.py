@@ -27,6 +27,7 @@ from cpmgr.protocol import (
     encode_ok,
     parse_request,
 )
+from cpmgr.requests import item_consumers, item_shards, with_consumer
 from cpmgr.store import Attempt, CheckpointStore, ErrorInfo
 
 GROUP = "orders"
@@ -309,3 +310,18 @@ def test_a_batch_in_another_shape_is_read_item_by_item() -> None:
     assert isinstance(request, CommitRequest)
     assert not isinstance(request.items, ItemColumns)
     assert [(i.shard, i.checkpoint, i.index) for i in request.items] == [(2, cp(8), 1)]
+
+
+def test_a_member_s_name_fills_a_batch_read_as_columns_without_leaving_them() -> None:
+    entries = [{"shard": 2, "checkpoint": cp(7)}, {"shard": 1, "checkpoint": cp(8)}]
+    request = parse_request(batch_line(entries))
+    assert isinstance(request, CommitRequest)
+    named = with_consumer(request.items, "pod-a")
+    assert isinstance(named, ItemColumns)
+    assert item_consumers(named) == ["pod-a", "pod-a"]
+    assert item_shards(named) == [2, 1]
+    with general_path_only():
+        general = parse_request(batch_line(entries))
+    assert isinstance(general, CommitRequest)
+    assert with_consumer(general.items, "pod-a") == named
+    assert [(i.index, i.number) for i in named] == [(0, 7), (1, 8)]
