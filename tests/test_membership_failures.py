@@ -154,9 +154,10 @@ async def test_a_10000_shard_commit_cycle_does_not_delay_a_heartbeat(sock_dir: P
         f"--consumer-group={PROJECT}/{LOGSTORE}/{CONSUMER_GROUP}",
         f"--consumer-group={PROJECT}/wide/wide-group",
     ) as url:
-        # A 1 s interval: the 10% allowance (100 ms) is then above what the scheduling of a
-        # busy machine alone adds to a timer (tens of ms), so what is measured is cpmgr's own.
-        settings = {"heartbeat_interval": "1s", "timeout": "10s"}
+        # A 2 s interval: the 10% allowance (200 ms) is then well above what the scheduling of
+        # a busy machine alone adds to a timer (up to ~150 ms measured at load 9 on 2 cores),
+        # so what is measured is cpmgr's own.
+        settings = {"heartbeat_interval": "2s", "timeout": "10s"}
         data = member_config(sock_dir / "a.sock", url, membership=settings)
         wide = group("wide", "wide-group", consumer="c", force_success=True)
         wide["logstore"] = "wide"
@@ -175,22 +176,29 @@ async def test_a_10000_shard_commit_cycle_does_not_delay_a_heartbeat(sock_dir: P
             client.heartbeat = recording  # type: ignore[method-assign]
             await join(peer, "pod-a")
             await assigned(peer, 8)
-            items = [{"shard": s, "checkpoint": cursor(s + 1)} for s in range(10_000)]
-            batch = {"op": "commit", "group": "wide", "checkpoints": items}
-            assert (await peer.ask(batch))["ok"]
             started = time.monotonic()
-            flush = {"op": "flush", "group": "wide", "timeout": 120}
-            flushed = await peer.ask(flush, timeout=120)
-            assert flushed["ok"], flushed
+            cycles = 0
+            # 10,000-shard cycles back to back, for at least five heartbeat intervals.
+            while time.monotonic() - started < 5 * 2.0:
+                cycles += 1
+                items = [
+                    {"shard": s, "checkpoint": cursor(cycles * 100_000 + s)} for s in range(10_000)
+                ]
+                batch = {"op": "commit", "group": "wide", "checkpoints": items}
+                assert (await peer.ask(batch))["ok"]
+                flush = {"op": "flush", "group": "wide", "timeout": 120}
+                flushed = await peer.ask(flush, timeout=120)
+                assert flushed["ok"], flushed
             finished = time.monotonic()
         during = [t for t in sent if started <= t <= finished]
         gaps = [b - a for a, b in itertools.pairwise(during)]
         print(
-            f"10,000-shard flush took {finished - started:.2f}s; {len(gaps)} heartbeat gaps, "
-            f"largest {max(gaps) * 1000:.0f} ms (interval 1000 ms)"
+            f"{cycles} cycles of 10,000 shards in {finished - started:.2f}s; {len(gaps)} "
+            "heartbeat gaps, "
+            f"largest {max(gaps) * 1000:.0f} ms (interval 2000 ms)"
         )
         assert len(gaps) >= 3
-        assert max(gaps) <= 1.1 * 1.0
+        assert max(gaps) <= 1.1 * 2.0
 
 
 async def test_an_ownership_refusal_from_sls_becomes_lost_for_that_shard(sock_dir: Path) -> None:
