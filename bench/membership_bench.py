@@ -1,6 +1,7 @@
 """Consumer-group membership: how long a handoff takes, and what heartbeats cost the daemon.
 
     python bench/membership_bench.py [--quick] [--rounds N] [--members N] [--tmp DIR]
+    python bench/run.py --only m [--quick]      (the same, as a section of the bench report)
 
 Not in `make bench`'s default set yet. The daemon (bench/server_proc.py) and the emulator
 each run in their own process; the members are socket connections from this process, speaking
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from harness import BenchError, Neighbours, load_average, machine_lines, percentile, table
-from report import Section, ms
+from report import Section, Settings, ms
 from targets import (
     CONSUMER_GROUP,
     GROUP,
@@ -320,6 +321,14 @@ async def measure(temp_root: Path, sizes: Sizes) -> Section:
         progress(f"m: heartbeat cost, {sizes.members} members")
         cost = await heartbeat_cost(server, remote.url, sizes, idle=idle)
     return section(handoffs, cost, sizes)
+
+
+async def scenario(settings: Settings, say: Callable[[str], None]) -> Section:
+    """Scenario m of bench/run.py, at the run's sizes (`--quick`: tiny)."""
+    directory = settings.temp_root / "m"
+    directory.mkdir()
+    say(f"m: sockets and logs in {directory}")
+    return await measure(directory, Sizes.of(quick=settings.quick, rounds=None, members=None))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
