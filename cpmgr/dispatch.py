@@ -20,6 +20,7 @@ import collections
 import contextlib
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from cpmgr import __version__
@@ -27,6 +28,7 @@ from cpmgr.config import Config
 from cpmgr.errors import CpmgrError, ProtocolError, SLSError
 from cpmgr.outcomes import CommitOutcome, FlushResult
 from cpmgr.protocol import (
+    CommitItem,
     CommitRequest,
     FlushRequest,
     GetRequest,
@@ -50,6 +52,8 @@ __all__ = [
 ]
 
 Fields = dict[str, object]
+JournalEntry = tuple[str, int, str, str | None]
+"""What the journal persists of an accepted checkpoint: group, shard, checkpoint, consumer."""
 
 
 # --- the seams: what the ops need from their collaborators ----------------------------------
@@ -69,9 +73,7 @@ class JournalLike(Protocol):
     """Persists accepted (group, shard, checkpoint, consumer) entries before they are
     acknowledged; raising means they are not accepted."""
 
-    async def record_accepted(
-        self, entries: Sequence[tuple[str, int, str, str | None]]
-    ) -> None: ...
+    async def record_accepted(self, entries: Sequence[JournalEntry]) -> None: ...
 
 
 class IngestObserver(Protocol):
@@ -136,6 +138,19 @@ async def dispatch(
 
 # Shards of a whole-group `get` built, or encoded, per loop turn.
 LISTING_CHUNK: Final = 2000
+
+
+@dataclass(eq=False)
+class _Admission:
+    """What the journaled commits of one chunk reserved and hand to the journal. `singles`
+    holds the items of those that are single commits to `group`: when that is every commit
+    of the chunk (the common case), they are applied in one go."""
+
+    group: str
+    keys: list[tuple[str, int]] = field(default_factory=list)
+    entries: list[JournalEntry] = field(default_factory=list)
+    singles: list[CommitItem] = field(default_factory=list)
+
 
 # A reservation: (newest reserved cursor, how many commits hold it, whether its shard was new).
 _Reservation = tuple[int | None, int, bool]
@@ -333,47 +348,58 @@ class Dispatcher:
         """Journaled commits without `wait`, in order, with one journal write for all: each
         gets its answer fields or the error refusing it (a journal failure refuses all)."""
         assert self._journal is not None
-        outcomes: list[Fields | ProtocolError] = []
-        admitted: list[int] = []
-        keys: list[tuple[str, int]] = []
-        for index, request in enumerate(requests):
-            try:
-                self._admit(request, keys)
-            except ProtocolError as exc:
-                outcomes.append(exc)
-                continue
-            admitted.append(index)
-            outcomes.append({})
+        admission = _Admission(requests[0].group if requests else "")
+        refusals = [self._admit(request, admission) for request in requests]
+        pairs = list(zip(requests, refusals, strict=True))
         try:
-            await self._record([requests[index] for index in admitted])
+            await self._record([r for r, refused in pairs if refused is None], admission.entries)
         except ProtocolError as exc:
-            for index in admitted:
-                outcomes[index] = exc
-            return outcomes
+            return [exc if refused is None else refused for refused in refusals]
         finally:
-            self._unreserve(keys)
-        for index in admitted:
-            outcomes[index] = self._apply_recorded(requests[index])
-        return outcomes
+            self._unreserve(admission.keys)
+        group = admission.group
+        if len(admission.singles) == len(requests) and group in self._groups:
+            # The common chunk: single commits to one group, all admitted, applied in one go.
+            self._store.accept_checked(group, admission.singles)
+            self._received[group] = self._received.get(group, 0) + len(requests)
+            return [{} for _ in requests]
+        return [
+            self._apply_recorded(request) if refused is None else refused
+            for request, refused in pairs
+        ]
 
-    def _admit(self, request: CommitRequest, keys: list[tuple[str, int]]) -> None:
-        """Check a journaled commit and reserve its shards (their keys go to `keys`)."""
-        if request.batch or request.force:
-            self._require_group(request.group)
-            self._check(request)
-            self._check_reserved(request)
-            self._check_shard_limit(request)
-            keys += self._reserve(request)
-            return
-        # The common request, one checkpoint without force, in one pass: the store's check,
-        # then the reservation (an existing one is the only regression left to check; a shard
-        # without one may be new, the only case the shard limit can refuse).
+    def _admit(self, request: CommitRequest, admission: _Admission) -> ProtocolError | None:
+        """Check a journaled commit and reserve its shards (noted in `admission`); the error
+        refusing it, if any."""
+        try:
+            if request.batch or request.force:
+                self._admit_any(request, admission)
+            else:
+                self._admit_single(request, admission)
+        except ProtocolError as exc:
+            return exc
+        return None
+
+    def _admit_any(self, request: CommitRequest, admission: _Admission) -> None:
+        self._require_group(request.group)
+        self._check(request)
+        self._check_reserved(request)
+        self._check_shard_limit(request)
+        admission.keys += self._reserve(request)
+        admission.entries += [
+            (request.group, i.shard, i.checkpoint, i.consumer) for i in request.items
+        ]
+
+    def _admit_single(self, request: CommitRequest, admission: _Admission) -> None:
+        """The common request, one checkpoint without force, in one pass: the store's check,
+        then the reservation (an existing one is the only regression left to check; a shard
+        without one may be new, the only case the shard limit can refuse)."""
         group = request.group
         if group not in self._groups:
             raise ProtocolError("UnknownGroup", f"unknown group {group!r}")
         item = request.items[0]
-        shard, number = item.shard, item.number
-        tracked = self._store.check(group, shard, item.checkpoint, number=number)
+        shard, number, checkpoint = item.shard, item.number, item.checkpoint
+        tracked = self._store.check(group, shard, checkpoint, number=number)
         key = (group, shard)
         reserved = self._reserved.get(key)
         if reserved is None:
@@ -388,11 +414,15 @@ class Dispatcher:
             elif number is not None and number < newest:
                 self._check_reserved(request)  # raises CheckpointRegression
             self._reserved[key] = (newest, count + 1, new)
-        keys.append(key)
+        admission.keys.append(key)
+        admission.entries.append((group, shard, checkpoint, item.consumer))
+        if group == admission.group:
+            admission.singles.append(item)
 
-    async def _record(self, requests: Sequence[CommitRequest]) -> None:
+    async def _record(
+        self, requests: Sequence[CommitRequest], entries: Sequence[JournalEntry]
+    ) -> None:
         assert self._journal is not None
-        entries = [(r.group, i.shard, i.checkpoint, i.consumer) for r in requests for i in r.items]
         try:
             await self._journal.record_accepted(entries)
         except CpmgrError as exc:
@@ -411,21 +441,24 @@ class Dispatcher:
         # A reload may have removed the group while the journal was writing.
         if group not in self._groups:
             return ProtocolError("UnknownGroup", f"unknown group {group!r}")
-        try:
-            if request.batch:
+        if request.batch:
+            try:
                 self._apply(request)
-            else:
-                item = request.items[0]
-                self._store.accept(
-                    group,
-                    item.shard,
-                    item.checkpoint,
-                    consumer=item.consumer,
-                    force=request.force,
-                    number=item.number,
-                )
-        except ProtocolError as exc:
-            return exc
+            except ProtocolError as exc:
+                return exc
+        else:
+            # Checked before it was written, and reserved since: no value it goes back from
+            # can have been applied in between (reserved values are applied in the order they
+            # were written), so the store need not check it again.
+            item = request.items[0]
+            self._store.accept(
+                group,
+                item.shard,
+                item.checkpoint,
+                consumer=item.consumer,
+                force=True,
+                number=item.number,
+            )
         count = len(request.items)
         self._received[group] = self._received.get(group, 0) + count
         return {"accepted": count} if request.batch else {}
@@ -438,8 +471,9 @@ class Dispatcher:
         self._check_reserved(request)
         self._check_shard_limit(request)
         keys = self._reserve(request)
+        entries = [(request.group, i.shard, i.checkpoint, i.consumer) for i in request.items]
         try:
-            await self._record([request])
+            await self._record([request], entries)
         finally:
             self._unreserve(keys)
         # A reload may have removed the group while the journal was writing.
@@ -513,13 +547,12 @@ class Dispatcher:
         return keys
 
     def _unreserve(self, keys: list[tuple[str, int]]) -> None:
+        reserved = self._reserved
         for key in keys:
-            newest, count, new = self._reserved[key]
+            newest, count, new = reserved.pop(key)
             if count > 1:
-                self._reserved[key] = (newest, count - 1, new)
-                continue
-            del self._reserved[key]
-            if new:
+                reserved[key] = (newest, count - 1, new)
+            elif new:
                 self._reserved_new[key[0]] -= 1
 
     def _apply(self, request: CommitRequest) -> dict[int, int]:

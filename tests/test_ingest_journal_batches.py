@@ -3,6 +3,8 @@ one, in order, each with its own outcome."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -29,6 +31,18 @@ class CountingJournal:
         if self.fail:
             raise CpmgrError("disk full")
         self.calls.append(list(entries))
+
+
+@dataclass
+class GatedJournal:
+    """Holds every write until `release` is set."""
+
+    writing: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def record_accepted(self, entries: Sequence[Entry]) -> None:
+        self.writing.set()
+        await self.release.wait()
 
 
 @pytest.fixture
@@ -89,3 +103,37 @@ async def test_a_failed_journal_write_refuses_every_commit_it_held(config: Confi
         journal.fail = False
         assert await peer.ask(commit(shard=0, number=6)) == {"ok": True}
     assert store.tracked_count("orders") == 1
+
+
+async def test_commits_of_a_group_removed_while_they_are_written_are_not_applied(
+    config: Config,
+) -> None:
+    journal = GatedJournal()
+    store = CheckpointStore(g.name for g in config.groups)
+    async with running(config, store, journal=journal) as server, connect(server.path) as peer:
+        await peer.send(lines(*(commit(shard=s, number=5, id=s) for s in range(3))))
+        await asyncio.wait_for(journal.writing.wait(), 5)
+        others = tuple(g for g in config.groups if g.name != "orders")
+        server.apply_config(dataclasses.replace(config, groups=others))
+        journal.release.set()
+        answers = [await peer.answer() for _ in range(3)]
+    assert [a["id"] for a in answers] == [0, 1, 2]
+    assert [a["error"]["code"] for a in answers] == ["UnknownGroup"] * 3
+    assert store.shard_views("orders") == []
+
+
+async def test_a_burst_of_commits_to_one_group_leaves_each_shard_its_newest_value(
+    config: Config,
+) -> None:
+    journal = CountingJournal()
+    store = CheckpointStore(g.name for g in config.groups)
+    async with running(config, store, journal=journal) as server, connect(server.path) as peer:
+        await peer.send(lines(*(commit(shard=n % 4, number=n, id=n) for n in range(40))))
+        answers = [await peer.answer() for _ in range(40)]
+        await peer.send(lines(commit(shard=1, number=20, id="older")))
+        refused = await peer.answer()
+    assert all(a["ok"] for a in answers)
+    assert refused["error"]["code"] == "CheckpointRegression"
+    views = {v.shard: v.pending for v in store.shard_views("orders")}
+    assert views == {s: cp(36 + s) for s in range(4)}
+    assert [e[2] for c in journal.calls for e in c] == [cp(n) for n in range(40)]
