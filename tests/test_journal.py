@@ -425,6 +425,38 @@ async def test_a_failed_fsync_refuses_its_commits_and_they_never_come_back(
     assert ("g", 1) not in restored
 
 
+async def test_a_write_giving_a_shard_several_values_keeps_the_last_and_undoes_whole(
+    state_dir: Path,
+) -> None:
+    fsyncs = Fsyncs()
+    async with opened(state_dir, fsync="always", fsync_fn=fsyncs) as journal:
+        await journal.record_accepted([("g", 0, "a1", "c1"), ("g", 1, "b1", None)])
+        journal.record_committed("g", 0, "a1")
+        await journal.record_accepted(
+            [("g", 0, "a2", None), ("g", 1, "b2", "c2"), ("g", 0, "a3", "c3"), ("g", 2, "x", None)]
+        )
+        fsyncs.fail_next.append(OSError(errno.EIO, "Input/output error"))
+        with pytest.raises(JournalError):
+            await journal.record_accepted([("g", 0, "no1", None), ("g", 0, "no2", None)])
+        journal.record_committed("g", 0, "a3")
+        await journal.compact()  # the snapshot is the state in memory
+    expected = {
+        ("g", 0): ShardRecord("g", 0, "a3", "c3", "a3"),
+        ("g", 1): ShardRecord("g", 1, "b2", "c2", None),
+        ("g", 2): ShardRecord("g", 2, "x", None, None),
+    }
+    assert await replay(state_dir) == expected
+
+    other = state_dir.parent / "other"  # every value is in the log, in order, all the same
+    async with opened(other, fsync="never") as journal:
+        await journal.record_accepted([("g", 5, "y1", None), ("g", 5, "y2", "c5")])
+    assert [line.split(b" ", 1)[1] for line in log_lines(other)] == [
+        b'{"t":"a","n":1,"g":"g","s":5,"c":"y1","u":null}\n',
+        b'{"t":"a","n":2,"g":"g","s":5,"c":"y2","u":"c5"}\n',
+    ]
+    assert await replay(other) == {("g", 5): ShardRecord("g", 5, "y2", "c5", None)}
+
+
 # --- fsync modes -----------------------------------------------------------------------------
 
 

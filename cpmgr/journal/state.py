@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -102,13 +102,21 @@ def accept(shards: Shards, key: Key, checkpoint: str, consumer: str | None, seq:
 
 
 def accept_all(
-    shards: Shards, entries: Iterable[Entry], first_seq: int, changes: list[Undo]
+    shards: Shards, entries: Sequence[Entry], first_seq: int, changes: list[Undo]
 ) -> None:
-    """`accept` each entry, numbered from `first_seq`, adding the undos to `changes`: one loop
-    without a call per record (the writer thread runs it holding the GIL)."""
+    """`accept` each entry, numbered from `first_seq`, adding the undos to `changes`. A shard
+    given several values ends with the last, as if each were applied in turn, but is set once:
+    this is most of what the writer thread does per record while it holds the GIL."""
     get, new_shard = shards.get, tuple.__new__
-    for seq, (group, shard, checkpoint, consumer) in enumerate(entries, first_seq):
+    seen: set[Key] = set()
+    last = first_seq + len(entries) - 1
+    for seq, (group, shard, checkpoint, consumer) in zip(
+        range(last, first_seq - 1, -1), reversed(entries), strict=True
+    ):
         key = (group, shard)
+        if key in seen:
+            continue  # a later value of this run replaces it
+        seen.add(key)
         prev = get(key)
         committed = None if prev is None else prev.committed
         new: Shard = new_shard(Shard, (group, shard, checkpoint, consumer, committed, seq))
