@@ -76,6 +76,7 @@ async def _run_daemon(config_path: str, probe: LagProbe) -> int:
         config_path=config_path,
         shutdown_trigger=shutdown_trigger,
         started=started.set_result,
+        own_process=True,  # as `cpmgr run` does
     )
 
 

@@ -24,6 +24,7 @@ from cpmgr.committer import Committer
 from cpmgr.config import Config, GroupConfig, load_config
 from cpmgr.credentials import CredentialsProvider
 from cpmgr.errors import ConfigError, CpmgrError, SLSError
+from cpmgr.gcpolicy import freeze_startup
 from cpmgr.ingest import IngestServer
 from cpmgr.journal import Journal
 from cpmgr.logs import configure_logging
@@ -521,8 +522,14 @@ async def run(
     shutdown_trigger: ShutdownTrigger | None = None,
     registry: CollectorRegistry | None = None,
     started: Callable[[Daemon], None] | None = None,
+    own_process: bool = False,
 ) -> int:
-    """Run the daemon until the shutdown trigger (default: SIGTERM/SIGINT); the exit code."""
+    """Run the daemon until the shutdown trigger (default: SIGTERM/SIGINT); the exit code.
+
+    `own_process`: the daemon is what this process is for (`cpmgr run`), so once it has
+    started, what start-up built is frozen out of the garbage collector's scans
+    (gcpolicy.freeze_startup). Not for a daemon run inside another program, whose objects
+    that is not ours to decide for."""
     loop = asyncio.get_running_loop()
     signals = _Signals()
     if shutdown_trigger is None:
@@ -531,6 +538,8 @@ async def run(
     reloads = asyncio.create_task(_serve_reloads(daemon, signals), name="cpmgr-reload")
     try:
         await daemon.start()
+        if own_process:
+            freeze_startup()
         if started is not None:
             started(daemon)
         if shutdown_trigger is not None:
@@ -564,7 +573,7 @@ def run_from_file(path: str) -> int:
     config = load_config(path)
     configure_logging(config.log.level, config.log.format)
     try:
-        code = asyncio.run(run(config, config_path=path))
+        code = asyncio.run(run(config, config_path=path, own_process=True))
     except CpmgrError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_LEFT_BEHIND

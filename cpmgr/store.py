@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Final, Literal, Protocol, cast
 
 from cpmgr.errors import ProtocolError
+from cpmgr.gcpolicy import untrack
 from cpmgr.protocol import ItemColumns, decode_cursor
 
 __all__ = [
@@ -53,6 +54,9 @@ class ErrorInfo:
     code: str
     message: str
     at: float
+
+    def __post_init__(self) -> None:
+        untrack(self)  # strings and a float: a shard's last error, kept per shard
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +140,9 @@ class _Shard:
         # Until when an unanswered attempt may still be applied by the server (the committer's
         # monotonic clock); 0 when no such attempt is outstanding.
         self.ambiguous_until = 0.0
+        # It holds strings, numbers, plain tuples and an ErrorInfo, never anything that could
+        # refer back to it: one per shard, the garbage collector need not scan it.
+        untrack(self)
 
     @property
     def committed_seq(self) -> int:
@@ -606,12 +613,7 @@ class CheckpointStore:
         state.uncertain = False
         pending = state.pending
         if attempt.seq > state.committed_seq:
-            # The pending value is usually the one sent: its cursor is decoded already.
-            if pending is not None and pending[_SEQ] == attempt.seq:
-                number = pending[_NUMBER]
-            else:
-                number = decode_cursor(attempt.checkpoint)
-            state.committed = (attempt.checkpoint, number, attempt.consumer, attempt.seq)
+            state.committed = _sent_value(pending, attempt)
             state.committed_at = now
             state.last_error = None
             table.last_success = now if table.last_success is None else max(table.last_success, now)
@@ -834,6 +836,19 @@ def _check_numbers(states: list[_Shard | None], columns: ItemColumns) -> None:
         if guard is not None and guard[_NUMBER] is not None and number < guard[_NUMBER]:
             where = f"checkpoints[{columns.positions[i]}]: "
             _check_regression(state, columns.shards[i], columns.checkpoints[i], number, where)
+
+
+def _sent_value(pending: _Value | None, attempt: Attempt) -> _Value:
+    """The value `attempt` sent: the pending value itself while it is still that one, so a
+    commit neither copies the value nor decodes its cursor again."""
+    if (
+        pending is not None
+        and pending[_SEQ] == attempt.seq
+        and pending[_CONSUMER] == attempt.consumer
+    ):
+        return pending
+    number = decode_cursor(attempt.checkpoint)
+    return (attempt.checkpoint, number, attempt.consumer, attempt.seq)
 
 
 def _check_regression(

@@ -27,10 +27,11 @@ from cpmgr.journal.format import (
     warn_damage,
 )
 from cpmgr.journal.state import (
+    COMMITTED,
+    LATEST,
     Dropped,
     Entry,
     LogRecord,
-    Shard,
     ShardRecord,
     Shards,
     Undo,
@@ -38,6 +39,7 @@ from cpmgr.journal.state import (
     apply,
     by_key,
     committed_record,
+    public,
     undo,
 )
 
@@ -141,7 +143,7 @@ class JournalFiles:
         except BaseException:
             self.release()
             raise
-        return [shard.public() for shard in by_key(self.shards.values())]
+        return [public(shard) for shard in by_key(self.shards.values())]
 
     def release(self) -> None:
         for fd in (self._log_fd, self._lock_fd):
@@ -167,7 +169,7 @@ class JournalFiles:
             "journal replayed from %s: %d shards, %d pending",
             self.directory,
             len(self.shards),
-            sum(1 for r in self.shards.values() if r.latest != r.committed),
+            sum(1 for r in self.shards.values() if r[LATEST] != r[COMMITTED]),
         )
 
     def _replay_snapshot(self, path: Path) -> tuple[int | None, bool]:
@@ -180,7 +182,7 @@ class JournalFiles:
         header = first if isinstance(first, SnapshotHeader) else None
         seq = header.seq if header else 0  # every value in it is at most that new
         self.shards.update(
-            ((r.group, r.shard), Shard(r.group, r.shard, r.latest, r.consumer, r.committed, seq))
+            ((r.group, r.shard), (r.group, r.shard, r.latest, r.consumer, r.committed, seq))
             for r in shards
         )
         whole = header is not None and header.shards == len(shards)

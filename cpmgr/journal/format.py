@@ -145,10 +145,10 @@ def snapshot_header(shards: int, seq: int) -> bytes:
 def snapshot_lines(shards: Iterable[Shard]) -> bytes:
     return b"".join(
         _frame(
-            f'{{"t":"s","g":{_quote(r.group)},"s":{r.shard},"l":{_quote(r.latest)}'
-            f',"u":{_optional(r.consumer)},"k":{_optional(r.committed)}}}'
+            f'{{"t":"s","g":{_quote(group)},"s":{shard},"l":{_quote(latest)}'
+            f',"u":{_optional(consumer)},"k":{_optional(committed)}}}'
         )
-        for r in shards
+        for group, shard, latest, consumer, committed, _seq in shards
     )
 
 
