@@ -24,7 +24,7 @@ import random
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, Literal, Protocol
 
 from cpmgr.backoff import backoff_delay
 from cpmgr.config import CommitConfig, Config, GroupConfig
@@ -49,6 +49,9 @@ ShardKey = tuple[str, int]
 
 # Shards a worker may skip (already committed, in flight) before it lets the loop run others.
 _SKIPS_PER_TURN: Final = 256
+# Shards a new flush reads from the store per loop turn: a 100,000-shard flush must not hold
+# the loop while it finds what to wait for.
+_FLUSH_CHUNK: Final = 2000
 _CLOSING: Final = CommitOutcome(ok=False, code="ShuttingDown", message="closing")
 _COMMITTED: Final = CommitOutcome(ok=True)
 
@@ -192,6 +195,7 @@ class _Flush:
     aborted: CommitOutcome | None = None  # closing: every remaining shard failed with this
     callers: int = 0  # flush requests waiting on it
     batch: _Batch | None = None  # its shards in the urgent queue
+    gathering: bool = True  # still reading its shards from the store (not done before that)
 
     def abort(self, outcome: CommitOutcome) -> None:
         self.aborted = outcome
@@ -214,7 +218,7 @@ class _Flush:
             self.failed.append(
                 ShardFailure(self.group, shard, outcome.code, outcome.message, outcome.dropped)
             )
-        if not self.remaining:
+        if not self.remaining and not self.gathering:
             self.done.set()
 
 
@@ -803,13 +807,14 @@ class Committer:
         if self._closing:
             return self._closing_result(group)
         names = self._store.groups() if group is None else [group]
-        flushes = [f for name in names if (f := self._flush_of(name)) is not None]
-        if not flushes:
-            return FlushResult(committed=0)
-        for flush in flushes:
-            flush.callers += 1
-        waits = [asyncio.ensure_future(f.done.wait()) for f in flushes]
+        flushes: list[_Flush] = []
+        waits: list[asyncio.Future[Literal[True]]] = []
         try:
+            for name in names:
+                await self._join_flush(name, flushes)
+            if not flushes:
+                return FlushResult(committed=0)
+            waits = [asyncio.ensure_future(f.done.wait()) for f in flushes]
             _done, late = await asyncio.wait(waits, timeout=timeout)
         finally:
             for wait in waits:
@@ -842,21 +847,43 @@ class Committer:
         if flush.batch is not None:
             flush.batch.discard()
 
-    def _flush_of(self, group: str) -> _Flush | None:
-        """The group's shared flush in progress, or a new one; None if nothing is pending."""
+    async def _join_flush(self, group: str, joined: list[_Flush]) -> None:
+        """Join the group's shared flush in progress, or start a new one, adding it to `joined`
+        (as one more caller) before anything is awaited; nothing if nothing is pending."""
         barrier = self._store.last_seq(group)
         for flush in self._flushes.get(group, ()):
             if flush.barrier == barrier and not flush.done.is_set():
-                return flush
-        pending = self._store.pending_by_shard(group)
-        if not pending:
-            return None
-        flush = _Flush(group, barrier, pending, batch=_Batch(group, sorted(pending)))
+                flush.callers += 1
+                joined.append(flush)
+                return
+        if not self._store.pending_count(group):
+            return
+        flush = _Flush(group, barrier, {}, callers=1)
         self._flushes[group].append(flush)
-        assert flush.batch is not None
+        joined.append(flush)
+        await self._gather(flush)
+        flush.gathering = False
+        if flush.done.is_set():  # aborted: the committer is closing
+            return
+        if not flush.remaining:  # every value was settled while it was read
+            flush.done.set()
+            return
+        flush.batch = _Batch(group, list(flush.remaining))  # in shard order, as read
         self._urgent.append(flush.batch)
         self._ensure_workers()
-        return flush
+
+    async def _gather(self, flush: _Flush) -> None:
+        """Read the values `flush` waits for (shard -> seq of each pending value, in or out of
+        flight) a chunk of shards per loop turn. A value settled before its shard is read is
+        not waited for; one settled after is taken off `remaining` like any other."""
+        dirty = self._store.dirty_shards(flush.group)
+        for start in range(0, len(dirty), _FLUSH_CHUNK):
+            if flush.done.is_set():  # aborted: the committer is closing
+                return
+            chunk = dirty[start : start + _FLUSH_CHUNK]
+            flush.remaining.update(self._store.pending_by_shard(flush.group, chunk))
+            if start + _FLUSH_CHUNK < len(dirty):
+                await asyncio.sleep(0)
 
     def _closing_result(self, group: str | None) -> FlushResult:
         failed = tuple(

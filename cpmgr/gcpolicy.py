@@ -41,8 +41,9 @@ def untrack(obj: object) -> None:
     strings, numbers, None and tuples of them (or other such objects), and that nothing they
     hold refers back to. Reference counting still frees them as soon as the last reference
     goes; the collector would only ever have visited them to find nothing. Setting an attribute
-    later does not track the object again, so that rule holds for its whole life. A no-op where
-    the C API is not reachable (the objects are then scanned as usual)."""
+    or adding to a set does not track the object again; storing a tracked object in a dict
+    does, so a dict is untracked again after such a store. A no-op where the C API is not
+    reachable (the objects are then scanned as usual)."""
     if _UNTRACK is not None and gc.is_tracked(obj):
         _UNTRACK(obj)
 

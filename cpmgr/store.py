@@ -162,6 +162,14 @@ _SHRINK_MIN = 1024
 _RECENT_DROPS = 1024
 
 
+def _untracked_set(shards: Iterable[int] = ()) -> set[int]:
+    """A set of shard numbers the garbage collector does not walk (a set is never tracked
+    again once untracked)."""
+    numbers = set(shards)
+    untrack(numbers)
+    return numbers
+
+
 class _Group:
     __slots__ = (
         "dirty",
@@ -174,14 +182,23 @@ class _Group:
     )
 
     def __init__(self) -> None:
+        # The two tables with an entry per shard. They hold shard numbers and untracked
+        # records, which cannot refer back to them, so the garbage collector need not walk
+        # them either (at 100,000 shards that walk was most of what a full collection did).
         self.shards: dict[int, _Shard] = {}
-        self.dirty: set[int] = set()
+        self.dirty: set[int] = _untracked_set()
         self.dirty_peak = 0
         self.failures = 0
         self.last_seq = 0  # seq of the newest value accepted into the group
         self.last_success: float | None = None
         # Shards forgotten after their only value was dropped: their last error, newest last.
         self.recent_drops: collections.OrderedDict[int, ErrorInfo] = collections.OrderedDict()
+
+    def add(self, shard: int) -> _Shard:
+        """A new, empty record for `shard` (replacing any)."""
+        state = self.shards[shard] = _Shard()
+        untrack(self.shards)  # storing an object in a dict makes the collector track it again
+        return state
 
     def forget(self, shard: int, error: ErrorInfo) -> None:
         """Stop tracking a shard that holds nothing (no value pending, none committed)."""
@@ -198,7 +215,7 @@ class _Group:
     def mark_clean(self, shard: int) -> None:
         self.dirty.discard(shard)
         if self.dirty_peak >= _SHRINK_MIN and len(self.dirty) * _SHRINK_FACTOR < self.dirty_peak:
-            self.dirty = set(self.dirty)
+            self.dirty = _untracked_set(self.dirty)
             self.dirty_peak = len(self.dirty)
 
 
@@ -394,7 +411,7 @@ class CheckpointStore:
     ) -> int:
         state = table.shards.get(shard)
         if state is None:
-            state = table.shards[shard] = _Shard()
+            state = table.add(shard)
         pending = state.pending
         if pending is not None and pending[_CHECKPOINT] == checkpoint:
             if consumer is not None:
@@ -434,7 +451,7 @@ class CheckpointStore:
         """Replace a shard's state with what a journal replay found: `latest` becomes pending
         unless it equals `committed` (the last value known committed, None if unknown)."""
         table = self._group(group)
-        state = table.shards[shard] = _Shard()
+        state = table.add(shard)
         table.mark_clean(shard)
         if committed is not None:
             self._seq += 1
@@ -509,14 +526,16 @@ class CheckpointStore:
             if (pending := self._groups[name].shards[shard].pending) is not None
         ]
 
-    def pending_by_shard(self, group: str) -> dict[int, int]:
-        """{shard: seq} of every pending value of one group, in or out of flight."""
+    def pending_by_shard(self, group: str, shards: Iterable[int] | None = None) -> dict[int, int]:
+        """{shard: seq} of every pending value of one group (or of those of `shards`), in or out
+        of flight."""
         table = self._groups.get(group)
         if table is None:
             return {}
-        shards = table.shards
-        pending = {shard: shards[shard].pending for shard in table.dirty}
-        return {shard: value[_SEQ] for shard, value in pending.items() if value is not None}
+        known = table.shards
+        chosen = table.dirty if shards is None else shards
+        pending = [(s, state.pending) for s in chosen if (state := known.get(s)) is not None]
+        return {shard: value[_SEQ] for shard, value in pending if value is not None}
 
     def _names(self, group: str | None) -> list[str]:
         if group is None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from cpmgr import committer as committer_module
 from cpmgr.backoff import backoff_delay
 from cpmgr.committer import (
     CommitOutcome,
@@ -573,6 +574,34 @@ async def test_concurrent_flushes_with_nothing_new_share_one_flush() -> None:
         assert {r.committed for r in results} == {16}
         assert env.update_calls() == {"OK": 16}
         assert not env.committer._flushes  # nothing is kept once every caller is answered
+
+
+async def test_a_flush_read_over_several_loop_turns_is_shared_and_can_be_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A flush reads its shards a chunk per loop turn (100,000 at once held the loop): callers
+    # that arrive meanwhile join it, and one cancelled meanwhile leaves nothing queued.
+    monkeypatch.setattr(committer_module, "_FLUSH_CHUNK", 4)
+    config = make_config(groups={"orders": "ls/cg"})
+    async with committer_env(config, latency_ms=(5.0, 5.0)) as env:
+        for shard in range(16):
+            env.store.accept("orders", shard, cursor(7))
+        cancelled = asyncio.create_task(env.committer.flush(timeout=30))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # it has read a chunk or two of the four
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert not env.committer._flushes and not env.committer._urgent
+        assert env.update_calls() == {}
+        first = asyncio.create_task(env.committer.flush(timeout=30))
+        await asyncio.sleep(0)
+        assert env.committer._flushes and not env.committer._urgent  # still reading
+        joining = [asyncio.create_task(env.committer.flush(timeout=30)) for _ in range(3)]
+        results = await asyncio.gather(first, *joining)
+        assert [r.committed for r in results] == [16, 16, 16, 16]
+        assert env.update_calls() == {"OK": 16}
+        assert not env.committer._flushes
 
 
 async def test_attack_dropped_shards_are_forgotten_not_kept_for_ever() -> None:

@@ -30,6 +30,13 @@ def tracked() -> int:
     return len(gc.get_objects())
 
 
+def largest_walk() -> int:
+    """The most objects one tracked object makes a collection visit (a dict: keys and values):
+    a table with an entry per shard is walked by every full collection too."""
+    gc.collect()
+    return max(len(gc.get_referents(obj)) for obj in gc.get_objects())
+
+
 def test_the_store_tracks_nothing_per_shard_in_any_state() -> None:
     before = tracked()
     store = CheckpointStore(["orders"])
@@ -46,6 +53,7 @@ def test_the_store_tracks_nothing_per_shard_in_any_state() -> None:
     del attempts  # what the committer holds while it sends them, one per request in flight
     assert store.tracked_count("orders") == SHARDS
     assert tracked() - before < ALLOWED
+    assert largest_walk() < SHARDS
 
 
 async def test_the_journal_tracks_nothing_per_shard(tmp_path: Path) -> None:
@@ -61,6 +69,7 @@ async def test_the_journal_tracks_nothing_per_shard(tmp_path: Path) -> None:
             journal.record_committed("orders", shard, cp(1_000 + shard))
         await journal.compact()
         assert tracked() - before < ALLOWED
+        assert largest_walk() < SHARDS
     finally:
         await journal.close()
     reopened = Journal(tmp_path / "state")

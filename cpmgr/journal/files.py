@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from cpmgr.errors import CpmgrError
+from cpmgr.gcpolicy import untrack
 from cpmgr.journal.format import (
     JournalError,
     Record,
@@ -163,6 +164,7 @@ class JournalFiles:
         if found.torn_at is not None:
             os.truncate(log_path, found.good_end)
         self._open_log(log_path)
+        untrack(self.shards)
         # Rewrite clean files now rather than warn (or skip) at every start.
         self.maybe_compact(force=snap_damaged or bool(found.corrupt) or bool(skipped))
         log.info(
@@ -247,6 +249,9 @@ class JournalFiles:
                 rec = self._outcome(part)
                 changes.append(apply(shards, rec))
                 chunks.append(encode(rec))
+        # Its keys and values are plain tuples, which cannot refer back to it: the garbage
+        # collector need not walk its entry per shard (storing a new tuple tracks it again).
+        untrack(shards)
         data = b"".join(chunks)
         start = self._offset
         try:
