@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -198,8 +198,8 @@ class Daemon:
             and (self.membership is None or self.membership.healthy())
         )
 
-    async def _render_metrics(self) -> bytes:
-        return await self.store_collector.render(self.registry)
+    def _render_metrics(self) -> AsyncGenerator[bytes, None]:
+        return self.store_collector.stream(self.registry)
 
     def _journal_committed(self, group: str, shard: int, checkpoint: str) -> None:
         if self.journal is not None:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import contextvars
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -73,8 +73,8 @@ class StoreCollector(Collector):
     """Pending shards, oldest pending age and last success per group, read from the store.
 
     Read live when collected on the loop (tests, small stores). A /metrics scrape instead
-    captures the figures in chunks with `capture()` and renders in a thread (`render()`), so
-    neither the reading of 100,000 shards nor the text rendering holds the loop.
+    captures the figures in chunks with `capture()` and formats the text a chunk per part
+    (`stream()`), so neither the reading of 100,000 shards nor the text holds the loop.
     """
 
     def __init__(
@@ -173,29 +173,34 @@ class StoreCollector(Collector):
         yield from (age, committed)
 
     async def render(self, registry: CollectorRegistry) -> bytes:
-        """A /metrics scrape that never holds the loop for long: the store is read a chunk
-        of shards per loop turn, the registry (a few hundred series) is rendered at once,
-        and the per-shard series (http.shard_metrics) are formatted a chunk per loop turn."""
+        """The whole /metrics text (see `stream`)."""
+        return b"".join([part async for part in self.stream(registry)])
+
+    async def stream(self, registry: CollectorRegistry) -> AsyncGenerator[bytes, None]:
+        """A /metrics scrape in parts that never hold the loop for long: the store is read a
+        chunk of shards per loop turn, the registry (a few hundred series) is rendered at
+        once, and the per-shard series (http.shard_metrics) are formatted a chunk per part,
+        so that at 100,000 shards neither formatting nor joining nor sending 15 MB happens in
+        one go."""
         figures = await self.capture()
         token = _CAPTURED.set(figures)
         try:
             head = generate_latest(registry)
         finally:
             _CAPTURED.reset(token)
+        yield head
         if not self._shard_metrics:
-            return head
-        parts = [head]
+            return
         now = self._clock()
         for name, kind in ((_AGE, "age"), (_COMMITTED, "committed")):
             help_text = _AGE_HELP if kind == "age" else _COMMITTED_HELP
-            parts.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n".encode())
+            yield f"# HELP {name} {help_text}\n# TYPE {name} gauge\n".encode()
             for group, figure in figures.items():
                 label = _escape_label(group)
                 for start in range(0, len(figure.shards), CAPTURE_CHUNK):
                     rows = figure.shards[start : start + CAPTURE_CHUNK]
-                    parts.append(_shard_lines(name, label, rows, kind, now))
+                    yield _shard_lines(name, label, rows, kind, now)
                     await asyncio.sleep(0)
-        return b"".join(parts)
 
 
 _AGE = "cpmgr_shard_pending_age_seconds"

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -17,17 +18,29 @@ log = logging.getLogger(__name__)
 StatusSource = Callable[[], dict[str, Any]]
 
 
+MetricsSource = Callable[[], AsyncGenerator[bytes, None]]
+
+
 def metrics_handler(
-    render: Callable[[], Awaitable[bytes]],
-) -> Callable[[web.Request], Awaitable[web.Response]]:
-    """/metrics: `render` reads the store a chunk per loop turn, so a large scrape never
-    holds the event loop; concurrent scrapes wait for one another."""
+    render: MetricsSource,
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """/metrics: `render` reads the store a chunk per loop turn and yields the text in parts,
+    each sent as it comes (a chunked response, waiting while the client is slow), so a large
+    scrape never holds the event loop. Concurrent scrapes wait for one another's reading of
+    the store, not for one another's client."""
     lock = asyncio.Lock()
 
-    async def scrape(_: web.Request) -> web.Response:
-        async with lock:
-            body = await render()
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def scrape(request: web.Request) -> web.StreamResponse:
+        async with contextlib.aclosing(render()) as parts:
+            async with lock:
+                first = await anext(parts)  # the store read, before the status line is sent
+            response = web.StreamResponse(headers={"Content-Type": CONTENT_TYPE_LATEST})
+            await response.prepare(request)
+            await response.write(first)
+            async for part in parts:
+                await response.write(part)
+            await response.write_eof()
+        return response
 
     return scrape
 
@@ -36,7 +49,7 @@ def build_app(
     *,
     status: StatusSource,
     ready: Callable[[], bool],
-    render: Callable[[], Awaitable[bytes]],
+    render: MetricsSource,
 ) -> web.Application:
     """The aiohttp application; `ready` and `status` are read on every request, `render`
     produces every scrape of /metrics."""
