@@ -482,7 +482,7 @@ class CheckpointStore:
         if state is None:
             if committed is None:
                 return
-            state = table.shards[shard] = _Shard()
+            state = table.add(shard)
         self._mark_clean(table, shard, state)
         state.uncertain = False
         self._seq += 1
