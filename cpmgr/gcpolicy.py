@@ -20,7 +20,9 @@ __all__ = ["freeze_startup", "untrack"]
 
 
 def _c_untrack() -> Callable[[object], None] | None:
-    """CPython's `PyObject_GC_UnTrack`, or None where the C API is not reachable."""
+    """CPython's `PyObject_GC_UnTrack`, or None where the C API is not reachable. Called
+    through `ctypes.pythonapi`, which keeps the GIL held (the collector of another thread never
+    sees an object half untracked)."""
     api = getattr(ctypes, "pythonapi", None)
     function = getattr(api, "PyObject_GC_UnTrack", None)
     if function is None:
