@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The demo runs DURATION seconds (default 12, plus start and stop); Ctrl-C stops it earlier.
+DURATION ?=
 run: $(STAMP)
-	$(BIN)/python -m cpmgr.demo --config config/local.yaml
+	$(BIN)/python -m cpmgr.demo --config config/local.yaml $(if $(DURATION),--duration $(DURATION))
 
 test: $(STAMP)
 	bash .ci/ensure-promtool

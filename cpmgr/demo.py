@@ -1,9 +1,17 @@
-"""`make run`: the emulator, the daemon and a synthetic consumer, with live progress.
+"""`make run`: the emulator, the daemon and a synthetic consumer, with live progress; and two
+consumers sharing a consumer group through two daemons, one of which stops half-way.
 
 Starts `cpmgr emulator` and `cpmgr run --config config/local.yaml` as child processes on free
 loopback ports, feeds advancing checkpoints for a few shards through the socket, and prints
-what reached the emulator and the commit latency every second. Ctrl-C (or `--duration`)
-stops the consumer, then the daemon (which flushes), then the emulator.
+what reached the emulator and the commit latency every second. For the config's membership
+group a second `cpmgr run` of the same config starts (its own socket and port); consumer-a joins
+through the first daemon, consumer-b through the second, and they share the shards. Half-way the
+second daemon is stopped: consumer-b hands its shards back and consumer-a takes them over. Every
+change of who holds what is printed. After `--duration` seconds from the consumers' start (or
+Ctrl-C; never before the takeover is complete, within bounds) the consumers stop,
+then the daemons (which flush), then the emulator; the demo checks that every shard's last
+checkpoint reached the emulator and that no shard was held by both consumers at once, and exits
+1 if not.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,10 +37,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cpmgr.client import AsyncCpmgrClient, CpmgrUnavailable
 from cpmgr.config import Config, GroupConfig, load_config
+from cpmgr.demo_members import Board, DemoMember, check_holdings, join
 
 KEY_ID = "local-test-key-id"
 KEY_SECRET = "local-test-key-secret"
 SHARDS_PER_LOGSTORE = 4
+DEFAULT_DURATION = 12.0
+BALANCE_WAIT = 10.0  # the longest the demo waits for both consumers to hold shards
 
 
 def _free_port() -> int:
@@ -58,6 +70,7 @@ def _number(cursor: str | None) -> int | None:
 class Ports:
     emulator: int = field(default_factory=_free_port)
     http: int = field(default_factory=_free_port)
+    http_b: int = field(default_factory=_free_port)  # the second daemon's, for membership
 
 
 def _emulator_args(config: Config, port: int) -> list[str]:
@@ -72,21 +85,36 @@ def _emulator_args(config: Config, port: int) -> list[str]:
     ]
     for group in config.groups:
         args.append(f"--logstore={group.project}/{group.logstore}:{SHARDS_PER_LOGSTORE}")
-        args.append(f"--consumer-group={group.project}/{group.logstore}/{group.consumer_group}")
+        if group.membership is None or not group.membership.create:
+            # With `create: true` the daemons make the consumer group themselves.
+            args.append(f"--consumer-group={group.project}/{group.logstore}/{group.consumer_group}")
     return args
 
 
-async def _spawn(args: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cpmgr",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        # Own process group: Ctrl-C reaches only the demo, which stops the children in order.
-        start_new_session=True,
-    )
+def _checkpoint_groups(config: Config) -> list[GroupConfig]:
+    """The groups the synthetic consumer commits to (membership groups have members)."""
+    return [group for group in config.groups if group.membership is None]
+
+
+async def _spawn(
+    args: list[str], env: dict[str, str], log_path: str | None = None
+) -> asyncio.subprocess.Process:
+    log_fd = None if log_path is None else os.open(log_path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cpmgr",
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=log_fd,
+            # Own process group: Ctrl-C reaches only the demo, which stops the children in order.
+            start_new_session=True,
+        )
+    finally:
+        if log_fd is not None:
+            os.close(log_fd)  # the child has its own copy
 
 
 async def _wait_until_ready(path: str, daemon: asyncio.subprocess.Process) -> AsyncCpmgrClient:
@@ -110,11 +138,11 @@ async def _feed(client: AsyncCpmgrClient, config: Config, stop: asyncio.Event) -
     rng = random.Random(7)
     positions: Positions = {
         (group.name, shard): 1_000_000 * (shard + 1)
-        for group in config.groups
+        for group in _checkpoint_groups(config)
         for shard in range(SHARDS_PER_LOGSTORE)
     }
     while not stop.is_set():
-        for group in config.groups:
+        for group in _checkpoint_groups(config):
             batch = {}
             for shard in range(SHARDS_PER_LOGSTORE):
                 positions[group.name, shard] += rng.randrange(1, 50)
@@ -170,7 +198,7 @@ async def _report(ports: Ports, config: Config, stop: asyncio.Event) -> None:
 
 def _print_progress(checkpoints: dict[str, str], metrics: str, config: Config) -> None:
     parts = []
-    for group in config.groups:
+    for group in _checkpoint_groups(config):
         values = [
             _number(checkpoints.get(_shard_key(group, s))) for s in range(SHARDS_PER_LOGSTORE)
         ]
@@ -193,54 +221,184 @@ async def _stop_child(proc: asyncio.subprocess.Process, name: str, timeout: floa
     return code
 
 
-async def demo(config_path: str, duration: float | None) -> int:
+@dataclass
+class Daemon:
+    """A `cpmgr run` child: its process, socket and name in the output."""
+
+    name: str
+    proc: asyncio.subprocess.Process
+    socket_path: str
+    log_path: str
+
+    def log_tail(self, lines: int = 20) -> str:
+        with open(self.log_path, errors="replace") as log_file:
+            return "".join(log_file.readlines()[-lines:])
+
+
+async def _start_daemon(
+    name: str, config_path: str, env: dict[str, str], run_dir: str, http_port: int
+) -> Daemon:
+    """`cpmgr run` of the config, with its own run dir (socket) and metrics port. Its log goes
+    to a file, shown only if something went wrong: two daemons' logs would drown the demo."""
+    os.makedirs(run_dir, exist_ok=True)
+    env = {**env, "CPMGR_RUN_DIR": run_dir, "CPMGR_HTTP_PORT": str(http_port)}
+    log_path = os.path.join(run_dir, "daemon.log")
+    proc = await _spawn(["run", "--config", config_path], env, log_path)
+    return Daemon(name, proc, load_config(config_path, env).socket.path, log_path)
+
+
+@dataclass
+class Membership:
+    """The membership part: two consumers, each through a daemon of its own."""
+
+    group: GroupConfig
+    board: Board
+    members: list[DemoMember] = field(default_factory=list)
+    clients: list[AsyncCpmgrClient] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    daemon_b: Daemon | None = None
+    daemon_b_code: int | None = None
+
+
+async def _start_membership(
+    group: GroupConfig, daemons: tuple[Daemon, Daemon], stop: asyncio.Event
+) -> Membership:
+    part = Membership(group, Board(SHARDS_PER_LOGSTORE), daemon_b=daemons[1])
+    for seed, (name, daemon) in enumerate(zip(("consumer-a", "consumer-b"), daemons, strict=True)):
+        client = await _wait_until_ready(daemon.socket_path, daemon.proc)
+        part.clients.append(client)
+        member = await join(client, group.name, name, part.board, seed)
+        part.members.append(member)
+        part.tasks.append(asyncio.create_task(member.run(stop)))
+    return part
+
+
+async def _membership_script(part: Membership, stop: asyncio.Event, duration: float) -> None:
+    """Half-way (once both consumers hold shards), SIGTERM consumer-b's daemon: it revokes
+    consumer-b's shards, which hands them back, and consumer-a takes them over. The demo ends
+    `duration` after the start, but never before the takeover is complete (bounded)."""
+    started = time.monotonic()
+    if await _until(stop, lambda: False, duration / 2):
+        return
+    if await _until(stop, part.board.balanced, BALANCE_WAIT) or part.daemon_b is None:
+        return
+    print(f"{time.strftime('%H:%M:%S')} members: stopping consumer-b's daemon", flush=True)
+    part.daemon_b_code = await _stop_child(part.daemon_b.proc, "consumer-b's daemon", 15)
+    shards = list(range(SHARDS_PER_LOGSTORE))
+    if await _until(stop, lambda: part.board.held_by("consumer-a") == shards, BALANCE_WAIT):
+        return
+    left = started + duration - time.monotonic()
+    await _until(stop, lambda: False, max(left, 1.0))  # consumer-a reads on alone a while
+    stop.set()
+
+
+async def _until(stop: asyncio.Event, condition: Callable[[], bool], timeout: float) -> bool:
+    """Wait until `condition` holds or `timeout` passed; True if `stop` was set meanwhile.
+    The conditions are cheap looks at the board, so a 0.1 s poll is plenty for a demo."""
+    deadline = time.monotonic() + timeout
+    while not condition() and not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=min(left, 0.1))
+    return stop.is_set()
+
+
+async def demo(config_path: str, duration: float) -> int:
     ports = Ports()
     run_dir = tempfile.mkdtemp(prefix="cpmgr-demo-")
-    env = {
-        **os.environ,
-        "CPMGR_EMULATOR_PORT": str(ports.emulator),
-        "CPMGR_HTTP_PORT": str(ports.http),
-        "CPMGR_RUN_DIR": run_dir,
-    }
-    config = load_config(config_path, env)
+    env = {**os.environ, "CPMGR_EMULATOR_PORT": str(ports.emulator)}
+    config = load_config(config_path, {**env, "CPMGR_RUN_DIR": run_dir})
+    members_group = next((g for g in config.groups if g.membership is not None), None)
     emulator = await _spawn(_emulator_args(config, ports.emulator), env)
-    daemon = await _spawn(["run", "--config", config_path], env)
+    daemon = await _start_daemon("daemon", config_path, env, run_dir, ports.http)
+    daemon_b = None
+    if members_group is not None:
+        daemon_b = await _start_daemon(
+            "consumer-b's daemon", config_path, env, os.path.join(run_dir, "b"), ports.http_b
+        )
     print(
-        f"emulator on 127.0.0.1:{ports.emulator}, daemon socket {config.socket.path}, "
-        f"metrics http://127.0.0.1:{ports.http}/metrics; Ctrl-C stops",
+        f"emulator on 127.0.0.1:{ports.emulator}, daemon socket {daemon.socket_path}, "
+        f"metrics http://127.0.0.1:{ports.http}/metrics; stops after {duration:g} s or Ctrl-C",
         flush=True,
     )
+    stop = _stop_on_signals(daemon)
+    problems: list[str] = []
+    code = 1  # until the daemon has stopped by itself
+    try:
+        positions, part = await _run_consumers(config, (daemon, daemon_b), stop, duration, ports)
+        print("consumers stopped", flush=True)
+        code = await _stop_child(daemon.proc, "daemon", config.commit.shutdown_timeout + 5)
+        problems += await _verify(ports, config, positions)
+        if part is not None:
+            problems += await _verify_membership(ports, part)
+    finally:
+        for child in (daemon, daemon_b):
+            if child is not None and child.proc.returncode is None:
+                timeout = config.commit.shutdown_timeout + 5
+                code = await _stop_child(child.proc, child.name, timeout) or code
+        await _stop_child(emulator, "emulator", 5)
+        if code or problems:
+            _show_logs(child for child in (daemon, daemon_b) if child is not None)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    for problem in problems:
+        print(f"PROBLEM: {problem}", flush=True)
+    return code or (1 if problems else 0)
+
+
+def _stop_on_signals(daemon: Daemon) -> asyncio.Event:
+    """An event set by Ctrl-C or SIGTERM; a second one is passed on to the daemon."""
     stop = asyncio.Event()
 
     def on_signal() -> None:
-        if stop.is_set() and daemon.returncode is None:
+        if stop.is_set() and daemon.proc.returncode is None:
             # Ctrl-C again: pass it on, so the daemon's second signal ends its drain at once.
-            daemon.send_signal(signal.SIGTERM)
+            daemon.proc.send_signal(signal.SIGTERM)
         stop.set()
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, on_signal)
     loop.add_signal_handler(signal.SIGTERM, on_signal)
-    if duration is not None:
-        loop.call_later(duration, stop.set)
-    try:
-        client = await _wait_until_ready(config.socket.path, daemon)
-        async with client:
-            reporter = asyncio.create_task(_report(ports, config, stop))
-            positions = await _feed(client, config, stop)
-            await reporter
-        print("consumer stopped", flush=True)
-        code = await _stop_child(daemon, "daemon", config.commit.shutdown_timeout + 5)
-        await _verify(ports, config, positions)
-    finally:
-        if daemon.returncode is None:
-            code = await _stop_child(daemon, "daemon", config.commit.shutdown_timeout + 5)
-        await _stop_child(emulator, "emulator", 5)
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return code
+    return stop
 
 
-async def _verify(ports: Ports, config: Config, positions: Positions) -> None:
+async def _run_consumers(
+    config: Config,
+    daemons: tuple[Daemon, Daemon | None],
+    stop: asyncio.Event,
+    duration: float,
+    ports: Ports,
+) -> tuple[Positions, Membership | None]:
+    """The synthetic checkpoint consumer and, with a membership group, the two members; until
+    `stop` (set by the membership script, or after `duration` without one)."""
+    daemon, daemon_b = daemons
+    members_group = next((g for g in config.groups if g.membership is not None), None)
+    part = None
+    client = await _wait_until_ready(daemon.socket_path, daemon.proc)
+    async with client:
+        if members_group is not None and daemon_b is not None:
+            part = await _start_membership(members_group, (daemon, daemon_b), stop)
+            part.tasks.append(asyncio.create_task(_membership_script(part, stop, duration)))
+        else:
+            asyncio.get_running_loop().call_later(duration, stop.set)
+        reporter = asyncio.create_task(_report(ports, config, stop))
+        positions = await _feed(client, config, stop)
+        await reporter
+        if part is not None:
+            await asyncio.gather(*part.tasks)
+            for member_client in part.clients:
+                await member_client.close()
+    return positions, part
+
+
+def _show_logs(daemons: Iterable[Daemon]) -> None:
+    for daemon in daemons:
+        print(f"--- the last lines of the {daemon.name}'s log:", flush=True)
+        print(daemon.log_tail(), end="", flush=True)
+
+
+async def _verify(ports: Ports, config: Config, positions: Positions) -> list[str]:
     """After the daemon's final flush, every shard's last checkpoint must be in the emulator."""
     async with aiohttp.ClientSession() as session:
         checkpoints = await _emulator_checkpoints(session, ports)
@@ -251,15 +409,61 @@ async def _verify(ports: Ports, config: Config, positions: Positions) -> None:
         if _number(checkpoints.get(_shard_key(groups[name], shard))) != number
     ]
     if missing:
-        print(f"NOT committed at their last checkpoint: {', '.join(missing)}", flush=True)
-    else:
-        print(f"all {len(positions)} shards committed at their last checkpoint", flush=True)
+        return [f"NOT committed at their last checkpoint: {', '.join(missing)}"]
+    print(f"all {len(positions)} shards committed at their last checkpoint", flush=True)
+    return []
+
+
+async def _verify_membership(ports: Ports, part: Membership) -> list[str]:
+    """Each membership shard held by one consumer at a time, handed over at its last
+    checkpoint, and that checkpoint at the emulator; consumer-a took consumer-b's shards."""
+    async with aiohttp.ClientSession() as session:
+        checkpoints = await _emulator_checkpoints(session, ports)
+    remote = {
+        shard: _number(checkpoints.get(_shard_key(part.group, shard)))
+        for shard in range(SHARDS_PER_LOGSTORE)
+    }
+    problems = check_holdings(part.board, remote)
+    if part.daemon_b_code is not None:
+        problems += _check_takeover(part)
+    if problems:
+        return [f"membership: {problem}" for problem in problems]
+    took_over = ""
+    if part.daemon_b_code is not None:
+        took_over = ", consumer-a took over consumer-b's shards"
+    print(
+        f"membership: {len(part.board.holdings)} holdings of {SHARDS_PER_LOGSTORE} shards, "
+        f"never two at once, each handed over at its last checkpoint{took_over}; "
+        f"all {SHARDS_PER_LOGSTORE} last checkpoints reached the emulator",
+        flush=True,
+    )
+    return []
+
+
+def _check_takeover(part: Membership) -> list[str]:
+    problems = []
+    if part.daemon_b_code != 0:
+        problems.append(f"consumer-b's daemon exited with code {part.daemon_b_code}")
+    b_shards = {h.shard for h in part.board.holdings if h.consumer == "consumer-b"}
+    if not b_shards:
+        problems.append("consumer-b never held a shard")
+    for shard in range(SHARDS_PER_LOGSTORE):
+        held = [h for h in part.board.holdings if h.shard == shard]
+        last = max(held, key=lambda h: h.start, default=None)
+        if last is not None and last.consumer != "consumer-a":
+            problems.append(f"shard {shard} ended with {last.consumer}, not consumer-a")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cpmgr.demo", description=__doc__)
     parser.add_argument("--config", default=str(Path("config") / "local.yaml"))
-    parser.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=DEFAULT_DURATION,
+        help=f"stop after N seconds (default {DEFAULT_DURATION:g}); Ctrl-C stops earlier",
+    )
     args = parser.parse_args(argv)
     return asyncio.run(demo(args.config, args.duration))
 
