@@ -397,7 +397,8 @@ def _all_keys(node: object) -> set[str]:
 def test_shipped_local_config_loads() -> None:
     cfg: Config = load_config(REPO / "config" / "local.yaml", {})
     assert cfg.sls.endpoint.startswith("http://127.0.0.1:")
-    assert {g.name for g in cfg.groups} == {"orders", "payments"}
+    assert {g.name for g in cfg.groups} == {"orders", "payments", "clicks"}
+    assert [g.name for g in cfg.groups if g.membership is not None] == ["clicks"]  # make run's
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
