@@ -32,7 +32,7 @@ from cpmgr.client import (
     Revoked,
 )
 
-__all__ = ["Board", "DemoMember", "Holding", "check_holdings"]
+__all__ = ["Board", "DemoMember", "Holding", "check_holdings", "join"]
 
 READ_EVERY = 0.05  # seconds between two synthetic batches of a consumer
 
@@ -124,7 +124,6 @@ class DemoMember:
         self.member = member
         self.board = board
         self.reading: dict[int, Holding] = {}
-        self.revoke_reasons: list[str] = []
         self._rng = random.Random(seed)
         board.consumers.append(name)
 
@@ -154,10 +153,7 @@ class DemoMember:
                     if number is not None:
                         self.reading[shard] = self.board.record(self.name, shard, number)
                 case Revoked(shard=shard, reason=reason) if shard in self.reading:
-                    self.revoke_reasons.append(reason)
-                    holding = self.reading.pop(shard)  # stop reading it, then hand it back
-                    released = await self.member.release(shard)
-                    self.board.finish(holding, f"released ({reason})", number_of(released))
+                    await self._release(self.reading.pop(shard), reason)
                 case Ended(shard=shard) if shard in self.reading:
                     self.board.finish(self.reading.pop(shard), "ended", None)
                 case Lost(shards=shards):
@@ -167,6 +163,16 @@ class DemoMember:
                 case _:
                     pass
             self.board.show()
+
+    async def _release(self, holding: Holding, reason: str) -> None:
+        """Hand a revoked shard back (no longer read): `release` answers once its last
+        checkpoint is at SLS. A failed release is shown; the daemon's deadline hands it on."""
+        try:
+            released = await self.member.release(holding.shard)
+        except (CpmgrProtocolError, CpmgrUnavailable) as exc:
+            self.board.finish(holding, f"could not release ({exc})", None)
+            return
+        self.board.finish(holding, f"released ({reason})", number_of(released))
 
     async def _read(self, stop: asyncio.Event) -> None:
         while not stop.is_set() and not self.member.ended:
