@@ -141,7 +141,15 @@ async def cluster(sock_dir: Path) -> AsyncIterator[tuple[EmulatorHandle, Running
             consumer="",
             force_success=True,
         )
-        data = member_config(sock_dir / "cpmgr.sock", emu.url, interval="100ms")
+        # A generous release deadline: a loop that releases in time has every last read
+        # committed, even on a loaded machine (past the deadline later commits are refused).
+        data = member_config(
+            sock_dir / "cpmgr.sock",
+            emu.url,
+            membership={"release_timeout": "5s"},
+            interval="100ms",
+            shutdown_timeout="20s",
+        )
         async with running_daemon(data) as daemon:
             yield emu, daemon
 
