@@ -214,3 +214,16 @@ async def emulator_process(*arguments: str) -> AsyncIterator[str]:
         if proc.returncode is None:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), WAIT)
+
+
+@contextlib.asynccontextmanager
+async def one_member(
+    sock_dir: Path, **membership: object
+) -> AsyncIterator[tuple[EmulatorHandle, RunningDaemon, Consumer]]:
+    """An emulator, a daemon, and a consumer joined as `pod-a` holding all 8 shards."""
+    async with emulator() as emu:
+        data = member_config(sock_dir / "a.sock", emu.url, membership=membership or None)
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            yield emu, daemon, peer

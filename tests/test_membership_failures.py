@@ -24,6 +24,7 @@ from membership_helpers import (
     history,
     join,
     member_config,
+    one_member,
     running_daemon,
 )
 
@@ -31,27 +32,23 @@ from membership_helpers import (
 async def test_sls_unreachable_past_the_timeout_loses_the_shards_then_they_come_back(
     sock_dir: Path,
 ) -> None:
-    async with emulator() as emu:
-        data = member_config(sock_dir / "a.sock", emu.url)
-        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
-            await join(peer, "pod-a")
-            await assigned(peer, 8)
-            commit = {"op": "commit", "group": "orders"}
-            saved = {**commit, "shard": 0, "checkpoint": cursor(10), "wait": True}
-            assert await peer.ask(saved) == {"ok": True}
-            assert await peer.ask({**commit, "shard": 1, "checkpoint": cursor(20)}) == {"ok": True}
-            emu.faults.update({"reset_rate": 1.0})
-            lost = await peer.event("lost")
-            assert lost["reason"] == "heartbeat_lost" and lost["shards"] == list(range(8))
-            # What was accepted but not saved is dropped, and said so; nothing new is taken.
-            shard = (await peer.ask({"op": "get", "group": "orders", "shard": 1}))["shards"][0]
-            assert shard["pending"] is None and shard["last_error"]["code"] == "NotOwner"
-            refused = await peer.ask({**commit, "shard": 1, "checkpoint": cursor(21)})
-            assert refused["error"]["code"] == "NotOwner"
-            emu.faults.update({"reset_rate": 0.0})
-            back = await assigned(peer, 8)
-            assert back[0] == cursor(10)
-            assert history(emu, 1) == []
+    async with one_member(sock_dir) as (emu, _daemon, peer):
+        commit = {"op": "commit", "group": "orders"}
+        saved = {**commit, "shard": 0, "checkpoint": cursor(10), "wait": True}
+        assert await peer.ask(saved) == {"ok": True}
+        assert await peer.ask({**commit, "shard": 1, "checkpoint": cursor(20)}) == {"ok": True}
+        emu.faults.update({"reset_rate": 1.0})
+        lost = await peer.event("lost")
+        assert lost["reason"] == "heartbeat_lost" and lost["shards"] == list(range(8))
+        # What was accepted but not saved is dropped, and said so; nothing new is taken.
+        shard = (await peer.ask({"op": "get", "group": "orders", "shard": 1}))["shards"][0]
+        assert shard["pending"] is None and shard["last_error"]["code"] == "NotOwner"
+        refused = await peer.ask({**commit, "shard": 1, "checkpoint": cursor(21)})
+        assert refused["error"]["code"] == "NotOwner"
+        emu.faults.update({"reset_rate": 0.0})
+        back = await assigned(peer, 8)
+        assert back[0] == cursor(10)
+        assert history(emu, 1) == []
 
 
 async def test_sigterm_commits_every_final_checkpoint_then_the_shards_move(
@@ -202,42 +199,34 @@ async def test_a_10000_shard_commit_cycle_does_not_delay_a_heartbeat(sock_dir: P
 
 
 async def test_an_ownership_refusal_from_sls_becomes_lost_for_that_shard(sock_dir: Path) -> None:
-    async with emulator() as emu:
-        data = member_config(sock_dir / "a.sock", emu.url)
-        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
-            await join(peer, "pod-a")
-            await assigned(peer, 8)
-            # Another member took shard 6 at SLS behind cpmgr's back.
-            group = emu.state.group(PROJECT, LOGSTORE, CONSUMER_GROUP)
-            group.consumers["someone-else"] = emu.state.monotonic()
-            group.owners[6] = "someone-else"
-            commit = {"op": "commit", "group": "orders", "shard": 6, "checkpoint": cursor(60)}
-            answer = await peer.ask({**commit, "wait": True})
-            assert answer["error"]["code"] == "ConsumerNotMatch"
-            assert answer["error"]["dropped"] is True
-            lost = await peer.event("lost")
-            assert (lost["shards"], lost["reason"]) == ([6], "not_owner")
-            again = await peer.ask(commit)
-            assert again["error"]["code"] == "NotOwner"
+    async with one_member(sock_dir) as (emu, _daemon, peer):
+        # Another member took shard 6 at SLS behind cpmgr's back.
+        group = emu.state.group(PROJECT, LOGSTORE, CONSUMER_GROUP)
+        group.consumers["someone-else"] = emu.state.monotonic()
+        group.owners[6] = "someone-else"
+        commit = {"op": "commit", "group": "orders", "shard": 6, "checkpoint": cursor(60)}
+        answer = await peer.ask({**commit, "wait": True})
+        assert answer["error"]["code"] == "ConsumerNotMatch"
+        assert answer["error"]["dropped"] is True
+        lost = await peer.event("lost")
+        assert (lost["shards"], lost["reason"]) == ([6], "not_owner")
+        again = await peer.ask(commit)
+        assert again["error"]["code"] == "NotOwner"
 
 
 async def test_an_expired_member_loses_everything_then_joins_again(sock_dir: Path) -> None:
-    async with emulator() as emu:
-        data = member_config(sock_dir / "a.sock", emu.url)
-        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
-            await join(peer, "pod-a")
-            await assigned(peer, 8)
-            group = emu.state.group(PROJECT, LOGSTORE, CONSUMER_GROUP)
-            del group.consumers["pod-a"]  # SLS expired it (as after a long pause)
-            group.owners.clear()
-            commit = {"op": "commit", "group": "orders", "shard": 3, "checkpoint": cursor(30)}
-            answer = await peer.ask({**commit, "wait": True})
-            assert answer["error"]["dropped"] is True
-            lost = await peer.event("lost")
-            assert lost["reason"] == "expired"
-            assert lost["shards"] == list(range(8))
-            back = await assigned(peer, 8)  # an empty heartbeat joined it again
-            assert sorted(back) == list(range(8))
+    async with one_member(sock_dir) as (emu, _daemon, peer):
+        group = emu.state.group(PROJECT, LOGSTORE, CONSUMER_GROUP)
+        del group.consumers["pod-a"]  # SLS expired it (as after a long pause)
+        group.owners.clear()
+        commit = {"op": "commit", "group": "orders", "shard": 3, "checkpoint": cursor(30)}
+        answer = await peer.ask({**commit, "wait": True})
+        assert answer["error"]["dropped"] is True
+        lost = await peer.event("lost")
+        assert lost["reason"] == "expired"
+        assert lost["shards"] == list(range(8))
+        back = await assigned(peer, 8)  # an empty heartbeat joined it again
+        assert sorted(back) == list(range(8))
 
 
 async def test_a_member_that_stops_reading_its_events_is_disconnected(sock_dir: Path) -> None:

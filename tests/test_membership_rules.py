@@ -16,6 +16,7 @@ from membership_helpers import (
     emulator,
     join,
     member_config,
+    one_member,
     running_daemon,
 )
 
@@ -72,18 +73,14 @@ async def test_rule_the_heartbeat_body_keeps_a_revoked_shard_until_its_release(
 async def test_rule_readyz_is_503_while_a_member_has_no_heartbeat_for_half_the_timeout(
     sock_dir: Path,
 ) -> None:
-    async with emulator() as emu:
-        data = member_config(sock_dir / "a.sock", emu.url)
-        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
-            await join(peer, "pod-a")
-            await assigned(peer, 8)
-            assert daemon.daemon._ready_for_probes()
-            emu.faults.update({"reset_rate": 1.0})
-            await peer.event("lost")  # after timeout - interval; half the timeout has passed
-            assert not daemon.daemon._ready_for_probes()
-            emu.faults.update({"reset_rate": 0.0})
-            await assigned(peer, 8)
-            assert daemon.daemon._ready_for_probes()
+    async with one_member(sock_dir) as (emu, daemon, peer):
+        assert daemon.daemon._ready_for_probes()
+        emu.faults.update({"reset_rate": 1.0})
+        await peer.event("lost")  # after timeout - interval; half the timeout has passed
+        assert not daemon.daemon._ready_for_probes()
+        emu.faults.update({"reset_rate": 0.0})
+        await assigned(peer, 8)
+        assert daemon.daemon._ready_for_probes()
 
 
 async def test_rule_journal_replay_commits_as_the_journaled_member_before_its_heartbeat(
@@ -149,41 +146,33 @@ async def test_shutdown_refuses_joins_revokes_everything_then_sends_empty_heartb
 
 
 async def test_leave_releases_every_shard_and_ends_the_membership(sock_dir: Path) -> None:
-    async with emulator() as emu:
-        data = member_config(sock_dir / "a.sock", emu.url)
-        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
-            await join(peer, "pod-a")
-            await assigned(peer, 8)
-            commit = {"op": "commit", "group": "orders", "shard": 4, "checkpoint": cursor(8)}
-            assert await peer.ask(commit) == {"ok": True}
-            assert await peer.ask({"op": "leave", "group": "orders"}) == {"ok": True, "released": 8}
-            assert emu.state.history[remote_key(CONSUMER_GROUP, 4)] == [cursor(8)]
-            assert emu.state.assignments(PROJECT, LOGSTORE, CONSUMER_GROUP) == {}
-            assert (await peer.ask({"op": "members"}))["members"] == []
-            again = await peer.ask(commit)
-            assert again["error"]["code"] == "NotMember"
+    async with one_member(sock_dir) as (emu, _daemon, peer):
+        commit = {"op": "commit", "group": "orders", "shard": 4, "checkpoint": cursor(8)}
+        assert await peer.ask(commit) == {"ok": True}
+        assert await peer.ask({"op": "leave", "group": "orders"}) == {"ok": True, "released": 8}
+        assert emu.state.history[remote_key(CONSUMER_GROUP, 4)] == [cursor(8)]
+        assert emu.state.assignments(PROJECT, LOGSTORE, CONSUMER_GROUP) == {}
+        assert (await peer.ask({"op": "members"}))["members"] == []
+        again = await peer.ask(commit)
+        assert again["error"]["code"] == "NotMember"
 
 
 async def test_membership_metrics_and_status(sock_dir: Path) -> None:
-    async with emulator() as emu:
-        data = member_config(sock_dir / "a.sock", emu.url)
-        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
-            await join(peer, "pod-a")
-            await assigned(peer, 8)
-            registry = daemon.daemon.registry
-            assert registry.get_sample_value("cpmgr_members", {"group": "orders"}) == 1
-            assert registry.get_sample_value("cpmgr_held_shards", {"group": "orders"}) == 8
-            ok = {"group": "orders", "code": "OK"}
-            assert registry.get_sample_value("cpmgr_heartbeat_requests_total", ok) >= 1
-            last = registry.get_sample_value(
-                "cpmgr_last_heartbeat_timestamp_seconds", {"group": "orders"}
-            )
-            assert last is not None and last > 0
-            await peer.ask({"op": "release", "group": "orders", "shard": 0})
-            handed = {"group": "orders", "reason": "rebalance"}
-            assert registry.get_sample_value("cpmgr_shard_handoffs_total", handed) == 1
-            status = (await peer.ask({"op": "status"}))["groups"]["orders"]["membership"]
-            assert status["members"] == 1 and status["held_shards"] == 7
+    async with one_member(sock_dir) as (_emu, daemon, peer):
+        registry = daemon.daemon.registry
+        assert registry.get_sample_value("cpmgr_members", {"group": "orders"}) == 1
+        assert registry.get_sample_value("cpmgr_held_shards", {"group": "orders"}) == 8
+        ok = {"group": "orders", "code": "OK"}
+        assert registry.get_sample_value("cpmgr_heartbeat_requests_total", ok) >= 1
+        last = registry.get_sample_value(
+            "cpmgr_last_heartbeat_timestamp_seconds", {"group": "orders"}
+        )
+        assert last is not None and last > 0
+        await peer.ask({"op": "release", "group": "orders", "shard": 0})
+        handed = {"group": "orders", "reason": "rebalance"}
+        assert registry.get_sample_value("cpmgr_shard_handoffs_total", handed) == 1
+        status = (await peer.ask({"op": "status"}))["groups"]["orders"]["membership"]
+        assert status["members"] == 1 and status["held_shards"] == 7
 
 
 async def test_create_makes_a_missing_consumer_group_with_its_timeout_and_order(
