@@ -159,6 +159,7 @@ class Member:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     ending: bool = False
+    disconnected: bool = False  # its connection closed: being torn down
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -240,7 +241,7 @@ class Membership:
         if not self.accepting:
             raise ProtocolError("ShuttingDown", "the daemon is shutting down")
         previous = self._members.get((group, consumer))
-        if previous is not None and not previous.ending:
+        if previous is not None and not (previous.ending or previous.disconnected):
             raise ProtocolError(
                 "ConsumerInUse", f"consumer {consumer!r} is already a member of group {group!r}"
             )
@@ -606,6 +607,7 @@ class Membership:
         if member.ending or self._closed:
             return
         member.sink = None
+        member.disconnected = True
         owned = member.owned()
         for shard in owned:
             member.shards[shard].state = "closing"

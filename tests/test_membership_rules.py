@@ -221,3 +221,18 @@ async def test_rule_if_cpmgr_dies_its_members_see_their_connection_drop(
                 assert peer._pump is not None
                 await asyncio.wait_for(peer._pump, 10)
                 assert peer.reader.at_eof()
+
+
+async def test_a_rejoin_waits_for_the_previous_connections_teardown(sock_dir: Path) -> None:
+    async with emulator() as emu:
+        data = member_config(sock_dir / "a.sock", emu.url)
+        async with running_daemon(data) as daemon:
+            async with consumer(daemon.socket_path) as first:
+                await join(first, "pod-a")
+                await assigned(first, 8)
+                commit = {"op": "commit", "group": "orders", "shard": 2, "checkpoint": cursor(7)}
+                assert await first.ask(commit) == {"ok": True}
+            async with consumer(daemon.socket_path) as again:
+                await join(again, "pod-a")  # not ConsumerInUse: it waits for the teardown
+                back = await assigned(again, 8)
+            assert back[2] == cursor(7)  # the teardown committed it before the rejoin
