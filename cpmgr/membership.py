@@ -346,7 +346,7 @@ class Membership:
         member.last_good = sent
         member.last_heartbeat_wall = self._wall_clock()
         self._observer.heartbeat_finished(group.name, "OK", member.last_heartbeat_wall)
-        if not member.ending:
+        if not (member.ending or member.disconnected):  # a torn-down member takes nothing new
             self._apply_assignment(member, set(assigned))
 
     async def _prepare_group(self, group: GroupConfig) -> None:
