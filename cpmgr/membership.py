@@ -625,8 +625,9 @@ class Membership:
                 self._hand_over(member, shard, "disconnect")
         await self._end(member)
 
-    async def _end(self, member: Member) -> None:
-        """Stop heartbeating, send the empty heartbeat that frees the member's shards, forget it."""
+    async def _end(self, member: Member, timeout: float | None = None) -> None:
+        """Stop heartbeating, send the empty heartbeat that frees the member's shards (within
+        `timeout`, default min(request_timeout, heartbeat_interval)), forget it."""
         member.ending = True
         for shard in list(member.shards):
             self._forget(member, shard)
@@ -634,7 +635,7 @@ class Membership:
             member.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await member.task
-        await self._final_heartbeat(member, self._final_timeout(member))
+        await self._final_heartbeat(member, timeout or self._final_timeout(member))
         key = (member.group.name, member.name)
         if self._members.get(key) is member:
             del self._members[key]
@@ -692,19 +693,7 @@ class Membership:
         self.accepting = False
         self._closed = True
         members = list(self._members.values())
-        for member in members:
-            member.ending = True
-            for shard in list(member.shards):
-                self._forget(member, shard)
-            if member.task is not None:
-                member.task.cancel()
-        await asyncio.gather(
-            *(m.task for m in members if m.task is not None), return_exceptions=True
-        )
-        await asyncio.gather(*(self._final_heartbeat(m, FINAL_HEARTBEAT_SECONDS) for m in members))
-        for member in members:
-            self._members.pop((member.group.name, member.name), None)
-            member.ended.set()
+        await asyncio.gather(*(self._end(m, FINAL_HEARTBEAT_SECONDS) for m in members))
 
     # ------------------------------------------------------------------ views
 
