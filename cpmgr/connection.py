@@ -244,8 +244,6 @@ class Connection(asyncio.Protocol):
                 self._emit(gated)
                 return True
             request = gated
-        elif isinstance(request, _MEMBERSHIP_OPS):
-            return self._start_member_op(request)
         if (
             server.plain_commits
             and not self._running
@@ -280,20 +278,6 @@ class Connection(asyncio.Protocol):
             return False
         return True
 
-    def _start_member_op(self, request: Request) -> bool:
-        # Membership ops take effect in the order sent: later lines wait for them (a commit
-        # sent after a `release` must see the shard gone).
-        if self._batch:
-            self._seal()
-        if self._running:
-            self._held = request
-            self._resume_at = 0
-            return False
-        task = asyncio.get_running_loop().create_task(self._server.answer_member_op(request, self))
-        self._track((request.request_id,), task)
-        self._resume_at = 0
-        return False
-
     def _join_batch(self, request: CommitRequest) -> bool:
         # Journaled commits of a chunk are journaled together: one write (and, with fsync:
         # always, one fsync) for all of them; their answers keep their places.
@@ -311,7 +295,15 @@ class Connection(asyncio.Protocol):
         self._track(tuple(r.request_id for r in batch), task)
 
     def _start(self, request: Request) -> None:
-        task = asyncio.get_running_loop().create_task(self._server.answer_one(request, self.uid))
+        # Membership ops need the connection that sent them (it joins, it gets the events);
+        # like every op but journaled commits, later lines wait for them.
+        server = self._server
+        answer = (
+            server.answer_member_op(request, self)
+            if isinstance(request, _MEMBERSHIP_OPS)
+            else server.answer_one(request, self.uid)
+        )
+        task = asyncio.get_running_loop().create_task(answer)
         self._track((request.request_id,), task)
 
     def _track(self, ids: tuple[RequestId, ...], task: asyncio.Task[list[bytes]]) -> None:

@@ -377,10 +377,7 @@ class IngestServer:
 
     async def answer_member_op(self, request: Request, connection: Connection) -> list[bytes]:
         """The answer line of join, release, leave, assignment or members."""
-        try:
-            refusal = self.refusal(request, connection.uid)
-            if refusal is not None:
-                return [refusal]
+        try:  # refusal() already ran, in Connection._handle
             fields = await self._member_op(request, connection)
             return [encode_ok(request.request_id, **fields)]
         except ProtocolError as exc:
