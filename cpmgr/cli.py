@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
 from cpmgr import __version__
 from cpmgr.clientcli import add_client_commands
+from cpmgr.completion import add_completion_command
 from cpmgr.config import load_config, render_effective
 from cpmgr.daemon import run_from_file
 from cpmgr.emulator import add_emulator_arguments, run_emulator_from_args
@@ -16,6 +18,9 @@ from cpmgr.errors import ConfigError
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# Where the packages, the container image and the systemd unit put the config.
+DEFAULT_CONFIG = "/etc/cpmgr/cpmgr.yaml"
+CONFIG_ENV = "CPMGR_CONFIG"
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -46,7 +51,13 @@ def _add_config_command(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str
 ) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
-    parser.add_argument("-c", "--config", required=True, metavar="PATH", help="YAML config file")
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG,
+        metavar="PATH",
+        help=f"YAML config file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})",
+    )
     return parser
 
 
@@ -70,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_emulator_arguments(emulator)
     emulator.set_defaults(handler=run_emulator_from_args)
     add_client_commands(subparsers)
+    add_completion_command(subparsers, parser)
     return parser
 
 
@@ -80,4 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    validate: Callable[[argparse.Namespace], None] | None = getattr(args, "validate", None)
+    if validate is not None:
+        validate(args)  # exits 2 with a usage message, like argparse's own checks
     return handler(args)

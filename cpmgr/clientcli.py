@@ -37,6 +37,7 @@ CLIENT_COMMANDS: Final = ("commit", "flush", "get", "status", "members")
 _RECONNECT_ATTEMPTS: Final = 2
 _ANSWER_TIMEOUT: Final = 60.0  # for requests the daemon answers at once
 EXIT_INTERRUPTED: Final = 130  # the shell's code for SIGINT
+_AFTER_2001: Final = 1_000_000_000  # Unix seconds of 2001-09-09: any update time is later
 
 
 def _seconds(text: str) -> float:
@@ -71,23 +72,28 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     """Add commit, flush, get, status and members (each sets `handler=run_client_command`),
     and join."""
     commit = subparsers.add_parser("commit", help="hand a checkpoint to the daemon")
-    commit.add_argument("group", help="configured group name")
-    commit.add_argument("shard", type=_shard)
-    commit.add_argument("checkpoint", help="base64 cursor")
+    commit.add_argument("group", help="a group name from the daemon's config (groups[].name)")
+    commit.add_argument("shard", type=_shard, help="the SLS shard id (digits)")
+    commit.add_argument("checkpoint", help="the shard's cursor, base64 as SLS gives it")
     commit.add_argument("--consumer", help="consumer name (default: the group's)")
     commit.add_argument("--force", action="store_true", help="allow moving backwards")
     commit.add_argument("--wait", action="store_true", help="return once committed to SLS")
-    commit.add_argument("--timeout", type=_seconds, metavar="S", help="for --wait")
+    commit.add_argument(
+        "--timeout", type=_seconds, metavar="S", help="how long --wait waits (needs --wait)"
+    )
     _add_common(commit, "commit")
+    commit.set_defaults(validate=lambda args: _check_commit(commit, args))
 
     flush = subparsers.add_parser("flush", help="commit everything pending now")
-    flush.add_argument("group", nargs="?", help="only this group")
-    flush.add_argument("--timeout", type=_seconds, metavar="S")
+    flush.add_argument("group", nargs="?", help="only this group (default: every group)")
+    flush.add_argument(
+        "--timeout", type=_seconds, metavar="S", help="default: the daemon's commit.wait_timeout"
+    )
     _add_common(flush, "flush")
 
     get = subparsers.add_parser("get", help="show a group's checkpoints")
-    get.add_argument("group")
-    get.add_argument("shard", nargs="?", type=_shard)
+    get.add_argument("group", help="a group name from the daemon's config")
+    get.add_argument("shard", nargs="?", type=_shard, help="only this shard (default: every one)")
     get.add_argument("--remote", action="store_true", help="also ask SLS (GetCheckPoint)")
     _add_common(get, "get")
 
@@ -99,6 +105,13 @@ def add_client_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     _add_common(members, "members")
 
     add_join_command(subparsers)
+
+
+def _check_commit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--timeout` bounds the wait only: without `--wait` it would be silently ignored, and
+    making it imply `--wait` would turn a quick hand-over into a call that blocks on SLS."""
+    if args.timeout is not None and not args.wait:
+        parser.error("--timeout only applies with --wait (add --wait, or drop --timeout)")
 
 
 def _payload(args: argparse.Namespace) -> dict[str, object]:
@@ -175,6 +188,17 @@ def _time(value: object) -> str:
     return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
 
 
+def _remote_seconds(value: object) -> float | None:
+    """SLS's updateTime as Unix seconds: it is sent in microseconds (the documented example,
+    the emulator); a value in milliseconds or seconds is recognised by its size."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        return None
+    for divisor in (1_000_000, 1_000):
+        if value >= _AFTER_2001 * divisor:
+            return value / divisor
+    return float(value)
+
+
 def _error_text(error: object) -> str:
     if not isinstance(error, Mapping):
         return "-"
@@ -224,7 +248,7 @@ def _shard_row(entry: Mapping[str, Any], *, remote: bool) -> list[str]:
         info = info if isinstance(info, Mapping) else {}
         row += [
             _text(info.get("checkpoint") or None),
-            _text(info.get("update_time")),
+            _time(_remote_seconds(info.get("update_time"))),
             _text(info.get("consumer") or None),
         ]
     return row

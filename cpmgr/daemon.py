@@ -146,6 +146,7 @@ class Daemon:
         )
         self.ready = False
         self.shutting_down = False
+        self.dropped = 0  # accepted values given up after a permanent failure, for the exit log
         self._started_at = time.monotonic()
         self._started: list[Callable[[], Awaitable[None]]] = []
         self._close_grace = CLOSE_GRACE
@@ -206,6 +207,7 @@ class Daemon:
             self.journal.record_committed(group, shard, checkpoint)
 
     def _journal_dropped(self, group: str, shard: int, checkpoint: str) -> None:
+        self.dropped += 1
         if self.journal is not None:
             self.journal.record_dropped(group, shard, checkpoint)
 
@@ -267,7 +269,12 @@ class Daemon:
                     record.latest,
                 )
         pending = sum(self.store.pending_count(g) for g in self.store.groups())
-        log.info("journal replayed: %d shard(s), %d pending", len(records), pending)
+        log.info(
+            "journal replayed from %s: %d shard(s), %d pending",
+            self.config.state.dir,
+            len(records),
+            pending,
+        )
 
     async def drain(self) -> int:
         """Stop accepting, flush within shutdown_timeout, report leftovers; the exit code."""
@@ -309,8 +316,17 @@ class Daemon:
     def report_left_behind(self) -> int:
         """Log every accepted checkpoint not committed; the exit code that follows from it."""
         left = self._log_left_behind(self.store.groups())
-        if not left:
+        if not left and not self.dropped:
             log.info("every accepted checkpoint is committed")
+        elif not left:
+            # Nothing is pending, but a permanent failure gave values up (logged when it
+            # happened): saying "every checkpoint is committed" would hide that.
+            log.warning(
+                "nothing is left pending, but %d accepted checkpoint(s) were dropped after a "
+                "permanent failure (see the errors above and cpmgr_commit_failures_total)",
+                self.dropped,
+            )
+        if not left:
             return EXIT_OK
         return EXIT_OK if self.journal is not None else EXIT_LEFT_BEHIND
 

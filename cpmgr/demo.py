@@ -42,6 +42,8 @@ from cpmgr.demo_members import Board, DemoMember, check_holdings, join
 KEY_ID = "local-test-key-id"
 KEY_SECRET = "local-test-key-secret"
 SHARDS_PER_LOGSTORE = 4
+# A share of SLS answers the emulator fails, so the demo shows retries doing their work.
+ERROR_RATE = 0.05
 DEFAULT_DURATION = 12.0
 BALANCE_WAIT = 10.0  # the longest the demo waits for both consumers to hold shards
 
@@ -80,7 +82,7 @@ def _emulator_args(config: Config, port: int) -> list[str]:
         f"--access-key-id={KEY_ID}",
         f"--access-key-secret={KEY_SECRET}",
         "--latency-ms=2:20",
-        "--error-rate=0.05",
+        f"--error-rate={ERROR_RATE}",
         "--seed=1",
     ]
     for group in config.groups:
@@ -321,6 +323,15 @@ async def demo(config_path: str, duration: float) -> int:
     print(
         f"emulator on 127.0.0.1:{ports.emulator}, daemon socket {daemon.socket_path}, "
         f"metrics http://127.0.0.1:{ports.http}/metrics; stops after {duration:g} s or Ctrl-C",
+        flush=True,
+    )
+    print(
+        f"the emulator answers {ERROR_RATE:.0%} of requests with 500 InternalServerError: the "
+        "daemons retry them, and every checkpoint still arrives",
+        flush=True,
+    )
+    print(
+        f"watch the daemon beside it: .venv/bin/cpmgr status --socket {daemon.socket_path}",
         flush=True,
     )
     stop = _stop_on_signals(daemon)

@@ -185,7 +185,7 @@ class StoreCollector(Collector):
         figures = await self.capture()
         token = _CAPTURED.set(figures)
         try:
-            head = generate_latest(registry)
+            head = generate_latest(_WithoutCreated(registry))
         finally:
             _CAPTURED.reset(token)
         yield head
@@ -201,6 +201,20 @@ class StoreCollector(Collector):
                     rows = figure.shards[start : start + CAPTURE_CHUNK]
                     yield _shard_lines(name, label, rows, kind, now)
                     await asyncio.sleep(0)
+
+
+class _WithoutCreated:
+    """The registry's families without their `*_created` samples: a creation time per
+    counter and histogram child doubles the series and no dashboard or rule of ours reads it.
+    (prometheus_client's own switch for this is process-wide; this view is per registry.)"""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
 _AGE = "cpmgr_shard_pending_age_seconds"

@@ -164,7 +164,18 @@ async def test_get_remote(config: Config) -> None:
         result = await cli("get", "orders", "--remote", "--socket", server.path)
     header, row = result.out.splitlines()
     assert header.split()[-3:] == ["REMOTE", "REMOTE_UPDATED", "REMOTE_CONSUMER"]
-    assert row.split() == ["orders", "0", "-", "-", "-", "-", cp(3), "1764130000000000", "c0"]
+    # SLS's microseconds are shown like every other time: ISO 8601, to the millisecond.
+    assert row.split() == [
+        "orders",
+        "0",
+        "-",
+        "-",
+        "-",
+        "-",
+        cp(3),
+        "2025-11-26T04:06:40.000Z",
+        "c0",
+    ]
 
 
 async def test_status(config: Config) -> None:
@@ -246,3 +257,22 @@ def test_a_shard_argument_must_be_plain_digits(
         main(["get", "orders", shard, "--socket", "/nonexistent.sock"])
     assert info.value.code == 2
     assert "not a shard number" in capsys.readouterr().err
+
+
+def test_commit_timeout_without_wait_is_bad_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["commit", "orders", "1", cp(1), "--timeout", "5", "--socket", "/nonexistent.sock"])
+    assert info.value.code == 2
+    assert "--timeout only applies with --wait" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["commit", "flush", "get", "members", "join"])
+def test_every_positional_argument_has_help(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = capsys.readouterr().out
+    positional = help_text.split("positional arguments:")[1].split("options:")[0]
+    entries = [line.split() for line in positional.splitlines() if line.strip()]
+    assert entries and all(len(words) > 1 for words in entries), help_text

@@ -71,6 +71,9 @@ async def test_make_run_shares_the_shards_and_hands_them_over() -> None:
     assert "consumer-b's daemon stopped (exit code 0)" in out, out
     assert "\ndaemon stopped (exit code 0)" in out, out
     assert STOPPING in out, out
+    # It says what it does to SLS, and how to look at the daemon while it runs.
+    assert "answers 5% of requests with 500 InternalServerError" in out, out
+    assert re.search(r"cpmgr status --socket /\S+/cpmgr\.sock\n", out), out
 
     stories = shard_stories(out)
     assert sorted(stories) == list(range(SHARDS_PER_LOGSTORE)), out

@@ -122,9 +122,34 @@ async def test_sigterm_commits_everything_pending_and_exits_0(
     }
     assert update_requests(emulator) == {"OK": 4}
     assert "every accepted checkpoint is committed" in daemon.log
+    assert "were dropped" not in daemon.log
     assert "left behind" not in daemon.log
     assert "Traceback" not in daemon.log
     assert not sock.exists()
+
+
+async def test_a_dropped_value_is_reported_at_exit_and_the_journal_replay_logged_once(
+    emulator: EmulatorHandle, sock_dir: Path, tmp_path: Path
+) -> None:
+    sock = sock_dir / "cpmgr.sock"
+    config = daemon_config(
+        socket_path=sock, endpoint=emulator.url, credentials=KEYS, groups=[group("orders", "cg-a")]
+    )
+    config["state"] = {"dir": str(tmp_path / "state")}
+    path = write_yaml(tmp_path / "cpmgr.yaml", config)
+    emulator.faults.update(
+        {"force": {f"{PROJECT}/{LOGSTORE}/cg-a": [404, "ConsumerGroupNotExist"]}}
+    )
+    async with running_daemon(path) as daemon, AsyncCpmgrClient(str(sock)) as client:
+        await client.commit("orders", 0, cursor(100))
+        with pytest.raises(CpmgrProtocolError):
+            await client.flush()  # a permanent failure: the value is dropped
+        daemon.send(signal.SIGTERM)
+        assert await daemon.exit_code(timeout=10) == 0
+
+    assert sum("journal replayed" in line for line in daemon.lines) == 1, daemon.log
+    assert "every accepted checkpoint is committed" not in daemon.log
+    assert "1 accepted checkpoint(s) were dropped after a permanent failure" in daemon.log
 
 
 async def test_sigterm_while_sls_refuses_everything_exits_1_and_logs_what_is_left(

@@ -217,6 +217,17 @@ async def test_failures_by_code_after_permanent_error_and_exhausted_retries() ->
         assert await r.client.flush() == 1
 
 
+async def test_the_exposition_has_no_created_series() -> None:
+    """One series per counter and histogram child, not a second `*_created` beside each."""
+    async with running_daemon() as r:
+        await r.client.commit("orders", 0, cursor(1))
+        await r.client.flush()
+        text = await r.scrape_text()
+    assert 'cpmgr_commit_requests_total{code="OK",group="orders"} 1.0' in text
+    assert "cpmgr_commit_duration_seconds_count" in text
+    assert [line for line in text.splitlines() if "_created" in line] == []
+
+
 async def test_pending_and_oldest_age_during_an_outage_and_after_recovery() -> None:
     async with running_daemon() as r:
         r.force("orders", (503, "ServerBusy"))

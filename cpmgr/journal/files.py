@@ -28,8 +28,6 @@ from cpmgr.journal.format import (
     warn_damage,
 )
 from cpmgr.journal.state import (
-    COMMITTED,
-    LATEST,
     Dropped,
     Entry,
     LogRecord,
@@ -165,14 +163,9 @@ class JournalFiles:
             os.truncate(log_path, found.good_end)
         self._open_log(log_path)
         untrack(self.shards)
-        # Rewrite clean files now rather than warn (or skip) at every start.
+        # Rewrite clean files now rather than warn (or skip) at every start. The daemon logs
+        # the one "journal replayed" line, with what it restored.
         self.maybe_compact(force=snap_damaged or bool(found.corrupt) or bool(skipped))
-        log.info(
-            "journal replayed from %s: %d shards, %d pending",
-            self.directory,
-            len(self.shards),
-            sum(1 for r in self.shards.values() if r[LATEST] != r[COMMITTED]),
-        )
 
     def _replay_snapshot(self, path: Path) -> tuple[int | None, bool]:
         """Load the snapshot; return the last log sequence number it holds (None if it cannot
