@@ -30,6 +30,7 @@ from cpmgr.journal import Journal
 from cpmgr.logs import configure_logging
 from cpmgr.membership import Membership
 from cpmgr.metrics import LoopLagProbe, Metrics
+from cpmgr.notify import notify
 from cpmgr.sls.client import SLSClient
 from cpmgr.store import CheckpointStore
 from cpmgr.web import WebServer, build_app
@@ -544,8 +545,9 @@ async def run(
 
     `own_process`: the daemon is what this process is for (`cpmgr run`), so once it has
     started, what start-up built is frozen out of the garbage collector's scans
-    (gcpolicy.freeze_startup). Not for a daemon run inside another program, whose objects
-    that is not ours to decide for."""
+    (gcpolicy.freeze_startup), and the service manager hears READY=1 once the socket listens
+    and STOPPING=1 when the drain starts (notify). Not for a daemon run inside another
+    program, whose objects and readiness are not ours to decide for."""
     loop = asyncio.get_running_loop()
     signals = _Signals()
     if shutdown_trigger is None:
@@ -556,12 +558,15 @@ async def run(
         await daemon.start()
         if own_process:
             freeze_startup()
+            notify(f"READY=1\nSTATUS=serving on {config.socket.path}")
         if started is not None:
             started(daemon)
         if shutdown_trigger is not None:
             await shutdown_trigger()
         else:
             await signals.stop.wait()
+        if own_process:
+            notify("STOPPING=1\nSTATUS=draining: flushing pending checkpoints")
         return await _drain_unless_forced(daemon, signals)
     finally:
         reloads.cancel()

@@ -163,7 +163,8 @@ def _unit() -> configparser.ConfigParser:
 
 def test_systemd_unit_runs_reloads_and_drains() -> None:
     service = _unit()["Service"]
-    assert service["Type"] == "simple"
+    assert service["Type"] == "notify"  # READY=1 once the socket listens
+    assert service["NotifyAccess"] == "main"
     assert service["ExecStart"].split()[1:] == ["run", "--config", "/etc/cpmgr/cpmgr.yaml"]
     assert service["ExecReload"].endswith("kill -HUP $MAINPID")
     assert service["KillSignal"] == "SIGTERM"
