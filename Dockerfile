@@ -1,10 +1,14 @@
 # cpmgr: the checkpoint sidecar. Build from the repository root:
-#   docker build -t cpmgr:0.1.0 .
+#   docker build -t cpmgr:0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" .
 # Run it with a config mounted at /etc/cpmgr/cpmgr.yaml and the socket directory shared with
-# the consumers (see deploy/kubernetes/sidecar.yaml and docs/operations.md).
+# the consumers (see deploy/kubernetes/ and docs/operations.md).
+
+# Both stages use the base pinned by digest, so a rebuild gets the same image:
+#   python:3.11-slim-bookworm (Python 3.11.16), its OCI index digest (every architecture).
+# Bump the tag and the digest together, in both FROM lines.
 
 # ---- build: install the package and its runtime dependencies into a self-contained venv
-FROM python:3.11-slim-bookworm AS build
+FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -13,17 +17,28 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /src
-# Only what the build needs: the wheel reads README.md as its long description.
+# The dependencies first, in their own layer: pinned with hashes (requirements.lock, which
+# also pins the build backend), so a code change reuses this layer and a rebuild is the same.
+COPY requirements.lock ./
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock
+# Then the code: the wheel reads README.md as its long description. No dependency is fetched
+# here (--no-deps), nor an unpinned build backend (--no-build-isolation).
 COPY pyproject.toml README.md ./
 COPY cpmgr ./cpmgr
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps --no-build-isolation .
 
 # ---- runtime: the venv on a clean slim image, running as an unprivileged user
-FROM python:3.11-slim-bookworm
+FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
 
+ARG VERSION=0.1.0
+ARG REVISION=unknown
 LABEL org.opencontainers.image.title="cpmgr" \
       org.opencontainers.image.description="Consumer-group checkpoint sidecar for Alibaba Cloud Log Service" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.11-slim-bookworm" \
+      org.opencontainers.image.documentation="docs/operations.md in the source repository"
 
 # A fixed uid/gid so Kubernetes runAsUser/fsGroup and host file ownership can name it.
 RUN groupadd --system --gid 10001 cpmgr \
