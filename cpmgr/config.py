@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import math
 import os
 import re
@@ -12,11 +11,14 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
+from urllib.parse import urlsplit
 
 import yaml
 
 from cpmgr.errors import ConfigError
 from cpmgr.sls import endpoint as sls_endpoint
+from cpmgr.sls.credentials import file as credentials_file
+from cpmgr.sls.credentials.keys import CredentialsFetchError
 from cpmgr.sls.signer import Credentials
 
 SignatureVersion = Literal["v1", "v4"]
@@ -29,6 +31,23 @@ SECRET_MASK = "***"
 ENV_KEY_ID = "ALIBABA_CLOUD_ACCESS_KEY_ID"
 ENV_KEY_SECRET = "ALIBABA_CLOUD_ACCESS_KEY_SECRET"
 ENV_TOKEN = "ALIBABA_CLOUD_SECURITY_TOKEN"
+# Set by ACK's pod identity webhook (RRSA) and read by Alibaba Cloud's credential SDKs.
+ENV_ROLE_ARN = "ALIBABA_CLOUD_ROLE_ARN"
+ENV_OIDC_PROVIDER_ARN = "ALIBABA_CLOUD_OIDC_PROVIDER_ARN"
+ENV_OIDC_TOKEN_FILE = "ALIBABA_CLOUD_OIDC_TOKEN_FILE"
+ENV_ROLE_SESSION_NAME = "ALIBABA_CLOUD_ROLE_SESSION_NAME"
+ENV_STS_ENDPOINT = "ALIBABA_CLOUD_STS_ENDPOINT"
+ENV_STS_REGION = "ALIBABA_CLOUD_STS_REGION"
+ENV_VPC_ENDPOINT_ENABLED = "ALIBABA_CLOUD_VPC_ENDPOINT_ENABLED"
+ENV_ECS_ROLE_NAME = "ALIBABA_CLOUD_ECS_METADATA"
+ENV_CREDENTIALS_URI = "ALIBABA_CLOUD_CREDENTIALS_URI"
+
+CredentialsSource = Literal["auto", "static", "file", "oidc", "ecs_ram_role", "uri"]
+CREDENTIALS_SOURCES: tuple[str, ...] = ("auto", "static", "file", "oidc", "ecs_ram_role", "uri")
+DEFAULT_STS_ENDPOINT = "sts.aliyuncs.com"
+DEFAULT_METADATA_ENDPOINT = "http://100.100.100.200"
+# STS refuses DurationSeconds outside this range.
+OIDC_DURATION_RANGE = (900.0, 43200.0)
 
 
 @dataclass(frozen=True)
@@ -49,6 +68,30 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class OIDCConfig:
+    """`sls.oidc`: AssumeRoleWithOIDC (ACK RRSA); unset fields come from the webhook's variables."""
+
+    role_arn: str | None = None
+    provider_arn: str | None = None
+    token_file: str | None = None
+    session_name: str = "cpmgr"
+    duration: float = 3600.0
+    sts_endpoint: str = DEFAULT_STS_ENDPOINT
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.role_arn and self.provider_arn and self.token_file)
+
+
+@dataclass(frozen=True)
+class EcsRamRoleConfig:
+    """`sls.ecs_ram_role`: the ECS instance RAM role through the metadata service."""
+
+    role_name: str | None = None
+    metadata_endpoint: str = DEFAULT_METADATA_ENDPOINT
+
+
+@dataclass(frozen=True)
 class SLSConfig:
     endpoint: str
     access_key_id: str = ""
@@ -58,10 +101,32 @@ class SLSConfig:
     signature_version: SignatureVersion = "v1"
     allow_insecure_http: bool = False
     region: str | None = None
+    credentials: CredentialsSource = "auto"
+    oidc: OIDCConfig = OIDCConfig()
+    ecs_ram_role: EcsRamRoleConfig = EcsRamRoleConfig()
+    credentials_uri: str | None = None
 
     @property
-    def credentials(self) -> Credentials:
+    def static_credentials(self) -> Credentials:
         return Credentials(self.access_key_id, self.access_key_secret, self.security_token)
+
+    @property
+    def has_static_keys(self) -> bool:
+        return bool(self.access_key_id and self.access_key_secret)
+
+    @property
+    def credentials_settings(self) -> tuple[object, ...]:
+        """Everything that decides where keys come from: a reload that changes none of it keeps
+        the running keys."""
+        return (
+            self.credentials,
+            self.static_credentials,
+            self.credentials_file,
+            self.oidc,
+            self.ecs_ram_role,
+            self.credentials_uri,
+            self.allow_insecure_http,
+        )
 
 
 @dataclass(frozen=True)
@@ -290,6 +355,17 @@ def parse_endpoint(value: object) -> str:
     return value.strip()
 
 
+def parse_service_endpoint(value: object) -> str:
+    """A credentials service's `host[:port]`, optionally with http:// or https://."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty host[:port], optionally with http:// or https://")
+    try:
+        sls_endpoint.parse_endpoint(value)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace(f"invalid endpoint {value!r}: ", "")) from None
+    return value.strip()
+
+
 # --------------------------------------------------------------------------------------------
 # A reader for one mapping: typed getters that record problems instead of raising, and a
 # check for keys nobody asked for.
@@ -461,17 +537,93 @@ def _read_sls(s: _Section, env: Mapping[str, str]) -> SLSConfig:
         signature_version=s.get("signature_version", _choice("v1", "v4"), "v1"),
         allow_insecure_http=s.get("allow_insecure_http", _boolean, False),
         region=s.get("region", _optional_string, None),
+        credentials=s.get("credentials", _choice(*CREDENTIALS_SOURCES), "auto"),
+        oidc=_read_oidc(s.section("oidc"), env),
+        ecs_ram_role=_read_ecs_ram_role(s.section("ecs_ram_role"), env),
+        credentials_uri=s.get("credentials_uri", _optional_string, None)
+        or env.get(ENV_CREDENTIALS_URI)
+        or None,
     )
-    if cfg.credentials_file:
+    _check_credentials_source(s, cfg)
+    s.finish()
+    return cfg
+
+
+def _check_credentials_source(s: _Section, cfg: SLSConfig) -> None:
+    """What the chosen source needs; `auto` needs nothing (a platform may provide keys)."""
+    source = cfg.credentials
+    if cfg.credentials_file and source in ("auto", "file"):
         try:
             load_credentials_file(cfg.credentials_file)
         except ValueError as exc:
             s.problem("credentials_file", str(exc))
-    elif not cfg.access_key_id or not cfg.access_key_secret:
+    if source == "file" and not cfg.credentials_file:
+        s.problem("credentials_file", "required with credentials: file")
+    if source == "static" and not cfg.has_static_keys:
         s.problems.append(
             f"{s.where('access_key_id')}: no credentials: set sls.access_key_id and "
-            f"sls.access_key_secret, {ENV_KEY_ID} and {ENV_KEY_SECRET}, or sls.credentials_file"
+            f"sls.access_key_secret, or {ENV_KEY_ID} and {ENV_KEY_SECRET}"
         )
+    if source == "oidc":
+        for key, variable in (
+            ("role_arn", ENV_ROLE_ARN),
+            ("provider_arn", ENV_OIDC_PROVIDER_ARN),
+            ("token_file", ENV_OIDC_TOKEN_FILE),
+        ):
+            if not getattr(cfg.oidc, key):
+                s.problem(f"oidc.{key}", f"required with credentials: oidc (or set {variable})")
+    if source == "uri" and not cfg.credentials_uri:
+        s.problem(
+            "credentials_uri", f"required with credentials: uri (or set {ENV_CREDENTIALS_URI})"
+        )
+
+
+def _default_sts_endpoint(env: Mapping[str, str]) -> str:
+    """The webhook's endpoint, else the SDKs' choice: `sts[-vpc].<region>` or the global one."""
+    if env.get(ENV_STS_ENDPOINT):
+        return env[ENV_STS_ENDPOINT]
+    region = env.get(ENV_STS_REGION)
+    if not region:
+        return DEFAULT_STS_ENDPOINT
+    vpc = env.get(ENV_VPC_ENDPOINT_ENABLED, "").lower() == "true"
+    return f"sts{'-vpc' if vpc else ''}.{region}.aliyuncs.com"
+
+
+def _oidc_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    low, high = OIDC_DURATION_RANGE
+    if not low <= seconds <= high:
+        raise ValueError(f"must be between {low:g}s and {high:g}s (STS refuses others)")
+    return seconds
+
+
+def _read_oidc(s: _Section, env: Mapping[str, str]) -> OIDCConfig:
+    d = OIDCConfig()
+    cfg = OIDCConfig(
+        role_arn=s.get("role_arn", _optional_string, None) or env.get(ENV_ROLE_ARN) or None,
+        provider_arn=s.get("provider_arn", _optional_string, None)
+        or env.get(ENV_OIDC_PROVIDER_ARN)
+        or None,
+        token_file=s.get("token_file", _optional_string, None)
+        or env.get(ENV_OIDC_TOKEN_FILE)
+        or None,
+        session_name=s.get("session_name", _non_empty, "")
+        or env.get(ENV_ROLE_SESSION_NAME)
+        or d.session_name,
+        duration=s.get("duration", _oidc_duration, d.duration),
+        sts_endpoint=s.get("sts_endpoint", parse_service_endpoint, "")
+        or _default_sts_endpoint(env),
+    )
+    s.finish()
+    return cfg
+
+
+def _read_ecs_ram_role(s: _Section, env: Mapping[str, str]) -> EcsRamRoleConfig:
+    d = EcsRamRoleConfig()
+    cfg = EcsRamRoleConfig(
+        role_name=s.get("role_name", _optional_string, None) or env.get(ENV_ECS_ROLE_NAME) or None,
+        metadata_endpoint=s.get("metadata_endpoint", parse_service_endpoint, d.metadata_endpoint),
+    )
     s.finish()
     return cfg
 
@@ -613,12 +765,43 @@ def _check_insecure_http(cfg: Config, problems: list[str]) -> None:
         return
     endpoints: list[tuple[str, str | None]] = [("sls.endpoint", cfg.sls.endpoint)]
     endpoints += [(f"groups[{i}].endpoint", g.endpoint) for i, g in enumerate(cfg.groups)]
+    endpoints.append(("sls.oidc.sts_endpoint", cfg.sls.oidc.sts_endpoint))
     for path, text in endpoints:
         if text and _insecure(text):
             problems.append(
                 f"{path}: http:// to a host other than loopback sends credentials in clear "
                 "text; use https, or set sls.allow_insecure_http: true"
             )
+    uri = cfg.sls.credentials_uri
+    if uri and _insecure_uri(uri):
+        problems.append(
+            "sls.credentials_uri: http:// to a host other than loopback receives credentials "
+            "in clear text; use https, or set sls.allow_insecure_http: true"
+        )
+
+
+def with_scheme(text: str, default: str = "https") -> str:
+    """`text` as a URL: `default://` prepended when it names no scheme."""
+    text = text.strip()
+    return text if "://" in text else f"{default}://{text}"
+
+
+def _insecure_uri(uri: str) -> bool:
+    parts = urlsplit(with_scheme(uri))
+    return parts.scheme.lower() == "http" and not _is_loopback(parts.hostname or "")
+
+
+def _check_credentials_uri(cfg: Config, problems: list[str]) -> None:
+    uri = cfg.sls.credentials_uri
+    if not uri:
+        return
+    try:
+        parts = urlsplit(with_scheme(uri))
+        valid = parts.port != 0 and parts.scheme.lower() in ("http", "https")
+    except ValueError:
+        valid = False
+    if not valid or not parts.hostname:
+        problems.append("sls.credentials_uri: must be a URL like https://host[:port]/path")
 
 
 def _insecure(text: str) -> bool:
@@ -665,6 +848,7 @@ def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
     _check_regions(cfg, problems)
     _check_membership_timing(cfg, problems)
     _check_insecure_http(cfg, problems)
+    _check_credentials_uri(cfg, problems)
     if problems:
         raise ConfigError(_unique(problems))
     return cfg
@@ -697,35 +881,13 @@ def _yaml_reason(exc: yaml.YAMLError) -> str:
 # --------------------------------------------------------------------------------------------
 # Credentials file (STS rotation): JSON with AccessKeyId/AccessKeySecret/SecurityToken.
 
-_CREDENTIAL_KEYS = {
-    "access_key_id": ("AccessKeyId", "access_key_id"),
-    "access_key_secret": ("AccessKeySecret", "access_key_secret"),
-    "security_token": ("SecurityToken", "security_token"),
-}
-
 
 def load_credentials_file(path: str | Path) -> Credentials:
     """Credentials from a JSON file; ValueError (without any secret) if it is unusable."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError(f"{path} is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    values = {name: _first(data, keys) for name, keys in _CREDENTIAL_KEYS.items()}
-    if not values["access_key_id"] or not values["access_key_secret"]:
-        raise ValueError(f"{path} needs AccessKeyId and AccessKeySecret")
-    return Credentials(**values)
-
-
-def _first(data: dict[str, Any], keys: tuple[str, ...]) -> str:
-    for key in keys:
-        value = data.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return ""
+        return credentials_file.load_credentials_file(path).credentials
+    except CredentialsFetchError as exc:
+        raise ValueError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from prometheus_client import CollectorRegistry
 from cpmgr import __version__
 from cpmgr.committer import Committer
 from cpmgr.config import Config, GroupConfig, load_config
-from cpmgr.credentials import CredentialsProvider
 from cpmgr.errors import ConfigError, CpmgrError, SLSError
 from cpmgr.gcpolicy import freeze_startup
 from cpmgr.ingest import IngestServer
@@ -32,6 +31,7 @@ from cpmgr.membership import Membership
 from cpmgr.metrics import LoopLagProbe, Metrics
 from cpmgr.notify import notify
 from cpmgr.sls.client import SLSClient
+from cpmgr.sls.credentials.refresher import CredentialsRefresher
 from cpmgr.store import CheckpointStore
 from cpmgr.web import WebServer, build_app
 
@@ -95,7 +95,10 @@ class Daemon:
             self.store, self.store.groups, shard_metrics=config.http.shard_metrics
         )
         self.loop_lag = LoopLagProbe(self.metrics.loop_lag)
-        self.credentials = CredentialsProvider(config.sls)
+        self.credentials = CredentialsRefresher(config.sls, observer=self.metrics)
+        self.metrics.watch_credentials(
+            lambda: self.credentials.expires_at, self._membership_timeouts
+        )
         self.client = SLSClient(
             endpoint=config.sls.endpoint,
             credentials=self.credentials,
@@ -185,6 +188,9 @@ class Daemon:
         self.metrics.watch_membership(membership.figures)
         return [heartbeats, reads], membership
 
+    def _membership_timeouts(self) -> dict[str, int]:
+        return {g.name: g.membership.timeout for g in self.config.groups if g.membership}
+
     def _member_refused(
         self, group: str, shard: int, consumer: str | None, error: SLSError
     ) -> None:
@@ -227,6 +233,8 @@ class Daemon:
             self._restore(self.journal)
             await self.journal.start()
             self._started.append(self.journal.close)
+        await self.credentials.start()
+        self._started.append(self.credentials.close)
         await self.client.start()
         self._started.append(self.client.close)
         await self.committer.start()
@@ -242,11 +250,12 @@ class Daemon:
             self._started.append(self.membership.close)
         self.ready = True
         log.info(
-            "cpmgr %s ready: socket %s, %d group(s), commit interval %gs",
+            "cpmgr %s ready: socket %s, %d group(s), commit interval %gs, credentials %s",
             __version__,
             self.config.socket.path,
             len(self.config.groups),
             self.config.commit.interval,
+            self.credentials.describe(),
         )
 
     def _restore(self, journal: Journal) -> None:
@@ -463,6 +472,7 @@ class Daemon:
             "uptime_seconds": round(time.monotonic() - self._started_at, 3),
             "ready": self.ready,
             "shutting_down": self.shutting_down,
+            "credentials": self.credentials.status(),
             "groups": {name: self._group_status(name) for name in self.store.groups()},
         }
 

@@ -37,6 +37,9 @@ _CREDENTIALS_CODES = frozenset(
         "InvalidAccessKeyId",
         "RequestTimeExpired",
         "InvalidSecurityToken",
+        # Raised before sending: no keys yet, or the current ones are about to expire.
+        "CredentialsUnavailable",
+        "CredentialsExpired",
     )
 )
 _OWNERSHIP_CODES = frozenset(

@@ -305,6 +305,34 @@ class MembershipCollector(Collector):
         yield from (members, held, last)
 
 
+class CredentialsCollector(Collector):
+    """When the current keys expire, and each membership group's timeout (the shipped alert
+    compares the two: expired keys stop heartbeats)."""
+
+    def __init__(
+        self,
+        expiry: Callable[[], float | None],
+        timeouts: Callable[[], Mapping[str, int]],
+    ) -> None:
+        self._expiry = expiry
+        self._timeouts = timeouts
+
+    def collect(self) -> Iterator[Metric]:
+        expiry = GaugeMetricFamily(
+            "cpmgr_credentials_expiry_timestamp_seconds",
+            "When the current keys expire (unix time); 0 for keys that never expire or none yet.",
+        )
+        expiry.add_metric([], self._expiry() or 0.0)
+        timeout = GaugeMetricFamily(
+            "cpmgr_membership_timeout_seconds",
+            "The SLS consumer-group timeout of each membership group.",
+            labels=["group"],
+        )
+        for group, seconds in sorted(self._timeouts().items()):
+            timeout.add_metric([group], seconds)
+        yield from (expiry, timeout)
+
+
 class Metrics:
     """Every cpmgr metric, registered on `registry`; also the committer's observer."""
 
@@ -413,6 +441,12 @@ class Metrics:
             buckets=COMMIT_BUCKETS,
             registry=registry,
         )
+        self.credentials_refresh = Counter(
+            "cpmgr_credentials_refresh",
+            "Attempts to get keys from the credentials source, by source and result.",
+            ["source", "result"],
+            registry=registry,
+        )
         Info("cpmgr_build", "cpmgr build information.", registry=registry).info(
             {"version": __version__}
         )
@@ -491,6 +525,15 @@ class Metrics:
     def watch_membership(self, figures: Callable[[], Mapping[str, MemberFigures]]) -> None:
         """Members, held shards and the last heartbeat per group, read at scrape time."""
         self.registry.register(MembershipCollector(figures))
+
+    def watch_credentials(
+        self, expiry: Callable[[], float | None], timeouts: Callable[[], Mapping[str, int]]
+    ) -> None:
+        """The keys' expiry and the membership timeouts, read at scrape time."""
+        self.registry.register(CredentialsCollector(expiry, timeouts))
+
+    def credentials_refreshed(self, source: str, result: str) -> None:
+        self.credentials_refresh.labels(source, result).inc()
 
     def concurrency_changed(self, limit: int) -> None:
         self.concurrency.set(limit)

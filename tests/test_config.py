@@ -164,11 +164,18 @@ def test_credentials_from_the_environment_when_absent() -> None:
     assert cfg.sls.security_token == "tok"
 
 
-def test_no_credentials_at_all_is_a_problem() -> None:
+def test_no_credentials_at_all_is_a_problem_for_static_keys() -> None:
     data = minimal()
     del data["sls"]["access_key_id"], data["sls"]["access_key_secret"]
+    data["sls"]["credentials"] = "static"
     [problem] = problems_of(data)
     assert problem.startswith("sls.access_key_id: no credentials")
+
+
+def test_no_keys_is_valid_with_auto_a_platform_may_provide_them() -> None:
+    data = minimal()
+    del data["sls"]["access_key_id"], data["sls"]["access_key_secret"]
+    assert parse_config(data, {}).sls.credentials == "auto"
 
 
 def test_credentials_file_replaces_keys(tmp_path: Path) -> None:

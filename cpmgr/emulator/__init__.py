@@ -11,7 +11,9 @@ Defaults worth knowing: the project is the first label of the Host header; with 
 accepted; the admin endpoints under `/_emulator/` are unsigned, never faulted, not counted;
 a late-landing UpdateCheckPoint (`--late-rate`, `late` in POST /_emulator/faults) is applied
 after its hold even if the client disconnected, answered only if the client still waits, and
-dropped if the emulator stops first.
+dropped if the emulator stops first. It also serves STS AssumeRoleWithOIDC, the ECS metadata
+paths and a credentials URI (`credentials`), issuing STS keys the SLS side accepts until they
+expire (`SecurityTokenExpired` after).
 """
 
 from __future__ import annotations
@@ -160,6 +162,26 @@ def add_emulator_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tls-key", type=Path, default=None, metavar="FILE", help="the private key (PEM)"
     )
+    parser.add_argument(
+        "--sts-lifetime",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="how long the STS keys it issues (OIDC, metadata, URI) live",
+    )
+    parser.add_argument(
+        "--oidc-token-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="AssumeRoleWithOIDC accepts only this file's current token (default: any)",
+    )
+    parser.add_argument(
+        "--ecs-role-name",
+        default="cpmgr-emulator-role",
+        metavar="NAME",
+        help="the RAM role the metadata service names",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> EmulatorOptions:
@@ -186,6 +208,9 @@ def options_from_args(args: argparse.Namespace) -> EmulatorOptions:
         state_file=args.state,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        sts_lifetime=args.sts_lifetime,
+        oidc_token_file=args.oidc_token_file,
+        ecs_role_name=args.ecs_role_name,
     )
 
 

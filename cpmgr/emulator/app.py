@@ -27,6 +27,12 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Final
 
+from cpmgr.emulator.credentials import (
+    DEFAULT_LIFETIME,
+    DEFAULT_ROLE_NAME,
+    SECURITY_TOKEN_HEADER,
+    CredentialsService,
+)
 from cpmgr.emulator.faults import Decision, FaultInjector, FaultSettings, LateLanding
 from cpmgr.emulator.http import ABORT, HttpAnswer, HttpRequest, HttpServer, Reply
 from cpmgr.emulator.state import (
@@ -176,6 +182,14 @@ def _verify_v4(keys: Mapping[str, str], request: SignedRequest, now: float) -> N
     expected_signature = expected.rpartition("Signature=")[2]
     if not hmac.compare_digest(expected_signature.encode(), match["signature"].lower().encode()):
         raise _signature_mismatch(f"signature {match['signature']} not match")
+
+
+def signing_key_id(authorization: str) -> str:
+    """The AccessKeyId a v1 or v4 Authorization header names ("" if none)."""
+    if authorization.startswith("LOG "):
+        return authorization[len("LOG ") :].partition(":")[0]
+    match = _V4_AUTHORIZATION.fullmatch(authorization)
+    return match["key_id"] if match else ""
 
 
 def verify_signature(keys: Mapping[str, str], request: SignedRequest, *, now: float) -> None:
@@ -440,16 +454,31 @@ class EmulatorApp:
         *,
         keys: Mapping[str, str],
         sleep: Sleep = asyncio.sleep,
+        sts_lifetime: float = DEFAULT_LIFETIME,
+        oidc_token_file: Path | None = None,
+        ecs_role_name: str = DEFAULT_ROLE_NAME,
     ) -> None:
         self.state = state
         self.faults = faults
         self.keys = dict(keys)
         self._sleep = sleep
+        self.credentials = CredentialsService(
+            wall_clock=state.wall_clock,
+            count=state.count_request,
+            lifetime=sts_lifetime,
+            oidc_token_file=oidc_token_file,
+            role_name=ecs_role_name,
+            on_issue=self.keys.__setitem__,
+        )
         self._late_tasks: set[asyncio.Task[HttpAnswer]] = set()
         self._admin: dict[str, dict[str, AdminHandler]] = {
             "/_emulator/state": {"GET": self._get_state},
             "/_emulator/faults": {"GET": self._get_faults, "POST": self._post_faults},
             "/_emulator/logstores": {"POST": self._post_logstore},
+            "/_emulator/credentials": {
+                "GET": self._get_credentials,
+                "POST": self._post_credentials,
+            },
         }
 
     def respond(self, request: HttpRequest) -> Reply:
@@ -483,6 +512,9 @@ class EmulatorApp:
                 resource = "shard" if shard else "shards"
                 return self._serve(request, resource, logstore, "", shard or "")
             return self._serve(request, "group" if group else "groups", logstore, group or "")
+        issued = self.credentials.respond(request)
+        if issued is not None:
+            return issued
         methods = self._admin.get(request.path)
         if methods is None:
             if not request.path.startswith(_ADMIN_PREFIX):
@@ -601,6 +633,8 @@ class EmulatorApp:
     def _authenticate(self, request: HttpRequest, call: SlsCall) -> None:
         if not self.keys:
             return  # no keys configured: any signature, or none, is accepted
+        key_id = signing_key_id(request.header("Authorization"))
+        self.credentials.check(key_id, request.header(SECURITY_TOKEN_HEADER))
         signed = SignedRequest(
             request.method, request.path, call.params, request.headers, call.body
         )
@@ -623,6 +657,21 @@ class EmulatorApp:
             raise parameter_invalid("; ".join(exc.problems)) from exc
         log.info("fault settings now %s", settings.as_json())
         return HttpAnswer.json(settings.as_json())
+
+    def _get_credentials(self, request: HttpRequest) -> HttpAnswer:
+        return HttpAnswer.json(self.credentials.settings())
+
+    def _post_credentials(self, request: HttpRequest) -> HttpAnswer:
+        try:
+            self.credentials.update(_json_object(_read_body(request)))
+        except ValueError as exc:
+            raise parameter_invalid(str(exc)) from exc
+        log.info(
+            "credentials services: down=%s lifetime=%gs",
+            self.credentials.down,
+            self.credentials.lifetime,
+        )
+        return HttpAnswer.json(self.credentials.settings())
 
     def _post_logstore(self, request: HttpRequest) -> HttpAnswer:
         data = _json_object(_read_body(request))
@@ -682,6 +731,9 @@ class EmulatorOptions:
     state_file: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    sts_lifetime: float = DEFAULT_LIFETIME
+    oidc_token_file: Path | None = None
+    ecs_role_name: str = DEFAULT_ROLE_NAME
 
     def problems(self) -> list[str]:
         """Cross-option problems; single values are checked when parsed."""
@@ -690,6 +742,8 @@ class EmulatorOptions:
             found.append("--access-key-id and --access-key-secret must be given together")
         if (self.tls_cert is None) != (self.tls_key is None):
             found.append("--tls-cert and --tls-key must be given together")
+        if not self.sts_lifetime > 0:
+            found.append("--sts-lifetime must be > 0")
         declared = {(spec.project, spec.logstore) for spec in self.logstores}
         for group in self.consumer_groups:
             if (group.project, group.logstore) not in declared and self.state_file is None:
@@ -833,7 +887,13 @@ async def start_emulator(
     if options.access_key_id is not None and options.access_key_secret is not None:
         keys[options.access_key_id] = options.access_key_secret
     emulator = EmulatorApp(
-        state, FaultInjector(options.faults, seed=options.seed), keys=keys, sleep=sleep
+        state,
+        FaultInjector(options.faults, seed=options.seed),
+        keys=keys,
+        sleep=sleep,
+        sts_lifetime=options.sts_lifetime,
+        oidc_token_file=options.oidc_token_file,
+        ecs_role_name=options.ecs_role_name,
     )
     ssl_context = _ssl_context(options)
     server = HttpServer(emulator.respond, max_body=MAX_BODY_BYTES)
@@ -881,6 +941,9 @@ async def running_emulator(
     monotonic: Clock = time.monotonic,
     sleep: Sleep = asyncio.sleep,
     ownership_errors: OwnershipErrors | None = None,
+    sts_lifetime: float = DEFAULT_LIFETIME,
+    oidc_token_file: str | Path | None = None,
+    ecs_role_name: str = DEFAULT_ROLE_NAME,
 ) -> AsyncIterator[EmulatorHandle]:
     """Run an emulator for the duration of an `async with`; yields its handle.
 
@@ -907,6 +970,9 @@ async def running_emulator(
         state_file=Path(state_file) if state_file is not None else None,
         tls_cert=Path(tls_cert) if tls_cert is not None else None,
         tls_key=Path(tls_key) if tls_key is not None else None,
+        sts_lifetime=sts_lifetime,
+        oidc_token_file=Path(oidc_token_file) if oidc_token_file is not None else None,
+        ecs_role_name=ecs_role_name,
     )
     handle = await start_emulator(
         options,
