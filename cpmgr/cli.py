@@ -14,6 +14,7 @@ from cpmgr.config import load_config, render_effective
 from cpmgr.daemon import run_from_file
 from cpmgr.emulator import add_emulator_arguments, run_emulator_from_args
 from cpmgr.errors import ConfigError
+from cpmgr.sls.credentials.chain import describe_for_check
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -32,7 +33,7 @@ def _check_config(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_USAGE
-    sys.stdout.write(render_effective(cfg))
+    sys.stdout.write(describe_for_check(cfg.sls) + render_effective(cfg))
     return EXIT_OK
 
 

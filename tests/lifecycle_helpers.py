@@ -118,14 +118,17 @@ def write_raw(path: Path, text: str, mtime_ns: int | None = None) -> None:
     os.replace(scratch, path)
 
 
-def _child_env() -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without any ALIBABA_CLOUD_* variable, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIBABA_CLOUD_")}
     env["PYTHONPATH"] = str(REPO)
-    return env
+    return {**env, **(extra or {})}
 
 
-async def spawn_daemon(config_path: Path) -> asyncio.subprocess.Process:
-    """`python -m cpmgr run --config PATH` with its stderr piped."""
+async def spawn_daemon(
+    config_path: Path, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """`python -m cpmgr run --config PATH` with its stderr piped; `env` adds variables."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -136,7 +139,7 @@ async def spawn_daemon(config_path: Path) -> asyncio.subprocess.Process:
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env=_child_env(),
+        env=child_env(env),
     )
 
 
@@ -226,9 +229,11 @@ class DaemonProcess:
 
 
 @asynccontextmanager
-async def running_daemon(config_path: Path) -> AsyncIterator[DaemonProcess]:
+async def running_daemon(
+    config_path: Path, *, env: dict[str, str] | None = None
+) -> AsyncIterator[DaemonProcess]:
     """A `cpmgr run` child that has logged its ready line; killed on exit if still running."""
-    daemon = DaemonProcess(await spawn_daemon(config_path))
+    daemon = DaemonProcess(await spawn_daemon(config_path, env))
     try:
         await daemon.wait_for_line(READY_LINE, timeout=START_TIMEOUT)
         yield daemon

@@ -260,6 +260,8 @@ def _exported_names() -> set[str]:
     metrics.watch_store(CheckpointStore(["orders"]), lambda: ["orders"])
     # A daemon with a membership group: (members, held shards, last successful heartbeat).
     metrics.watch_membership(lambda: {"orders": (1, 2, 1.7e9)})
+    # Keys that expire, and that group's consumer-group timeout.
+    metrics.watch_credentials(lambda: 1.7e9, lambda: {"orders": 60})
     suffixes = {
         "counter": ["_total"],
         "histogram": ["_bucket", "_sum", "_count"],

@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable, Mapping
+from typing import cast
 
 from cpmgr.config import SLSConfig, with_scheme
 from cpmgr.sls.credentials.ecs import EcsRamRoleProvider
-from cpmgr.sls.credentials.file import FileProvider
+from cpmgr.sls.credentials.file import FileProvider, load_credentials_file
 from cpmgr.sls.credentials.keys import CredentialsFetchError, Provider, Source
 from cpmgr.sls.credentials.oidc import OIDCProvider
 from cpmgr.sls.credentials.static import StaticProvider
@@ -69,6 +70,37 @@ async def choose_source(
         "ALIBABA_CLOUD_OIDC_TOKEN_FILE), no sls.credentials_file, no metadata service with a "
         "RAM role, no sls.credentials_uri/ALIBABA_CLOUD_CREDENTIALS_URI"
     )
+
+
+def describe_for_check(sls: SLSConfig, env: Mapping[str, str] | None = None) -> str:
+    """`check-config`'s credentials line: the source and what can be known without fetching
+    keys (never a secret). Only `auto` may contact anything: the one-second metadata probe."""
+    try:
+        source = asyncio.run(choose_source(sls, env=env))
+    except CredentialsFetchError as exc:
+        return f"# credentials: {exc}\n"
+    how = "chosen by auto" if sls.credentials == "auto" else "sls.credentials"
+    return f"# credentials: source {source} ({how}), {_offline_detail(source, sls)}\n"
+
+
+def _offline_detail(source: Source, sls: SLSConfig) -> str:
+    if source == "static":
+        return f"key id {sls.access_key_id}, no expiry"
+    if source == "file":
+        assert sls.credentials_file
+        try:
+            keys = load_credentials_file(sls.credentials_file)
+        except CredentialsFetchError as exc:
+            return f"unusable now: {exc}"
+        expiry = f"expire at {keys.expiration_text}" if keys.expires_at else "no expiry"
+        return f"key id {keys.credentials.access_key_id}, {expiry}"
+    provider = build_provider(source, sls)
+    where = {
+        "oidc": lambda: f"from STS at {with_scheme(sls.oidc.sts_endpoint)}",
+        "ecs_ram_role": lambda: f"from the metadata service at {ecs_provider(sls).metadata_url}",
+        "uri": lambda: f"from {cast(UriProvider, provider).host}",
+    }[source]()
+    return f"keys are fetched at run time {where}"
 
 
 def build_provider(source: Source, sls: SLSConfig) -> Provider:
