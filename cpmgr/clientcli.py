@@ -260,6 +260,9 @@ def _render_status(args: argparse.Namespace, answer: Answer, out: TextIO) -> Non
     for key in ("ready", "shutting_down"):
         if key in answer:
             print(f"{key}: {str(answer[key]).lower()}", file=out)
+    credentials = answer.get("credentials")
+    if isinstance(credentials, Mapping):
+        print(_credentials_line(credentials), file=out)
     groups = answer.get("groups")
     groups = groups if isinstance(groups, Mapping) else {}
     rows = [
@@ -273,6 +276,19 @@ def _render_status(args: argparse.Namespace, answer: Answer, out: TextIO) -> Non
         for name, info in groups.items()
     ]
     print(_table(["GROUP", "PENDING", "TRACKED", "FAILURES", "LAST_SUCCESS"], rows), file=out)
+
+
+def _credentials_line(info: Mapping[str, Any]) -> str:
+    """`credentials: oidc (auto), key id STS.x, expires ..., usable` and the last failure."""
+    line = f"credentials: {_text(info.get('source'))} ({_text(info.get('chosen_by'))})"
+    line += f", key id {_text(info.get('access_key_id'))}"
+    if info.get("expires_at"):
+        line += f", expires {_text(info.get('expires_at'))}"
+    line += ", usable" if info.get("valid") else ", NOT usable"
+    if info.get("refresh_failures"):
+        line += f"; {_text(info.get('refresh_failures'))} failed refresh(es)"
+        line += f", last: {_text(info.get('last_error'))}"
+    return line
 
 
 def _render_members(args: argparse.Namespace, answer: Answer, out: TextIO) -> None:

@@ -135,6 +135,24 @@ async def page(port: int, path: str) -> str:
         return await got.text()
 
 
+async def status_command(sock: Path) -> str:
+    """`cpmgr status` as an operator runs it: the human table."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "cpmgr",
+        "status",
+        "--socket",
+        str(sock),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=child_env(),
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, out
+    return out.decode()
+
+
 # --------------------------------------------------------------------------- every source
 
 
@@ -327,9 +345,11 @@ async def test_an_sts_outage_holds_commits_pending_until_it_ends(
             status = await client.status()
             assert status["credentials"]["valid"] is False
             assert "ServiceUnavailable" in status["credentials"]["last_error"]
+            human = await status_command(sock)
+            assert "credentials: oidc (config)" in human and "NOT usable" in human
             metrics = await page(port, "/metrics")
             assert 'cpmgr_credentials_refresh_total{result="failure",source="oidc"}' in metrics
-            pages = [metrics, await page(port, "/status"), json.dumps(status)]
+            pages = [metrics, await page(port, "/status"), json.dumps(status), human]
 
             # STS comes back: the next retry gets keys and the pending value is committed.
             emulator.app.credentials.update({"down": False})

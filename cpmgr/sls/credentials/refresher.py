@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import time
@@ -182,7 +183,7 @@ class CredentialsRefresher:
             self._retired.append(self._provider)
         self._provider = self._local = None
         self._failures = 0
-        self._due = self._monotonic()
+        self._due = self._earliest_attempt()
         self._wakeup.set()
         self._select_without_probe()
         log.info("credentials settings changed: %s", self.describe())
@@ -257,6 +258,9 @@ class CredentialsRefresher:
     async def _until_due(self) -> None:
         while (delay := self._due - self._monotonic()) > 0:
             self._wakeup.clear()
+            if math.isinf(delay):  # keys that never expire: until invalidate() or a reload
+                await self._wakeup.wait()
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), delay)
 
