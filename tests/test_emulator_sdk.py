@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from base64 import b64decode
+from base64 import b64decode, b64encode
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Literal
 
@@ -353,3 +353,43 @@ async def test_sdk_and_our_heartbeats_share_one_group(
         400,
         "NotExistConsumerWithBody",
     )
+
+
+async def test_shard_data_calls_answer_the_sdk_and_our_client_alike(
+    emulator: EmulatorHandle, make_client: ClientFactory, our_client: SLSClient
+) -> None:
+    """list_shards (with status), get_begin/end_cursor, get_cursor_time and PY's
+    get_previous_cursor_time (its clamping included) on shards holding data."""
+    sdk = make_client(emulator)
+    emulator.state.write(P, L, shard=1, count=3, receive_time=1_700_000_010)
+    emulator.state.write(P, L, shard=1, count=2, receive_time=1_700_000_070)
+    emulator.state.logstore(P, L).shards[3].status = "readonly"
+    listed = (await call(sdk.list_shards, P, L)).get_shards_info()
+    assert [(s["shardID"], s["status"]) for s in listed] == [
+        (0, "readwrite"),
+        (1, "readwrite"),
+        (2, "readwrite"),
+        (3, "readonly"),
+    ]
+    begin = (await call(sdk.get_begin_cursor, P, L, 1)).get_cursor()
+    end = (await call(sdk.get_end_cursor, P, L, 1)).get_cursor()
+    assert (begin, end) == (
+        await our_client.get_cursor(P, L, 1, "begin"),
+        await our_client.get_cursor(P, L, 1, "end"),
+    )
+    first = int(b64decode(begin))
+    for offset, received in ((0, 1_700_000_010), (2, 1_700_000_010), (3, 1_700_000_070)):
+        cursor = b64encode(str(first + offset).encode()).decode()
+        theirs = (await call(sdk.get_cursor_time, P, L, 1, cursor)).get_cursor_time()
+        assert theirs == await our_client.get_cursor_time(P, L, 1, cursor) == received
+    # the "previous cursor time" of a checkpoint: the last consumed log group's receive time
+    previous = await call(sdk.get_previous_cursor_time, P, L, 1, end)
+    assert previous.get_cursor_time() == 1_700_000_070
+    clamped = await call(sdk.get_previous_cursor_time, P, L, 1, begin)  # before begin: clamped
+    assert clamped.get_cursor_time() == 1_700_000_010
+    past_end = b64encode(str(first + 6).encode()).decode()
+    assert await sdk_error(sdk.get_cursor_time, P, L, 1, past_end) == (400, "InvalidCursor")
+    # an empty shard: begin == end, and its time is the shard's creation time
+    created = emulator.state.logstore(P, L).create_time
+    empty_end = (await call(sdk.get_end_cursor, P, L, 0)).get_cursor()
+    assert (await call(sdk.get_cursor_time, P, L, 0, empty_end)).get_cursor_time() == created

@@ -150,6 +150,13 @@ def add_emulator_arguments(parser: argparse.ArgumentParser) -> None:
         help="how long a late UpdateCheckPoint is held, uniform in [MIN, MAX]",
     )
     parser.add_argument(
+        "--write-rate",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="log groups per second appended to every read-write shard (steady; default 0)",
+    )
+    parser.add_argument(
         "--state",
         type=Path,
         default=None,
@@ -211,6 +218,7 @@ def options_from_args(args: argparse.Namespace) -> EmulatorOptions:
         sts_lifetime=args.sts_lifetime,
         oidc_token_file=args.oidc_token_file,
         ecs_role_name=args.ecs_role_name,
+        write_rate=args.write_rate,
     )
 
 

@@ -43,6 +43,7 @@ from cpmgr.emulator.state import (
     OwnershipErrors,
     parameter_invalid,
 )
+from cpmgr.emulator.writer import SteadyWriter
 from cpmgr.errors import ConfigError
 from cpmgr.sls.signer import (
     EMPTY_SHA256,
@@ -377,6 +378,14 @@ def _get_cursor(state: EmulatorState, call: SlsCall) -> HttpAnswer:
     return _ok({"cursor": cursor})
 
 
+def _get_cursor_time(state: EmulatorState, call: SlsCall) -> HttpAnswer:
+    if not _INTEGER.fullmatch(call.shard):
+        raise parameter_invalid(f"shard must be an integer, not {call.shard!r}")
+    cursor = call.params.get("cursor", "")
+    seconds = state.get_cursor_time(call.project, call.logstore, int(call.shard), cursor)
+    return _ok({"cursor_time": seconds})
+
+
 # (resource, method, type query parameter) -> (API name, handler)
 _API_TABLE: dict[tuple[str, str, str], tuple[str, Handler]] = {
     ("groups", "GET", ""): ("ListConsumerGroup", _list_groups),
@@ -388,9 +397,13 @@ _API_TABLE: dict[tuple[str, str, str], tuple[str, Handler]] = {
     ("group", "POST", "checkpoint"): ("UpdateCheckPoint", _update_checkpoint),
     ("shards", "GET", ""): ("ListShards", _list_shards),
     ("shard", "GET", "cursor"): ("GetCursor", _get_cursor),
+    ("shard", "GET", "cursor_time"): ("GetCursorTime", _get_cursor_time),
 }
 # The resources whose API is chosen by the `type` query parameter.
-_TYPED = {("group", "POST"): "heartbeat or checkpoint", ("shard", "GET"): "cursor"}
+_TYPED = {
+    ("group", "POST"): "heartbeat or checkpoint",
+    ("shard", "GET"): "cursor or cursor_time",
+}
 
 
 def _resolve(resource: str, method: str, params: Mapping[str, str]) -> tuple[str, Handler]:
@@ -479,6 +492,7 @@ class EmulatorApp:
                 "GET": self._get_credentials,
                 "POST": self._post_credentials,
             },
+            "/_emulator/write": {"POST": self._post_write},
         }
 
     def respond(self, request: HttpRequest) -> Reply:
@@ -682,6 +696,22 @@ class EmulatorApp:
             {"project": store.project, "logstore": store.name, "shards": store.shard_count}
         )
 
+    def _post_write(self, request: HttpRequest) -> HttpAnswer:
+        """Append log groups: `{"project","logstore","count","shard"?,"receive_time"?}`."""
+        data = _json_object(_read_body(request))
+        written = self.state.write(
+            _str_field(data, "project"),
+            _str_field(data, "logstore"),
+            count=_int_field(data, "count"),
+            shard=_optional_int_field(data, "shard"),
+            receive_time=_optional_int_field(data, "receive_time"),
+        )
+        shards = [
+            {"shard": shard.shard_id, "begin": shard.begin_cursor, "end": shard.end_cursor}
+            for shard in written
+        ]
+        return HttpAnswer.json({"shards": shards})
+
 
 async def _shielded(task: asyncio.Task[HttpAnswer]) -> HttpAnswer:
     return await asyncio.shield(task)
@@ -734,10 +764,13 @@ class EmulatorOptions:
     sts_lifetime: float = DEFAULT_LIFETIME
     oidc_token_file: Path | None = None
     ecs_role_name: str = DEFAULT_ROLE_NAME
+    write_rate: float = 0.0  # log groups per second appended to every read-write shard
 
     def problems(self) -> list[str]:
         """Cross-option problems; single values are checked when parsed."""
         found: list[str] = []
+        if not (0 <= self.write_rate < float("inf")):
+            found.append("--write-rate must be a number >= 0")
         if (self.access_key_id is None) != (self.access_key_secret is None):
             found.append("--access-key-id and --access-key-secret must be given together")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -842,8 +875,10 @@ class EmulatorHandle:
         port: int,
         tls: bool,
         state_file: Path | None,
+        writer: SteadyWriter | None = None,
     ) -> None:
         self._server = server
+        self.writer = writer
         self._closed = False
         self._state_file = state_file
         self.app = emulator
@@ -861,6 +896,8 @@ class EmulatorHandle:
             return
         self._closed = True
         try:
+            if self.writer is not None:
+                await self.writer.close()
             await self.app.close()
             await self._server.close()
         finally:
@@ -898,6 +935,10 @@ async def start_emulator(
     ssl_context = _ssl_context(options)
     server = HttpServer(emulator.respond, max_body=MAX_BODY_BYTES)
     port = await server.start(options.host, options.port, ssl_context=ssl_context)
+    writer = None
+    if options.write_rate > 0:
+        writer = SteadyWriter(state, options.write_rate)
+        writer.start()
     return EmulatorHandle(
         server,
         emulator,
@@ -905,6 +946,7 @@ async def start_emulator(
         port=port,
         tls=ssl_context is not None,
         state_file=options.state_file,
+        writer=writer,
     )
 
 
@@ -944,6 +986,7 @@ async def running_emulator(
     sts_lifetime: float = DEFAULT_LIFETIME,
     oidc_token_file: str | Path | None = None,
     ecs_role_name: str = DEFAULT_ROLE_NAME,
+    write_rate: float = 0.0,
 ) -> AsyncIterator[EmulatorHandle]:
     """Run an emulator for the duration of an `async with`; yields its handle.
 
@@ -973,6 +1016,7 @@ async def running_emulator(
         sts_lifetime=sts_lifetime,
         oidc_token_file=Path(oidc_token_file) if oidc_token_file is not None else None,
         ecs_role_name=ecs_role_name,
+        write_rate=write_rate,
     )
     handle = await start_emulator(
         options,

@@ -10,6 +10,9 @@ Decisions where SLS is silent:
   are never confused across shards in a test's output (cursors compare within one shard only).
 - Receive times never go backwards within a shard (a wall clock stepping back is clamped), so
   time -> cursor is monotonic.
+- GetCursorTime accepts every cursor in [begin, end]: the end cursor (no data yet) answers the
+  newest log group's receive time, or the shard's creation time while it holds none, so the
+  "previous cursor time" of PY's `normalize` clamping always has an answer.
 """
 
 from __future__ import annotations
@@ -114,6 +117,15 @@ class Shard:
         """When the log group at `position` arrived; None outside [begin, end)."""
         if not self.begin <= position < self.end:
             return None
+        return self._run_times[bisect_right(self._run_starts, position) - 1]
+
+    def cursor_time(self, position: int) -> int:
+        """GetCursorTime: when the log group at `position` arrived (see the module docstring
+        for the end cursor); ValueError outside [begin, end]."""
+        if not self.begin <= position <= self.end:
+            raise ValueError(f"cursor {position} is outside [{self.begin}, {self.end}]")
+        if position == self.end:
+            return self._run_times[-1] if self._run_times else self.create_time
         return self._run_times[bisect_right(self._run_starts, position) - 1]
 
     def listing(self) -> dict[str, object]:

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cpmgr.emulator.shards import Shard, encode_cursor, initial_shards
+from cpmgr.emulator.shards import Shard, decode_cursor, encode_cursor, initial_shards
 from cpmgr.errors import ConfigError, CpmgrError
 from cpmgr.protocol import is_valid_checkpoint
 
 Clock = Callable[[], float]
 
 DEFAULT_GROUP_TIMEOUT = 60
+# Log groups one POST /_emulator/write may append to a shard: cursors stay far below 2**63.
+MAX_WRITE_COUNT = 1_000_000_000
 # SLS naming rule for consumer groups: 2-128 chars of [a-z0-9_-], alphanumeric at both ends.
 _GROUP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,126}[a-z0-9]$")
 STATE_FILE_VERSION = 1
@@ -394,6 +396,50 @@ class EmulatorState:
             raise parameter_invalid("Parameter From is not valid")
         return encode_cursor(found.cursor_at(int(start)))
 
+    def get_cursor_time(self, project: str, logstore: str, shard: int, cursor: str) -> int:
+        """GetCursorTime: the receive time (unix seconds) of the log group at `cursor`."""
+        found = self.shard(project, logstore, shard)
+        try:
+            # PY's get_previous_cursor_time sends the clamped cursor with base64's trailing
+            # newline, so surrounding whitespace is tolerated here.
+            return found.cursor_time(decode_cursor(cursor.strip()))
+        except ValueError as exc:
+            raise ApiError(400, "InvalidCursor", f"cursor {cursor!r} is invalid: {exc}") from exc
+
+    # --- shard data -----------------------------------------------------------------------
+
+    def write(
+        self,
+        project: str,
+        logstore: str,
+        *,
+        count: int,
+        shard: int | None = None,
+        receive_time: int | None = None,
+    ) -> list[Shard]:
+        """Append `count` log groups to one shard, or to every read-write shard; the shards
+        written. A named read-only shard is refused (its end cursor is frozen)."""
+        if not 0 <= count <= MAX_WRITE_COUNT:
+            raise parameter_invalid(f"count must be between 0 and {MAX_WRITE_COUNT}")
+        when = int(self.wall_clock()) if receive_time is None else receive_time
+        if shard is None:
+            shards = self.logstore(project, logstore).shards.values()
+            targets = [found for found in shards if not found.read_only]
+        else:
+            targets = [self.shard(project, logstore, shard)]
+            if targets[0].read_only:
+                raise parameter_invalid(f"shard {shard} is read-only: its end cursor is frozen")
+        for target in targets:
+            target.append(count, when)
+        return targets
+
+    def write_everywhere(self, count: int, receive_time: int) -> None:
+        """Append `count` log groups to every read-write shard of every logstore."""
+        for store in self.logstores.values():
+            for shard in store.shards.values():
+                if not shard.read_only:
+                    shard.append(count, receive_time)
+
     # --- introspection --------------------------------------------------------------------
 
     def count_request(self, api: str, code: str) -> None:
@@ -416,6 +462,19 @@ class EmulatorState:
             "requests": {api: dict(codes) for api, codes in sorted(self.requests.items())},
             "consumers": consumers,
             "late_pending": self.late_pending,
+            "shards": self._shards_snapshot(),
+        }
+
+    def _shards_snapshot(self) -> dict[str, dict[str, object]]:
+        """ "PROJECT/LOGSTORE/SHARD" -> status and cursors, for /_emulator/state."""
+        return {
+            f"{project}/{logstore}/{number}": {
+                "status": shard.status,
+                "begin": shard.begin_cursor,
+                "end": shard.end_cursor,
+            }
+            for (project, logstore), store in sorted(self.logstores.items())
+            for number, shard in sorted(store.shards.items())
         }
 
     # --- persistence ----------------------------------------------------------------------

@@ -250,6 +250,14 @@ def _parse_cursor(answer: _Answer) -> str:
     return cursor
 
 
+def _parse_cursor_time(answer: _Answer) -> int:
+    document = _json_or_none(answer.body)
+    seconds = document.get("cursor_time") if isinstance(document, dict) else None
+    if not _is_int(seconds):
+        raise _malformed("GetCursorTime", answer)
+    return seconds
+
+
 def _shard_entry(item: object) -> int:
     if _is_int(item):
         return item
@@ -628,6 +636,31 @@ class SLSClient:
             region=region,
         )
         return _parse_cursor(answer)
+
+    async def get_cursor_time(
+        self,
+        project: str,
+        logstore: str,
+        shard: int,
+        cursor: str,
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> int:
+        """GetCursorTime: when SLS received the log group at `cursor` (unix seconds).
+
+        A cursor outside the shard's [begin, end] is refused with `InvalidCursor`.
+        """
+        params = {"type": "cursor_time", "cursor": cursor}
+        answer = await self._call(
+            "GET",
+            project,
+            _shard_resource(logstore, shard),
+            params=params,
+            endpoint=endpoint,
+            region=region,
+        )
+        return _parse_cursor_time(answer)
 
     def _endpoint(self, text: str | None) -> Endpoint:
         if text is None:
