@@ -228,6 +228,7 @@ def _render_flush(args: argparse.Namespace, answer: Answer, out: TextIO) -> None
 
 def _render_get(args: argparse.Namespace, answer: Answer, out: TextIO) -> None:
     headers = ["GROUP", "SHARD", "PENDING", "COMMITTED", "COMMITTED_AT", "LAST_ERROR"]
+    headers += ["LAG", "LAG_SECONDS", "LAG_STATE"]
     if args.remote:
         headers += ["REMOTE", "REMOTE_UPDATED", "REMOTE_CONSUMER"]
     rows = [_shard_row(entry, remote=args.remote) for entry in answer.get("shards", [])]
@@ -242,6 +243,7 @@ def _shard_row(entry: Mapping[str, Any], *, remote: bool) -> list[str]:
         _text(entry.get("committed")),
         _time(entry.get("committed_at")),
         _error_text(entry.get("last_error")),
+        *_lag_cells(entry.get("lag"), "state"),
     ]
     if remote:
         info = entry.get("remote")
@@ -252,6 +254,14 @@ def _shard_row(entry: Mapping[str, Any], *, remote: bool) -> list[str]:
             _text(info.get("consumer") or None),
         ]
     return row
+
+
+def _lag_cells(lag: object, last: str) -> list[str]:
+    """Log groups, seconds and `last` (a shard's state, a group's stalled count) of a `lag`
+    object; dashes before the first reading."""
+    if not isinstance(lag, Mapping):
+        return ["-", "-", "-"]
+    return [_text(lag.get("log_groups")), _text(lag.get("seconds")), _text(lag.get(last))]
 
 
 def _render_status(args: argparse.Namespace, answer: Answer, out: TextIO) -> None:
@@ -272,10 +282,13 @@ def _render_status(args: argparse.Namespace, answer: Answer, out: TextIO) -> Non
             _text(info.get("tracked")),
             _text(info.get("failures")),
             _time(info.get("last_success")),
+            *_lag_cells(info.get("lag"), "stalled"),
         ]
         for name, info in groups.items()
     ]
-    print(_table(["GROUP", "PENDING", "TRACKED", "FAILURES", "LAST_SUCCESS"], rows), file=out)
+    headers = ["GROUP", "PENDING", "TRACKED", "FAILURES", "LAST_SUCCESS"]
+    headers += ["LAG", "LAG_SECONDS", "STALLED"]
+    print(_table(headers, rows), file=out)
 
 
 def _credentials_line(info: Mapping[str, Any]) -> str:

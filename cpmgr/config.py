@@ -159,6 +159,15 @@ class LogConfig:
     format: LogFormat = "text"
 
 
+@dataclass(frozen=True)
+class LagConfig:
+    """The `lag:` block (CONTRACT section 8); `interval` 0 disables lag reading."""
+
+    interval: float = 30.0
+    lagging_after: float = 60.0
+    stall_after: float = 300.0
+
+
 START_POSITIONS: tuple[str, ...] = ("begin", "end")
 
 
@@ -212,6 +221,7 @@ class Config:
     commit: CommitConfig = CommitConfig()
     state: StateConfig = StateConfig()
     log: LogConfig = LogConfig()
+    lag: LagConfig = LagConfig()
     groups: tuple[GroupConfig, ...]
 
     def group(self, name: str) -> GroupConfig | None:
@@ -279,6 +289,17 @@ def parse_duration(value: object) -> float:
     if math.isinf(seconds):
         raise ValueError("is too large")
     return seconds
+
+
+def parse_duration_or_zero(value: object) -> float:
+    """A duration as `parse_duration`, or zero (`0`, `0s`, `0ms`...): `lag.interval` 0 disables."""
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        zero = isinstance(value, str) or (isinstance(value, int | float) and value == 0)
+        if str(exc) != "must be greater than 0" or not zero:
+            raise
+        return 0.0
 
 
 def parse_mode(value: object) -> int:
@@ -675,6 +696,17 @@ def _read_log(s: _Section) -> LogConfig:
     return cfg
 
 
+def _read_lag(s: _Section) -> LagConfig:
+    d = LagConfig()
+    cfg = LagConfig(
+        interval=s.get("interval", parse_duration_or_zero, d.interval),
+        lagging_after=s.get("lagging_after", parse_duration, d.lagging_after),
+        stall_after=s.get("stall_after", parse_duration, d.stall_after),
+    )
+    s.finish()
+    return cfg
+
+
 def _read_membership(s: _Section) -> MembershipConfig:
     d = MembershipConfig()
     cfg = MembershipConfig(
@@ -842,6 +874,7 @@ def parse_config(data: object, env: Mapping[str, str] | None = None) -> Config:
         commit=_read_commit(top.section("commit")),
         state=_read_state(top.section("state")),
         log=_read_log(top.section("log")),
+        lag=_read_lag(top.section("lag")),
         groups=_read_groups(top.raw("groups"), problems),
     )
     top.finish()

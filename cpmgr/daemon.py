@@ -26,6 +26,7 @@ from cpmgr.errors import ConfigError, CpmgrError, SLSError
 from cpmgr.gcpolicy import freeze_startup
 from cpmgr.ingest import IngestServer
 from cpmgr.journal import Journal
+from cpmgr.lag import LAG_CONCURRENCY, LagReader
 from cpmgr.logs import configure_logging
 from cpmgr.membership import Membership
 from cpmgr.metrics import LoopLagProbe, Metrics
@@ -118,6 +119,19 @@ class Daemon:
             on_refused=self._member_refused,
         )
         self.member_clients, self.membership = self._membership(config)
+        # Lag has a client of its own too: its reads never queue behind commits or heartbeats.
+        self.lag_client = SLSClient(
+            endpoint=config.sls.endpoint,
+            credentials=self.credentials,
+            signature_version=config.sls.signature_version,
+            region=config.sls.region,
+            request_timeout=config.commit.request_timeout,
+            connection_limit=LAG_CONCURRENCY,
+        )
+        self.lag = LagReader(config=config, api=self.lag_client, observer=self.metrics)
+        self.lag_collector = self.metrics.watch_lag(
+            self.lag.readings, shard_metrics=config.http.shard_metrics
+        )
         self.journal = (
             Journal(
                 config.state.dir,
@@ -135,6 +149,7 @@ class Daemon:
             metrics=self.metrics,
             status=self.status,
             membership=self.membership,
+            lag=self._shard_lag,
         )
         self.web = (
             WebServer(
@@ -206,8 +221,15 @@ class Daemon:
             and (self.membership is None or self.membership.healthy())
         )
 
-    def _render_metrics(self) -> AsyncGenerator[bytes, None]:
-        return self.store_collector.stream(self.registry)
+    async def _render_metrics(self) -> AsyncGenerator[bytes, None]:
+        async for part in self.store_collector.stream(self.registry):
+            yield part
+        async for part in self.lag_collector.stream_shards():
+            yield part
+
+    def _shard_lag(self, group: str, shard: int) -> dict[str, object] | None:
+        lag = self.lag.shard(group, shard)
+        return lag.fields() if lag is not None else None
 
     def _journal_committed(self, group: str, shard: int, checkpoint: str) -> None:
         if self.journal is not None:
@@ -242,6 +264,10 @@ class Daemon:
         for member_client in self.member_clients:
             await member_client.start()
             self._started.append(member_client.close)
+        await self.lag_client.start()
+        self._started.append(self.lag_client.close)
+        await self.lag.start()
+        self._started.append(self.lag.close)
         with _startup_step(f"socket {self.config.socket.path}"):
             await self.ingest.start()
         self._started.append(self._close_ingest)
@@ -431,6 +457,7 @@ class Daemon:
         self.config = fresh
         self.committer.apply_config(self._committer_config())
         self.ingest.apply_config(fresh)
+        self.lag.apply_config(fresh)
         for group in removed:
             self._retire_group(group.name)
         log.info("config reloaded: %d group(s)", len(fresh.groups))
@@ -478,6 +505,8 @@ class Daemon:
 
     def _group_status(self, name: str) -> dict[str, object]:
         status = self.store.group_status(name)
+        reading = self.lag.reading(name)
+        status["lag"] = reading.fields() if reading is not None else None
         if self.membership is not None and name in self.membership.groups:
             members, held, last = self.membership.figures().get(name, (0, 0, None))
             status["membership"] = {"members": members, "held_shards": held, "last_heartbeat": last}

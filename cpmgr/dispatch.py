@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 Fields = dict[str, object]
+# (group, shard) -> the `lag` object of a `get` entry, None before the first reading.
+LagLookup = Callable[[str, int], Fields | None]
 JournalEntry = tuple[str, int, str, str | None]
 """What the journal persists of an accepted checkpoint: group, shard, checkpoint, consumer."""
 
@@ -173,9 +175,11 @@ class Dispatcher:
         journal: JournalLike | None = None,
         observer: IngestObserver | None = None,
         status: Callable[[], Mapping[str, Any]] | None = None,
+        lag: LagLookup | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
+        self._lag: LagLookup = lag or _no_lag
         self._committer = committer
         self._journal = journal
         self._observer: IngestObserver = observer or NullObserver()
@@ -254,7 +258,8 @@ class Dispatcher:
         entries: list[Fields] = []
         for start in range(0, len(shards), LISTING_CHUNK):
             for shard in shards[start : start + LISTING_CHUNK]:
-                entries.append(_shard_entry(group, shard, self._store.shard_view(group, shard)))
+                view = self._store.shard_view(group, shard)
+                entries.append(_shard_entry(group, shard, view, self._lag(group, shard)))
             await asyncio.sleep(0)
         return entries
 
@@ -304,11 +309,12 @@ class Dispatcher:
     def get_now(self, request: GetRequest) -> Fields:
         """A `get` without `remote`."""
         self._require_group(request.group)
-        group = request.group
+        group, lag = request.group, self._lag
         if request.shard is not None:
             view = self._store.shard_view(group, request.shard)
-            return {"shards": [_shard_entry(group, request.shard, view)]}
-        return {"shards": [_shard_entry(group, v.shard, v) for v in self._store.shard_views(group)]}
+            return {"shards": [_shard_entry(group, request.shard, view, lag(group, request.shard))]}
+        views = self._store.shard_views(group)
+        return {"shards": [_shard_entry(group, v.shard, v, lag(group, v.shard)) for v in views]}
 
     def status_now(self, visible: Collection[str] | None = None) -> Fields:
         if self._status is not None:
@@ -639,7 +645,7 @@ class Dispatcher:
             views.update({s: None for s in remote if s not in views})
         entries = []
         for shard in sorted(views):
-            entry = _shard_entry(group, shard, views[shard])
+            entry = _shard_entry(group, shard, views[shard], self._lag(group, shard))
             entry["remote"] = _remote_entry(remote.get(shard))
             entries.append(entry)
         return {"shards": entries}
@@ -673,7 +679,11 @@ def _failure(group: str, shard: int, code: str, message: str, dropped: bool) -> 
     return {"group": group, "shard": shard, "code": code, "message": message, "dropped": dropped}
 
 
-def _shard_entry(group: str, shard: int, view: ShardView | None) -> Fields:
+def _no_lag(group: str, shard: int) -> Fields | None:
+    return None
+
+
+def _shard_entry(group: str, shard: int, view: ShardView | None, lag: Fields | None) -> Fields:
     error = view.last_error if view is not None else None
     return {
         "group": group,
@@ -684,6 +694,7 @@ def _shard_entry(group: str, shard: int, view: ShardView | None) -> Fields:
         "last_error": (
             {"code": error.code, "message": error.message, "at": error.at} if error else None
         ),
+        "lag": lag,
     }
 
 

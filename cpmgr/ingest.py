@@ -50,6 +50,7 @@ from cpmgr.dispatch import (
     Handlers,
     IngestObserver,
     JournalLike,
+    LagLookup,
     NullObserver,
     dispatch,
 )
@@ -110,6 +111,7 @@ class IngestServer:
         status: Callable[[], Mapping[str, Any]] | None = None,
         handlers: Handlers | None = None,
         membership: Membership | None = None,
+        lag: LagLookup | None = None,
     ) -> None:
         self._socket = config.socket
         self.membership = membership
@@ -124,6 +126,7 @@ class IngestServer:
             journal=journal,
             observer=self.observer,
             status=status,
+            lag=lag,
         )
         self._handlers: Handlers = handlers or self.dispatcher
         # Requests that wait for nothing skip the coroutine, unless the ops are replaced.

@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from cpmgr import __version__
+from cpmgr.lag.model import GroupLag, ShardLag
 from cpmgr.store import CheckpointStore
 
 # From a millisecond (a loopback emulator) to tens of seconds (retries with backoff).
@@ -333,6 +334,89 @@ class CredentialsCollector(Collector):
         yield from (expiry, timeout)
 
 
+LagReadings = Callable[[], Mapping[str, GroupLag]]
+_SHARD_LAG = (
+    (
+        "cpmgr_shard_lag_log_groups",
+        "Log groups this shard's checkpoint at SLS is behind its end (http.shard_metrics).",
+    ),
+    (
+        "cpmgr_shard_lag_seconds",
+        "Receive time of this shard's newest log group minus the last consumed one's.",
+    ),
+    ("cpmgr_shard_stalled", "1 if this shard is stalled (http.shard_metrics)."),
+)
+
+
+class LagCollector(Collector):
+    """cpmgr_consumer_lag_log_groups, cpmgr_consumer_lag_seconds and cpmgr_stalled_shards per
+    group, from the lag reader's latest readings; per shard with http.shard_metrics.
+
+    A streamed /metrics scrape gets the per-shard series from `stream_shards()`, a chunk of
+    shards per part; a plain collection (tests) gets them from `collect()`.
+    """
+
+    def __init__(self, readings: LagReadings, *, shard_metrics: bool = False) -> None:
+        self._readings = readings
+        self._shard_metrics = shard_metrics
+
+    def collect(self) -> Iterator[Metric]:
+        readings = self._readings()
+        log_groups = GaugeMetricFamily(
+            "cpmgr_consumer_lag_log_groups",
+            "Log groups the group's checkpoints at SLS are behind the shards' ends (sum).",
+            labels=["group"],
+        )
+        seconds = GaugeMetricFamily(
+            "cpmgr_consumer_lag_seconds",
+            "Receive time of the newest log group minus the last consumed one's (max over shards).",
+            labels=["group"],
+        )
+        stalled = GaugeMetricFamily(
+            "cpmgr_stalled_shards",
+            "Shards behind whose checkpoint at SLS has not moved for lag.stall_after.",
+            labels=["group"],
+        )
+        for group, reading in sorted(readings.items()):
+            log_groups.add_metric([group], reading.log_groups)
+            seconds.add_metric([group], reading.seconds)
+            stalled.add_metric([group], reading.stalled)
+        yield from (log_groups, seconds, stalled)
+        if self._shard_metrics and _CAPTURED.get() is None:
+            yield from self._per_shard(readings)
+
+    def _per_shard(self, readings: Mapping[str, GroupLag]) -> Iterator[Metric]:
+        families = [GaugeMetricFamily(n, h, labels=["group", "shard"]) for n, h in _SHARD_LAG]
+        for group, reading in sorted(readings.items()):
+            for shard, lag in sorted(reading.shards.items()):
+                labels = [group, str(shard)]
+                for family, value in zip(families, _shard_values(lag), strict=True):
+                    family.add_metric(labels, value)
+        yield from families
+
+    async def stream_shards(self) -> AsyncGenerator[bytes, None]:
+        """The per-shard series as exposition text, CAPTURE_CHUNK shards per part."""
+        if not self._shard_metrics:
+            return
+        readings = sorted(self._readings().items())
+        for index, (name, help_text) in enumerate(_SHARD_LAG):
+            yield f"# HELP {name} {help_text}\n# TYPE {name} gauge\n".encode()
+            for group, reading in readings:
+                prefix = f'{name}{{group="{_escape_label(group)}",shard="'
+                shards = sorted(reading.shards.values(), key=lambda lag: lag.shard)
+                for start in range(0, len(shards), CAPTURE_CHUNK):
+                    rows = shards[start : start + CAPTURE_CHUNK]
+                    text = "".join(
+                        f'{prefix}{lag.shard}"}} {_shard_values(lag)[index]!r}\n' for lag in rows
+                    )
+                    yield text.encode()
+                    await asyncio.sleep(0)
+
+
+def _shard_values(lag: ShardLag) -> tuple[float, float, float]:
+    return float(lag.log_groups), float(lag.seconds), 1.0 if lag.state == "stalled" else 0.0
+
+
 class Metrics:
     """Every cpmgr metric, registered on `registry`; also the committer's observer."""
 
@@ -447,6 +531,12 @@ class Metrics:
             ["source", "result"],
             registry=registry,
         )
+        self.lag_read_failures = Counter(
+            "cpmgr_lag_read_failures",
+            "Failed SLS requests of lag readings, by error code (commits are not affected).",
+            ["group", "code"],
+            registry=registry,
+        )
         Info("cpmgr_build", "cpmgr build information.", registry=registry).info(
             {"version": __version__}
         )
@@ -534,6 +624,17 @@ class Metrics:
 
     def credentials_refreshed(self, source: str, result: str) -> None:
         self.credentials_refresh.labels(source, result).inc()
+
+    def watch_lag(self, readings: LagReadings, *, shard_metrics: bool = False) -> LagCollector:
+        """Lag per group (and per shard), read from the lag reader at scrape time."""
+        collector = LagCollector(readings, shard_metrics=shard_metrics)
+        self.registry.register(collector)
+        return collector
+
+    # ---------------------------------------------------------------- the lag reader's observer
+
+    def lag_read_failed(self, group: str, code: str) -> None:
+        self.lag_read_failures.labels(group, code).inc()
 
     def concurrency_changed(self, limit: int) -> None:
         self.concurrency.set(limit)

@@ -146,16 +146,19 @@ async def test_get_table_and_json(config: Config) -> None:
         unseen = await cli("get", "orders", "40", "--socket", server.path)
     assert table.code == 0
     assert table.out.splitlines() == [
-        "GROUP   SHARD  PENDING  COMMITTED  COMMITTED_AT              LAST_ERROR",
-        "orders  1      Ng==     NQ==       2025-11-26T04:06:40.250Z  -",
-        "orders  12     Nw==     -          -                         ServerBusy: slow",
+        "GROUP   SHARD  PENDING  COMMITTED  COMMITTED_AT              LAST_ERROR        LAG  "
+        "LAG_SECONDS  LAG_STATE",
+        "orders  1      Ng==     NQ==       2025-11-26T04:06:40.250Z  -                 -    "
+        "-            -",
+        "orders  12     Nw==     -          -                         ServerBusy: slow  -    "
+        "-            -",
     ]
     assert json.loads(one.out)["shards"][0]["last_error"] == {
         "code": "ServerBusy",
         "message": "slow",
         "at": 1.0,
     }
-    assert unseen.out.splitlines()[1].split() == ["orders", "40", "-", "-", "-", "-"]
+    assert unseen.out.splitlines()[1].split() == ["orders", "40"] + ["-"] * 7
 
 
 async def test_get_remote(config: Config) -> None:
@@ -165,17 +168,7 @@ async def test_get_remote(config: Config) -> None:
     header, row = result.out.splitlines()
     assert header.split()[-3:] == ["REMOTE", "REMOTE_UPDATED", "REMOTE_CONSUMER"]
     # SLS's microseconds are shown like every other time: ISO 8601, to the millisecond.
-    assert row.split() == [
-        "orders",
-        "0",
-        "-",
-        "-",
-        "-",
-        "-",
-        cp(3),
-        "2025-11-26T04:06:40.000Z",
-        "c0",
-    ]
+    assert row.split() == ["orders", "0"] + ["-"] * 7 + [cp(3), "2025-11-26T04:06:40.000Z", "c0"]
 
 
 async def test_status(config: Config) -> None:
@@ -187,9 +180,9 @@ async def test_status(config: Config) -> None:
     lines = result.out.splitlines()
     assert lines[0].startswith(f"cpmgr {__version__}, up ")
     assert lines[1:] == [
-        "GROUP   PENDING  TRACKED  FAILURES  LAST_SUCCESS",
-        "orders  1        1        0         -",
-        "audit   0        0        0         -",
+        "GROUP   PENDING  TRACKED  FAILURES  LAST_SUCCESS  LAG  LAG_SECONDS  STALLED",
+        "orders  1        1        0         -             -    -            -",
+        "audit   0        0        0         -             -    -            -",
     ]
     assert json.loads(raw.out)["groups"]["orders"]["pending"] == 1
 

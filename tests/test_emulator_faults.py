@@ -234,6 +234,22 @@ async def test_faulted_update_checkpoint_changes_nothing(session: aiohttp.Client
         assert counted == {"OK": successes, "InternalServerError": 40 - successes}
 
 
+async def test_faults_can_be_limited_to_some_apis(session: aiohttp.ClientSession) -> None:
+    async with running_emulator(
+        logstores=[f"{P}/{L}:1"], consumer_groups=[GROUP_KEY], seed=3
+    ) as handle:
+        status, settings = await post_faults(
+            session, handle, {"error_rate": 1.0, "apis": ["GetCheckPoint"]}
+        )
+        assert (status, settings["apis"]) == (200, ["GetCheckPoint"])
+        assert [(await checkpoint(session, handle, 0, "MTAw"))[0] for _ in range(5)] == [200] * 5
+        async with session.get(f"{handle.url}{GROUP_PATH}", headers=HOST) as response:
+            assert response.status == 500
+        _, settings = await post_faults(session, handle, {"apis": None})
+        assert settings["apis"] is None
+        assert (await checkpoint(session, handle, 0, "MTAw"))[0] == 500
+
+
 async def test_faults_endpoint_merges_fields(session: aiohttp.ClientSession) -> None:
     async with running_emulator(logstores=[f"{P}/{L}:1"], error_rate=0.1) as handle:
         status, settings = await post_faults(session, handle, {"latency_ms": [1, 2]})
@@ -247,6 +263,7 @@ async def test_faults_endpoint_merges_fields(session: aiohttp.ClientSession) -> 
             "late_rate": 0.0,
             "late_ms": [0.0, 0.0],
             "late": {},
+            "apis": None,
         }
         await post_faults(session, handle, {"force": {"a/b/c": [503, "ServerBusy"]}})
         status, settings = await post_faults(session, handle, {"force": {"d/e/f": [400, "X"]}})
@@ -269,6 +286,8 @@ async def test_faults_endpoint_merges_fields(session: aiohttp.ClientSession) -> 
         ({"force": {"a/b/c": [True, "X"]}}, "force.a/b/c"),
         ({"force": []}, "force"),
         ({"eror_rate": 0.1}, "eror_rate: unknown field"),
+        ({"apis": []}, "apis"),
+        ({"apis": ["GetCursor", 3]}, "apis"),
         ([1, 2], "JSON object"),
         ("not an object", "JSON object"),
     ],

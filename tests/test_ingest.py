@@ -132,6 +132,7 @@ async def test_ping_commit_get_status(config: Config) -> None:
                     "committed": None,
                     "committed_at": None,
                     "last_error": None,
+                    "lag": None,
                 }
             ],
         }
@@ -163,6 +164,7 @@ async def test_get_shows_committed_values_and_errors(config: Config) -> None:
                 "committed": cp(7),
                 "committed_at": 1764130000.5,
                 "last_error": None,
+                "lag": None,
             },
             {
                 "group": "orders",
@@ -171,6 +173,7 @@ async def test_get_shows_committed_values_and_errors(config: Config) -> None:
                 "committed": None,
                 "committed_at": None,
                 "last_error": {"code": "InvalidShardCheckPoint", "message": "bad", "at": 17.0},
+                "lag": None,
             },
         ]
         unseen = await peer.ask({"op": "get", "group": "orders", "shard": 9})
@@ -182,6 +185,7 @@ async def test_get_shows_committed_values_and_errors(config: Config) -> None:
                 "committed": None,
                 "committed_at": None,
                 "last_error": None,
+                "lag": None,
             }
         ]
         assert await peer.ask({"op": "get", "group": "audit"}) == {"ok": True, "shards": []}
@@ -831,6 +835,7 @@ async def test_a_large_whole_group_get_is_answered_in_order_and_in_full(config: 
                 "committed": None,
                 "committed_at": None,
                 "last_error": None,
+                "lag": None,
             }
             for shard in range(LISTING_CHUNK * 2 + 5)
         ],

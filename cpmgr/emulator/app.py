@@ -555,7 +555,9 @@ class EmulatorApp:
                 body=_read_body(request),
                 shard=shard,
             )
-            decision = self.faults.decide(call.group_key, can_land_late=api == "UpdateCheckPoint")
+            decision = self.faults.decide(
+                call.group_key, api=api, can_land_late=api == "UpdateCheckPoint"
+            )
             if decision.late_seconds is not None:
                 self._authenticate(request, call)  # on arrival, as SLS would
             code = ""  # counted where the request is answered

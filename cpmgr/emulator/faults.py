@@ -29,6 +29,7 @@ FAULT_FIELDS = (
     "late_rate",
     "late_ms",
     "late",
+    "apis",
 )
 _RATE_FIELDS = ("error_rate", "throttle_rate", "reset_rate")
 _GROUP_KEY_PARTS = 3
@@ -104,6 +105,8 @@ class FaultSettings:
     late_ms: tuple[float, float] = (0.0, 0.0)
     # "PROJECT/LOGSTORE/GROUP" -> the next UpdateCheckPoints of that group that land late
     late: Mapping[str, LateLanding] = field(default_factory=_empty_late)
+    # The APIs ("GetCursor", "UpdateCheckPoint", ...) every knob applies to; None: all of them.
+    apis: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         problems = _rate_problems(self) + _latency_problems(self.latency_ms)
@@ -136,6 +139,7 @@ class FaultSettings:
         late = self.late
         if "late" in update:
             late = _merged("late", self.late, update["late"], _late_entry, problems)
+        apis = _apis(update["apis"], problems) if "apis" in update else self.apis
         if problems:
             raise ConfigError(problems)
         return FaultSettings(
@@ -147,6 +151,7 @@ class FaultSettings:
             late_rate=late_rate,
             late_ms=late_ms,
             late=late,
+            apis=apis,
         )
 
     def as_json(self) -> dict[str, object]:
@@ -163,6 +168,7 @@ class FaultSettings:
                 key: {"count": entry.count, "delay_ms": entry.delay_ms}
                 for key, entry in sorted(self.late.items())
             },
+            "apis": sorted(self.apis) if self.apis is not None else None,
         }
 
     def with_late_consumed(self, group_key: str) -> FaultSettings:
@@ -272,6 +278,15 @@ def _merged(
     return MappingProxyType(merged)
 
 
+def _apis(value: object, problems: list[str]) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, list) and value and all(isinstance(api, str) and api for api in value):
+        return frozenset(value)
+    problems.append('apis: must be a non-empty list of API names (["GetCursor", ...]) or null')
+    return None
+
+
 def _late_entry(key: str, value: object, problems: list[str]) -> LateLanding | None:
     """`{"count": N, "delay_ms": D}` for group `key`, or None after naming the problem."""
     key_problem = _group_key_problem("late", key)
@@ -287,6 +302,9 @@ def _late_entry(key: str, value: object, problems: list[str]) -> LateLanding | N
     return None
 
 
+_UNTOUCHED = Decision(None, 0.0)
+
+
 class FaultInjector:
     """Decides, for each SLS API request, whether and how it fails; one RNG for reproducibility."""
 
@@ -300,8 +318,12 @@ class FaultInjector:
         self.settings = self.settings.merged(changes)
         return self.settings
 
-    def decide(self, group_key: str | None, *, can_land_late: bool = False) -> Decision:
+    def decide(
+        self, group_key: str | None, *, api: str = "", can_land_late: bool = False
+    ) -> Decision:
         """Draw the outcome of one request addressed to `group_key` ("P/L/G"), if any.
+
+        A request to an API outside `apis` (when set) passes untouched, drawing nothing.
 
         Order: a `late` entry for the group (when `can_land_late`), reset, forced code for the
         group, error rate, throttle rate (half 503 ServerBusy, half 403 WriteQuotaExceed),
@@ -309,6 +331,8 @@ class FaultInjector:
         latency applies to every outcome but a late one, whose hold replaces it.
         """
         settings = self.settings
+        if settings.apis is not None and api not in settings.apis:
+            return _UNTOUCHED
         roll = self._rng.random()
         low, high = settings.latency_ms
         delay = self._rng.uniform(low, high) / 1000.0 if high > 0 else 0.0
