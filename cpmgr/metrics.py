@@ -377,11 +377,17 @@ class LagCollector(Collector):
             "Shards behind whose checkpoint at SLS has not moved for lag.stall_after.",
             labels=["group"],
         )
+        lagging = GaugeMetricFamily(
+            "cpmgr_lagging_shards",
+            "Shards more than lag.lagging_after behind (and not stalled).",
+            labels=["group"],
+        )
         for group, reading in sorted(readings.items()):
             log_groups.add_metric([group], reading.log_groups)
             seconds.add_metric([group], reading.seconds)
             stalled.add_metric([group], reading.stalled)
-        yield from (log_groups, seconds, stalled)
+            lagging.add_metric([group], reading.lagging)
+        yield from (log_groups, seconds, stalled, lagging)
         if self._shard_metrics and _CAPTURED.get() is None:
             yield from self._per_shard(readings)
 

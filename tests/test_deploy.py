@@ -13,6 +13,7 @@ from packaging.requirements import Requirement
 from prometheus_client import CollectorRegistry
 from tools import tool
 
+from cpmgr.lag import GroupLag
 from cpmgr.metrics import Metrics
 from cpmgr.store import CheckpointStore
 
@@ -262,6 +263,9 @@ def _exported_names() -> set[str]:
     metrics.watch_membership(lambda: {"orders": (1, 2, 1.7e9)})
     # Keys that expire, and that group's consumer-group timeout.
     metrics.watch_credentials(lambda: 1.7e9, lambda: {"orders": 60})
+    # A daemon whose lag reader has read the group once.
+    reading = GroupLag(at=1.7e9, shards={}, log_groups=0, seconds=0.0, stalled=0, lagging=0)
+    metrics.watch_lag(lambda: {"orders": reading})
     suffixes = {
         "counter": ["_total"],
         "histogram": ["_bucket", "_sum", "_count"],

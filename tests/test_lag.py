@@ -298,6 +298,8 @@ async def test_metrics_per_group_and_per_shard(emulator: EmulatorHandle, client:
     assert registry.get_sample_value("cpmgr_consumer_lag_log_groups", labels) == 8
     assert registry.get_sample_value("cpmgr_consumer_lag_seconds", labels) == 70
     assert registry.get_sample_value("cpmgr_stalled_shards", labels) == 0
+    # 70 s > lagging_after, but nobody has committed shard 2 yet: ok until stall_after
+    assert registry.get_sample_value("cpmgr_lagging_shards", labels) == 0
     shard2 = {"group": "orders", "shard": "2"}
     assert registry.get_sample_value("cpmgr_shard_lag_log_groups", shard2) == 6
     assert registry.get_sample_value("cpmgr_shard_lag_seconds", shard2) == 70

@@ -40,9 +40,17 @@ def cursor(number: int) -> str:
 
 
 def config_data(
-    endpoint: str, sock: str, *, shard_metrics: bool = False, **commit: Any
+    endpoint: str,
+    sock: str,
+    *,
+    shard_metrics: bool = False,
+    lag: dict[str, Any] | None = None,
+    **commit: Any,
 ) -> dict[str, Any]:
     return {
+        # Lag reading off unless asked for: these daemons are about commits (and a forced
+        # error would fail the lag reader's GetCheckPoint too).
+        "lag": lag or {"interval": 0},
         "socket": {"path": sock},
         "http": {"listen": "127.0.0.1:0", "shard_metrics": shard_metrics},
         "sls": {
@@ -116,7 +124,11 @@ class Running:
 
 @asynccontextmanager
 async def running_daemon(
-    emulator_key: str = SECRET, *, shard_metrics: bool = False, **commit: Any
+    emulator_key: str = SECRET,
+    *,
+    shard_metrics: bool = False,
+    lag: dict[str, Any] | None = None,
+    **commit: Any,
 ) -> AsyncIterator[Running]:
     sock_dir = tempfile.mkdtemp(prefix="cp", dir="/tmp")
     logstores = [f"{PROJECT}/{where.split('/')[0]}:4" for where in GROUPS.values()]
@@ -128,7 +140,9 @@ async def running_daemon(
         access_key_secret=emulator_key,
     ) as emulator:
         config: Config = parse_config(
-            config_data(emulator.url, f"{sock_dir}/c.sock", shard_metrics=shard_metrics, **commit)
+            config_data(
+                emulator.url, f"{sock_dir}/c.sock", shard_metrics=shard_metrics, lag=lag, **commit
+            )
         )
         registry = CollectorRegistry()
         stop = asyncio.Event()

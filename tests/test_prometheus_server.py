@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 import yaml
-from test_observability import Running, cursor, running_daemon
+from test_observability import PROJECT, Running, cursor, running_daemon
 from tools import tool
 
 from cpmgr.client import CpmgrProtocolError
@@ -79,11 +79,19 @@ def _free_port() -> int:
         return port
 
 
-def _write_config(directory: Path, target: str) -> Path:
-    """prometheus.yml scraping `target` as job cpmgr, with a copy of the project's alert rules."""
-    # Copied unchanged: the alert this test waits for (CpmgrCommitsFailing) has no `for:`.
+def _write_config(directory: Path, target: str, *, at_once: frozenset[str]) -> Path:
+    """prometheus.yml scraping `target` as job cpmgr, with a copy of the project's alert rules.
+
+    The rules are copied unchanged, but for the `for:` of the alerts named in `at_once`, which
+    is dropped so the test need not wait minutes (their expressions are the shipped ones)."""
     rules = directory / "alerts.yml"
     shutil.copyfile(ALERTS, rules)
+    if at_once:
+        document = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))
+        for rule in document["groups"][0]["rules"]:
+            if rule.get("alert") in at_once:
+                rule.pop("for", None)
+        rules.write_text(yaml.safe_dump(document), encoding="utf-8")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(rules)],
@@ -106,11 +114,13 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 
 
 @asynccontextmanager
-async def running_prometheus(tmp_path: Path, r: Running) -> AsyncIterator[Prometheus]:
+async def running_prometheus(
+    tmp_path: Path, r: Running, *, at_once: frozenset[str] = frozenset()
+) -> AsyncIterator[Prometheus]:
     """Prometheus on a loopback port scraping the daemon of `r`, stopped on exit."""
     binary = tool("prometheus")
     assert r.daemon.web is not None
-    config = _write_config(tmp_path, f"127.0.0.1:{r.daemon.web.port}")
+    config = _write_config(tmp_path, f"127.0.0.1:{r.daemon.web.port}", at_once=at_once)
     listen = f"127.0.0.1:{_free_port()}"
     log = tmp_path / "prometheus.log"
     with log.open("wb") as out:
@@ -206,3 +216,39 @@ async def test_prometheus_scrapes_the_daemon_and_alerts_on_failing_commits(
         active = {a["labels"]["alertname"] for a in (await prom.api("alerts"))["alerts"]}
         assert active == {"CpmgrCommitsFailing"}
         r.force("orders", None)  # so the daemon's final drain commits at once, not for 5s
+
+
+async def test_prometheus_alerts_on_a_consumer_that_falls_behind(tmp_path: Path) -> None:
+    lag = {"interval": "200ms", "lagging_after": "30s", "stall_after": "1h"}
+    at_once = frozenset({"CpmgrConsumerLagHigh"})
+    async with (
+        running_daemon(lag=lag) as r,
+        running_prometheus(tmp_path, r, at_once=at_once) as prom,
+    ):
+        await prom.eventually("readiness", lambda: _ready(prom))
+        await prom.eventually("the cpmgr target up", lambda: _target_up(prom))
+        shard = r.emulator.state.logstore(PROJECT, "orders-ls").shards[2]
+        start = int(time.time())
+        shard.append(40, start - 120)
+        # The consumer keeps up at first: no lag, no alert.
+        await r.client.commit("orders", 2, cursor(shard.end), wait=True)
+        seconds = 'max by (group) (cpmgr_consumer_lag_seconds{job="cpmgr"})'
+        behind = 'max by (group) (cpmgr_consumer_lag_log_groups{job="cpmgr"})'
+        await prom.eventually("lag 0 for orders", lambda: _value(prom, behind, "orders", 0))
+        assert await _firing(prom, "CpmgrConsumerLagHigh") is None
+        # Then data keeps arriving for two minutes that it does not read.
+        for second in range(0, 120, 10):
+            shard.append(5, start - 120 + second)
+        await prom.eventually("120 s of lag", lambda: _value(prom, seconds, "orders", 110.0))
+        assert await prom.query(behind) == {"orders": 60.0, "audit": 0.0}
+        alerts = await prom.eventually(
+            "CpmgrConsumerLagHigh", lambda: _firing(prom, "CpmgrConsumerLagHigh")
+        )
+        assert [(a["state"], a["labels"]) for a in alerts] == [
+            (
+                "firing",
+                {"alertname": "CpmgrConsumerLagHigh", "group": "orders", "severity": "warning"},
+            )
+        ]
+        assert alerts[0]["annotations"]["summary"] == "consumer group orders is falling behind"
+        assert await _firing(prom, "CpmgrShardStalled") is None
