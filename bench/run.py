@@ -11,6 +11,7 @@ Scenarios (one module each; docs/benchmarks.md says how to read them):
   d     commit_bench.backlog               10,000 dirty shards: daemon vs the official SDK
   e     stall_bench.stalls                 event-loop stalls at 100,000 shards
   f     memory_bench.memory                RSS at 100,000 shards, growth over 10 cycles
+  l     lag_bench.scenario                 the cost of reading consumer lag (only with --only l)
   m     membership_bench.scenario          handoff time and heartbeat cost (only with --only m)
 
 Every server under test runs in its own process (bench/server_proc.py), the clients in others
@@ -36,6 +37,7 @@ from typing import Final
 import commit_bench
 import ingest_bench
 import interval_bench
+import lag_bench
 import membership_bench
 import memory_bench
 import stall_bench
@@ -44,7 +46,7 @@ from report import Goal, Section, Settings, goal_table
 
 SCENARIOS: Final = "abcdefg"
 # Run only when named with --only: not inside the default run's time budget (goal h) yet.
-OPTIONAL: Final = "m"
+OPTIONAL: Final = "lm"
 TIME_LIMIT: Final = 300.0  # `make bench` must finish within this (goal h)
 DEFAULT_BUDGET: Final = TIME_LIMIT - 20
 _REPORT_MARGIN: Final = 10.0  # kept free of scenario f's cycles for writing the report
@@ -73,6 +75,7 @@ async def scenarios(settings: Settings, only: str, deadline: float) -> dict[str,
         ("c", "steady rate, interval 1 s", lambda: interval_bench.steady_rate(settings, progress)),
         ("d", "backlog to the emulator", lambda: commit_bench.backlog(settings, progress)),
         ("e", "loop stalls", lambda: stall_bench.stalls(settings, progress)),
+        ("l", "consumer lag", lambda: lag_bench.scenario(settings, progress)),
         ("m", "membership", lambda: membership_bench.scenario(settings, progress)),
         (
             "f",

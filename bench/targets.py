@@ -55,9 +55,12 @@ def daemon_config(
     shard_metrics: bool = False,
     shutdown_timeout: str = "1s",
     request_timeout: str = "5s",
+    lag_interval: str = "0",
 ) -> dict[str, Any]:
     """One group `bench`; HTTP on a free loopback port; the committer's timer far away unless
-    `interval`; a short final flush, since most runs stop with nothing worth committing."""
+    `interval`; a short final flush, since most runs stop with nothing worth committing; lag
+    reading off unless `lag_interval` (scenario l measures it; elsewhere its requests would
+    compete with what is measured)."""
     return {
         "socket": {"path": str(socket_path), "mode": "0600"},
         "http": {"listen": "127.0.0.1:0", "shard_metrics": shard_metrics},
@@ -69,6 +72,7 @@ def daemon_config(
         },
         "state": {"dir": str(state_dir) if state_dir else None, "fsync": fsync},
         "log": {"level": "warning"},
+        "lag": {"interval": lag_interval},
         "groups": [
             {
                 "name": GROUP,

@@ -1,14 +1,18 @@
 """`make run`: the emulator, the daemon and a synthetic consumer, with live progress; and two
 consumers sharing a consumer group through two daemons, one of which stops half-way.
 
-Starts `cpmgr emulator` and `cpmgr run --config config/local.yaml` as child processes on free
-loopback ports, feeds advancing checkpoints for a few shards through the socket, and prints
-what reached the emulator and the commit latency every second. For the config's membership
-group a second `cpmgr run` of the same config starts (its own socket and port); consumer-a joins
-through the first daemon, consumer-b through the second, and they share the shards. Half-way the
-second daemon is stopped: consumer-b hands its shards back and consumer-a takes them over. Every
-change of who holds what is printed. After `--duration` seconds from the consumers' start (or
-Ctrl-C; never before the takeover is complete, within bounds) the consumers stop,
+Starts `cpmgr emulator` (writing WRITE_RATE log groups per second to every shard) and
+`cpmgr run --config config/local.yaml` as child processes on free loopback ports. The synthetic
+consumer reads the checkpoint groups' shards slower than data arrives for the first half, then
+faster (never past a shard's end) until it has caught up, committing through the socket as it
+reads; every second the demo prints what reached the emulator, the commit latency, and each
+group's consumer lag (log groups and seconds, from the daemon's /metrics). For the config's
+membership group a second `cpmgr run` of the same config starts (its own socket and port);
+consumer-a joins through the first daemon, consumer-b through the second, and they share the
+shards. Half-way the second daemon is stopped: consumer-b hands its shards back and consumer-a
+takes them over. Every change of who holds what is printed. After `--duration` seconds from the
+consumers' start (or Ctrl-C; never before the takeover is complete, within bounds) the consumers
+stop,
 then the daemons (which flush), then the emulator; the demo checks that every shard's last
 checkpoint reached the emulator and that no shard was held by both consumers at once, and exits
 1 if not.
@@ -21,7 +25,6 @@ import asyncio
 import base64
 import contextlib
 import os
-import random
 import shutil
 import signal
 import socket
@@ -45,6 +48,11 @@ SHARDS_PER_LOGSTORE = 4
 # A share of SLS answers the emulator fails, so the demo shows retries doing their work.
 ERROR_RATE = 0.05
 DEFAULT_DURATION = 12.0
+WRITE_RATE = 20  # log groups per second the emulator appends to every shard
+# The synthetic consumer reads at these multiples of WRITE_RATE: slower for the first
+# SLOW_SHARE of the run (it falls behind), then faster until it has caught up.
+SLOW_SPEED, FAST_SPEED, SLOW_SHARE = 0.25, 4.0, 0.5
+READ_TICK = 0.1  # seconds between two reads (and commits) of the synthetic consumer
 BALANCE_WAIT = 10.0  # the longest the demo waits for both consumers to hold shards
 
 
@@ -84,6 +92,7 @@ def _emulator_args(config: Config, port: int) -> list[str]:
         "--latency-ms=2:20",
         f"--error-rate={ERROR_RATE}",
         "--seed=1",
+        f"--write-rate={WRITE_RATE}",
     ]
     for group in config.groups:
         args.append(f"--logstore={group.project}/{group.logstore}:{SHARDS_PER_LOGSTORE}")
@@ -136,23 +145,58 @@ async def _wait_until_ready(path: str, daemon: asyncio.subprocess.Process) -> As
 Positions = dict[tuple[str, int], int]
 
 
-async def _feed(client: AsyncCpmgrClient, config: Config, stop: asyncio.Event) -> Positions:
-    rng = random.Random(7)
-    positions: Positions = {
-        (group.name, shard): 1_000_000 * (shard + 1)
-        for group in _checkpoint_groups(config)
-        for shard in range(SHARDS_PER_LOGSTORE)
-    }
-    while not stop.is_set():
-        for group in _checkpoint_groups(config):
-            batch = {}
-            for shard in range(SHARDS_PER_LOGSTORE):
-                positions[group.name, shard] += rng.randrange(1, 50)
-                batch[shard] = _cursor(positions[group.name, shard])
-            await client.commit_many(group.name, batch)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=0.05)
+async def _feed(
+    client: AsyncCpmgrClient, config: Config, stop: asyncio.Event, ports: Ports, duration: float
+) -> Positions:
+    """Read every checkpoint group's shards from their begin cursor, at SLOW_SPEED x WRITE_RATE
+    for the first SLOW_SHARE of `duration`, then at FAST_SPEED x (never past the shard's end);
+    commit each shard's new position every READ_TICK."""
+    groups = _checkpoint_groups(config)
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as session:
+        cursors = await _emulator_shards(session, ports)
+        keys = [(g.name, s) for g in groups for s in range(SHARDS_PER_LOGSTORE)]
+        where = {(g.name, s): _data_key(g, s) for g in groups for s in range(SHARDS_PER_LOGSTORE)}
+        positions: Positions = {key: cursors[where[key]][0] for key in keys}
+        # What the reader may still read: a fraction of a log group carries over to the next tick
+        # (cursors are too large for a float to count single log groups).
+        allowance = dict.fromkeys(keys, 0.0)
+        while not stop.is_set():
+            slow = time.monotonic() - started < duration * SLOW_SHARE
+            step = WRITE_RATE * (SLOW_SPEED if slow else FAST_SPEED) * READ_TICK
+            with contextlib.suppress(aiohttp.ClientError):
+                cursors = await _emulator_shards(session, ports)
+            for key in keys:
+                allowance[key] += step
+                advance = min(int(allowance[key]), cursors[where[key]][1] - positions[key])
+                if advance > 0:
+                    positions[key] += advance
+                allowance[key] = min(allowance[key] - max(advance, 0), step)
+            for group in groups:
+                batch = {
+                    shard: _cursor(positions[group.name, shard])
+                    for shard in range(SHARDS_PER_LOGSTORE)
+                }
+                await client.commit_many(group.name, batch)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=READ_TICK)
     return positions
+
+
+async def _emulator_shards(
+    session: aiohttp.ClientSession, ports: Ports
+) -> dict[str, tuple[int, int]]:
+    """(begin, end) positions by "PROJECT/LOGSTORE/SHARD", from the emulator's state."""
+    async with session.get(f"http://127.0.0.1:{ports.emulator}/_emulator/state") as resp:
+        state = await resp.json()
+    return {
+        key: (_number(shard["begin"]) or 0, _number(shard["end"]) or 0)
+        for key, shard in state["shards"].items()
+    }
+
+
+def _data_key(group: GroupConfig, shard: int) -> str:
+    return f"{group.project}/{group.logstore}/{shard}"
 
 
 async def _emulator_checkpoints(session: aiohttp.ClientSession, ports: Ports) -> dict[str, str]:
@@ -190,24 +234,63 @@ def _latency_line(metrics: str) -> str:
 
 async def _report(ports: Ports, config: Config, stop: asyncio.Event) -> None:
     async with aiohttp.ClientSession() as session:
+        shards = await _emulator_shards(session, ports)
+        begins = {key: begin for key, (begin, _) in shards.items()}
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=1.0)
             with contextlib.suppress(aiohttp.ClientError):
                 checkpoints = await _emulator_checkpoints(session, ports)
-                _print_progress(checkpoints, await _metrics_text(session, ports), config)
+                metrics = await _metrics_text(session, ports)
+                _print_progress(checkpoints, begins, metrics, config)
 
 
-def _print_progress(checkpoints: dict[str, str], metrics: str, config: Config) -> None:
+def _relative(position: int | None, begin: int) -> str:
+    return "-" if position is None else str(position - begin)
+
+
+def _lag_line(metrics: str) -> str:
+    """Each group's consumer lag from the daemon's metrics: "orders 120 log groups / 6 s"."""
+    wanted = ("log_groups", "seconds", "lagging", "stalled")
+    names = {
+        "cpmgr_consumer_lag_log_groups": "log_groups",
+        "cpmgr_consumer_lag_seconds": "seconds",
+        "cpmgr_lagging_shards": "lagging",
+        "cpmgr_stalled_shards": "stalled",
+    }
+    figures: dict[str, dict[str, int]] = {}
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name in names:
+                group = figures.setdefault(sample.labels["group"], dict.fromkeys(wanted, 0))
+                group[names[sample.name]] = int(sample.value)
+    parts = [_group_lag(group, figures[group]) for group in sorted(figures)]
+    return f"lag {', '.join(parts) if parts else '(no reading yet)'}"
+
+
+def _group_lag(group: str, figures: dict[str, int]) -> str:
+    states = [f"{figures[state]} {state}" for state in ("lagging", "stalled") if figures[state]]
+    shown = f" ({', '.join(states)})" if states else ""
+    return f"{group} {figures['log_groups']} log groups / {figures['seconds']} s{shown}"
+
+
+def _print_progress(
+    checkpoints: dict[str, str], begins: dict[str, int], metrics: str, config: Config
+) -> None:
+    """Log groups committed per shard (counted from its begin), commit latency and lag."""
     parts = []
     for group in _checkpoint_groups(config):
-        values = [
-            _number(checkpoints.get(_shard_key(group, s))) for s in range(SHARDS_PER_LOGSTORE)
-        ]
-        shown = " ".join("-" if v is None else str(v) for v in values)
+        shown = " ".join(
+            _relative(
+                _number(checkpoints.get(_shard_key(group, shard))),
+                begins.get(_data_key(group, shard), 0),
+            )
+            for shard in range(SHARDS_PER_LOGSTORE)
+        )
         parts.append(f"{group.name}: [{shown}]")
     print(f"{time.strftime('%H:%M:%S')} committed {'  '.join(parts)}", flush=True)
     print(f"         {_latency_line(metrics)}", flush=True)
+    print(f"         {_lag_line(metrics)}", flush=True)
 
 
 async def _stop_child(proc: asyncio.subprocess.Process, name: str, timeout: float) -> int:
@@ -394,7 +477,7 @@ async def _run_consumers(
         else:
             asyncio.get_running_loop().call_later(duration, stop.set)
         reporter = asyncio.create_task(_report(ports, config, stop))
-        positions = await _feed(client, config, stop)
+        positions = await _feed(client, config, stop, ports, duration)
         await reporter
         if part is not None:
             await asyncio.gather(*part.tasks)

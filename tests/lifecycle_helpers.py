@@ -67,8 +67,10 @@ def daemon_config(
     initial_backoff: str = "20ms",
     max_backoff: str = "100ms",
     socket_mode: str = "0660",
+    lag_interval: str = "0",
 ) -> dict[str, Any]:
-    """A complete config: no HTTP, a long interval unless told, quick retries."""
+    """A complete config: no HTTP, a long interval unless told, quick retries; lag reading off
+    unless told (these daemons are about commits: the emulator's requests are theirs alone)."""
     sls: dict[str, object] = {"endpoint": endpoint, **(credentials or {})}
     return {
         "socket": {"path": str(socket_path), "mode": socket_mode},
@@ -86,6 +88,7 @@ def daemon_config(
             },
         },
         "log": {"level": "info", "format": "text"},
+        "lag": {"interval": lag_interval},
         "groups": groups,
     }
 

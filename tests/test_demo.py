@@ -23,6 +23,7 @@ EVENT = re.compile(
     r"at record (\d+)$"
 )
 STOPPING = "members: stopping consumer-b's daemon"
+LAG = re.compile(r"\borders (\d+) log groups / (\d+) s")
 
 
 async def run_demo() -> tuple[int, str]:
@@ -74,6 +75,14 @@ async def test_make_run_shares_the_shards_and_hands_them_over() -> None:
     # It says what it does to SLS, and how to look at the daemon while it runs.
     assert "answers 5% of requests with 500 InternalServerError" in out, out
     assert re.search(r"cpmgr status --socket /\S+/cpmgr\.sock\n", out), out
+    # The consumer reads slower than the emulator writes, then catches up: the lag of orders
+    # (log groups, seconds) grows to seconds, then falls back to at most a second of data.
+    lag = [(int(groups), int(seconds)) for groups, seconds in LAG.findall(out)]
+    assert lag, out
+    worst = max(lag, key=lambda figures: figures[1])
+    assert worst[1] >= 2, out
+    assert lag[-1][1] <= 1 and lag[-1][0] < worst[0], out
+    assert "lagging)" in out, out
 
     stories = shard_stories(out)
     assert sorted(stories) == list(range(SHARDS_PER_LOGSTORE)), out

@@ -17,6 +17,8 @@ Decisions where the contract is silent:
   the checkpoint moved, so a caught-up shard costs one GetCursor per reading.
 - A cursor or checkpoint that is not base64 of a decimal integer makes that shard's lag
   unknown and is counted under code `BadCursor`.
+- Failures are logged once per group and code per 10 minutes (each is counted): a flaky link
+  must not fill the log with lag lines.
 - Lag gauges appear with a group's first reading (absent means unknown, not 0) and vanish when
   a reload disables lag (`interval: 0`) or removes the group.
 """
@@ -56,6 +58,11 @@ LAG_CONCURRENCY: Final = 4
 # Entries handled per loop turn where a reading walks a whole answer (GetCheckPoint).
 CHUNK: Final = 1000
 BAD_CURSOR: Final = "BadCursor"
+# How long a checkpoint counted from the begin cursor (its data expired, or nothing consumed
+# yet) keeps that reading before the begin cursor is looked at again.
+CLAMPED_REFRESH: Final = 300.0
+# Lag read failures are logged once per group and code this often (each one is counted).
+LOG_EVERY: Final = 600.0
 
 
 class LagAPI(Protocol):
@@ -108,6 +115,16 @@ class _NullObserver:
         pass
 
 
+@dataclass(frozen=True)
+class _Consumed:
+    """The receive time of the last log group consumed before `position`, as last read."""
+
+    position: int  # the checkpoint's (or start cursor's) position: the cache key
+    counted_from: int  # the position itself, or the begin cursor when the data before expired
+    seconds: int  # unix receive time
+    read_at: float  # monotonic
+
+
 @dataclass
 class _Memory:
     """What one shard's readings keep between intervals."""
@@ -115,7 +132,7 @@ class _Memory:
     checkpoint: str  # at SLS, "" when none
     since: float  # monotonic time this daemon first saw that checkpoint
     newest: tuple[int, int] | None = None  # (end position, receive time of end - 1)
-    consumed: tuple[int, int] | None = None  # (checkpoint position, receive time of it - 1)
+    consumed: _Consumed | None = None
 
 
 @dataclass
@@ -154,7 +171,7 @@ class LagReader:
         self._requests = asyncio.Semaphore(concurrency)
         self._readings: dict[str, GroupLag] = {}
         self._memory: dict[str, dict[int, _Memory]] = {}
-        self._failing: dict[str, str] = {}  # group -> the code last logged for it
+        self._logged: dict[tuple[str, str], float] = {}  # (group, code) -> when last logged
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._finished = asyncio.Condition()
@@ -269,7 +286,7 @@ class LagReader:
             self._failed(group.name, exc.code, exc.message)
             return self._readings.get(group.name)
         checkpoints = await _by_shard(entries)
-        tally, failures = Tally(), [0]
+        tally = Tally()
         previous = self._readings.get(group.name)
         run = _Pass(group, now, at, self._memory.get(group.name, {}), {})
         queue = iter(shards)
@@ -278,7 +295,6 @@ class LagReader:
             for info in queue:
                 lag = await self._read_shard(run, info.shard, checkpoints.get(info.shard, ""))
                 if lag is None:
-                    failures[0] += 1
                     lag = previous.shards.get(info.shard) if previous is not None else None
                 if lag is not None:
                     tally.add(lag)
@@ -288,8 +304,6 @@ class LagReader:
             return None  # removed or disabled by a reload meanwhile
         self._memory[group.name] = run.memory
         reading = self._readings[group.name] = tally.result(at)
-        if not failures[0]:
-            self._recovered(group.name)
         return reading
 
     async def _read_shard(self, run: _Pass, shard: int, checkpoint: str) -> ShardLag | None:
@@ -348,29 +362,27 @@ class LagReader:
         self, group: GroupConfig, shard: int, position: int, begin: int | None, known: _Memory
     ) -> tuple[int, int]:
         """(position counted from, receive time of the last consumed log group)."""
-        if known.consumed is not None and known.consumed[0] == position:
-            return position, known.consumed[1]
-        if begin is not None and position - 1 < begin:
-            # Read just now (no checkpoint, starts at begin): its position is the cache key.
-            position, seconds = await self._from_begin(group, shard, position, begin)
-            known.consumed = (position, seconds)
-            return position, seconds
-        try:
-            seconds = await self._cursor_time(group, shard, position - 1)
-        except SLSError as exc:
-            if exc.code != "InvalidCursor":
-                raise
-            # The data before the checkpoint expired: count from the begin cursor.
-            begin = _position(await self._cursor(group, shard, "begin"))
-            return await self._from_begin(group, shard, position, begin)
-        known.consumed = (position, seconds)
-        return position, seconds
-
-    async def _from_begin(
-        self, group: GroupConfig, shard: int, position: int, begin: int
-    ) -> tuple[int, int]:
-        """Nothing consumed before the begin cursor: its log group's time stands in."""
-        return max(position, begin), await self._cursor_time(group, shard, begin)
+        cached, now = known.consumed, self._clock()
+        if cached is not None and cached.position == position:
+            # Counted from the begin cursor: looked at again now and then, as data expires.
+            fresh = cached.counted_from == position or now - cached.read_at < CLAMPED_REFRESH
+            if fresh:
+                return cached.counted_from, cached.seconds
+        if begin is None or position - 1 >= begin:
+            try:
+                seconds = await self._cursor_time(group, shard, position - 1)
+            except SLSError as exc:
+                if exc.code != "InvalidCursor":
+                    raise
+                # Nothing consumed yet at the begin cursor, or the data expired.
+                begin = _position(await self._cursor(group, shard, "begin"))
+            else:
+                known.consumed = _Consumed(position, position, seconds, now)
+                return position, seconds
+        counted_from = max(position, begin)
+        seconds = await self._cursor_time(group, shard, begin)
+        known.consumed = _Consumed(position, counted_from, seconds, now)
+        return counted_from, seconds
 
     # ------------------------------------------------------------------ requests
 
@@ -409,19 +421,19 @@ class LagReader:
     # ------------------------------------------------------------------ failures
 
     def _failed(self, group: str, code: str, message: str) -> None:
+        """Count every failure; log one line per group and code per LOG_EVERY seconds."""
         self._observer.lag_read_failed(group, code)
-        if self._failing.get(group) != code:
-            self._failing[group] = code
+        now, last = self._clock(), self._logged.get((group, code))
+        if last is None or now - last >= LOG_EVERY:
+            self._logged[group, code] = now
             log.warning(
-                "lag of group %s: a read failed with %s: %s (counted; read again next interval)",
+                "lag of group %s: a read failed with %s: %s (counted in "
+                "cpmgr_lag_read_failures_total; read again next interval; logged once per %gs)",
                 group,
                 code,
                 message,
+                LOG_EVERY,
             )
-
-    def _recovered(self, group: str) -> None:
-        if self._failing.pop(group, None) is not None:
-            log.info("lag of group %s: read in full again", group)
 
 
 def _position(cursor: str) -> int:
