@@ -230,7 +230,11 @@ class LagReader:
                 await self._changed.wait()
                 continue
             started = self._clock()
-            await self.read_all()
+            try:
+                await self.read_all()
+            except Exception:
+                # A bug in one reading must not end lag reading for good (commits go on anyway).
+                log.exception("lag reading failed; reading again next interval")
             self.rounds += 1
             async with self._finished:
                 self._finished.notify_all()
