@@ -346,7 +346,9 @@ class Membership:
         member.last_good = sent
         member.last_heartbeat_wall = self._wall_clock()
         self._observer.heartbeat_finished(group.name, "OK", member.last_heartbeat_wall)
-        if not (member.ending or member.disconnected):  # a torn-down member takes nothing new
+        # A member being torn down, or any member once shutdown revoked everything, takes
+        # nothing new: SLS goes on assigning a released shard to a consumer that heartbeats.
+        if self.accepting and not (member.ending or member.disconnected):
             self._apply_assignment(member, set(assigned))
 
     async def _prepare_group(self, group: GroupConfig) -> None:

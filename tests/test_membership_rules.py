@@ -145,6 +145,39 @@ async def test_shutdown_refuses_joins_revokes_everything_then_sends_empty_heartb
         assert emu.state.assignments(PROJECT, LOGSTORE, CONSUMER_GROUP) == {}
 
 
+async def test_a_shard_released_at_shutdown_is_not_taken_back_from_the_next_heartbeat(
+    sock_dir: Path,
+) -> None:
+    # SLS keeps assigning a shard to a member that still heartbeats: at shutdown the member
+    # must not take back what it just handed over, or the drain waits for it to the deadline.
+    async with emulator() as emu:
+        heartbeats = Heartbeats(emu)
+        settings = {"release_timeout": "4s"}  # the release deadline outlasts six heartbeats
+        data = member_config(
+            sock_dir / "a.sock", emu.url, membership=settings, shutdown_timeout="10s"
+        )
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            stopping = asyncio.create_task(daemon.shut_down())
+            [await peer.event("revoked") for _ in range(8)]
+            released = await peer.ask({"op": "release", "group": "orders", "shard": 0})
+            assert released["ok"] is True
+            # Heartbeats go one at a time, and each answer still assigns shard 0: by the sixth
+            # after the release, a member that took it back would have read its checkpoint
+            # and told the consumer (events come before the answer that follows them).
+            bodies = await heartbeats.of("pod-a", 6)
+            assert all(0 not in body for body in bodies)
+            assert 0 in emu.state.assignments(PROJECT, LOGSTORE, CONSUMER_GROUP)["pod-a"]
+            (member,) = (await peer.ask({"op": "members"}))["members"]
+            assert [view["shard"] for view in member["shards"]] == list(range(1, 8))
+            events = [peer.events.get_nowait() for _ in range(peer.events.qsize())]
+            assert [e for e in events if e["event"] == "assigned"] == []
+            for shard in range(1, 8):
+                await peer.ask({"op": "release", "group": "orders", "shard": shard})
+            assert await stopping == 0
+
+
 async def test_leave_releases_every_shard_and_ends_the_membership(sock_dir: Path) -> None:
     async with one_member(sock_dir) as (emu, _daemon, peer):
         commit = {"op": "commit", "group": "orders", "shard": 4, "checkpoint": cursor(8)}
