@@ -6,8 +6,9 @@
 Not in `make bench`'s default set. The daemon (bench/server_proc.py) and the emulator each run
 in their own process; the emulator holds one logstore of `--shards` shards (1,000 by default).
 
-A reading costs the same whatever `lag.interval` is, so the daemon reads every second
-(`lag.interval: 1s`) and the figures are scaled to the 30 s default: requests per reading / 30
+A reading costs the same whatever `lag.interval` is, so the daemon reads every 3 s
+(`lag.interval: 3s`: a reading of 1,000 shards fits with room, so whole readings can be told
+apart at the emulator) and the figures are scaled to the 30 s default: requests per reading / 30
 and CPU per reading / 30. Two cases, each over a measured window:
 - caught up: the group's checkpoint is every shard's end (no data arrives): one GetCheckPoint,
   one ListShards and one GetCursor per shard per reading;
@@ -48,10 +49,11 @@ from cpmgr.sls.client import SLSClient
 from cpmgr.sls.signer import Credentials
 
 LOGSTORE: Final = "lagged"
-INTERVAL: Final = 1.0  # the daemon's lag.interval while measured
+INTERVAL: Final = 3.0  # the daemon's lag.interval while measured: a reading fits with room
 DEFAULT_INTERVAL: Final = 30.0  # what the figures are scaled to
 LAG_APIS: Final = ("GetCheckPoint", "ListShards", "GetCursor", "GetCursorTime")
 WAIT: Final = 120.0
+QUIET: Final = 0.1  # no lag request for this long: the reading has finished
 
 
 def progress(message: str) -> None:
@@ -67,7 +69,7 @@ class Sizes:
     def of(cls, *, quick: bool, shards: int | None) -> Sizes:
         if quick:
             return cls(shards=shards or 50, window=2.0)
-        return cls(shards=shards or 1_000, window=10.0)
+        return cls(shards=shards or 1_000, window=20.0)
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,9 @@ class Window:
     def requests_per_reading(self) -> float:
         return sum(self.requests.values()) / self.readings
 
-    def cpu_per_reading(self, idle_cpu: float) -> float:
-        return max(0.0, self.cpu - idle_cpu) / self.readings
+    def cpu_per_reading(self, idle_rate: float) -> float:
+        """Daemon CPU seconds per reading, less what it spends idle over as long."""
+        return max(0.0, self.cpu - idle_rate * self.seconds) / self.readings
 
 
 def _lag_requests(state: dict[str, Any]) -> dict[str, int]:
@@ -93,11 +96,16 @@ def _lag_requests(state: dict[str, Any]) -> dict[str, int]:
 
 
 async def measure_window(server: Server, emulator: str, case: str, seconds: float) -> Window:
-    """Lag requests and daemon CPU over `seconds`, from after the first complete reading."""
-    await _readings_started(emulator)
-    before, cpu_before = _lag_requests(await emulator_state(emulator)), server.cpu_seconds()
+    """Lag requests and daemon CPU over whole readings: from the end of one reading to the end
+    of the first one that ends `seconds` or more later (a reading takes well under
+    INTERVAL, so the daemon is idle between two)."""
+    await _reading_done(emulator)  # the first reading fills the caches: not measured
+    loop = asyncio.get_running_loop()
+    before, cpu_before = await _reading_done(emulator), server.cpu_seconds()
+    started = loop.time()
     await asyncio.sleep(seconds)  # a measurement window, not a wait for something to happen
-    after, cpu_after = _lag_requests(await emulator_state(emulator)), server.cpu_seconds()
+    after, cpu_after = await _reading_done(emulator), server.cpu_seconds()
+    seconds = loop.time() - started
     requests = {api: after[api] - before[api] for api in LAG_APIS}
     readings = requests["GetCheckPoint"]  # one per reading of the one group
     if readings < 1:
@@ -105,14 +113,21 @@ async def measure_window(server: Server, emulator: str, case: str, seconds: floa
     return Window(case, readings, requests, cpu_after - cpu_before, seconds)
 
 
-async def _readings_started(emulator: str) -> None:
-    """Until the daemon has read lag at least twice (the first reading fills its caches)."""
+async def _reading_done(emulator: str) -> dict[str, int]:
+    """The lag requests so far, once the next reading has started and then finished (no new
+    request for QUIET seconds)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + WAIT
-    while _lag_requests(await emulator_state(emulator))["GetCheckPoint"] < 2:
+    first = _lag_requests(await emulator_state(emulator))
+    seen = first
+    while True:
+        await asyncio.sleep(QUIET)  # the emulator is another process: poll it
+        now = _lag_requests(await emulator_state(emulator))
+        if now == seen and now["GetCheckPoint"] > first["GetCheckPoint"]:
+            return now
         if loop.time() > deadline:
-            raise BenchError(f"no lag reading within {WAIT:g} s")
-        await asyncio.sleep(0.2)  # the emulator is another process: poll it
+            raise BenchError(f"no lag reading finished within {WAIT:g} s")
+        seen = now
 
 
 async def _commit_ends(emulator: str, shards: int) -> None:
@@ -140,18 +155,18 @@ def _config(directory: Path, emulator: str, lag_interval: str) -> dict[str, Any]
 
 
 async def idle_cpu(directory: Path, emulator: str, seconds: float) -> float:
-    """The daemon's CPU seconds over a window with lag reading off."""
+    """The daemon's CPU seconds per second with lag reading off (its loop-lag probe...)."""
     async with running_daemon(directory, _config(directory, emulator, "0")) as server:
         await asyncio.sleep(1.0)  # past start-up
         before = server.cpu_seconds()
         await asyncio.sleep(seconds)  # a measurement window
-        return server.cpu_seconds() - before
+        return (server.cpu_seconds() - before) / seconds
 
 
 async def one_case(
     directory: Path, sizes: Sizes, case: str, *, write_rate: int
 ) -> tuple[Window, float]:
-    """(the lag window, the daemon's CPU with lag off over as long)."""
+    """(the lag window, the daemon's CPU seconds per second with lag off)."""
     idle_dir, lag_dir = _directories(directory)
     extra = ("--write-rate", str(write_rate)) if write_rate else ()
     async with emulator_process(
@@ -214,7 +229,8 @@ def section(windows: list[tuple[Window, float]], sizes: Sizes) -> Section:
     body = "\n".join(
         [
             f"One group over {sizes.shards:,} shards; the daemon reads lag every {INTERVAL:g} s "
-            f"for {sizes.window:g} s per case (its CPU with lag off over as long is subtracted); "
+            f"for whole readings over about {sizes.window:g} s per case (its CPU with lag off "
+            "over as long is subtracted); "
             f"the per-reading figures are scaled to the default `lag.interval` of "
             f"{DEFAULT_INTERVAL:g} s. At most 4 lag requests are in flight.",
             "",
