@@ -49,6 +49,7 @@ SHARDS_PER_LOGSTORE = 4
 ERROR_RATE = 0.05
 DEFAULT_DURATION = 12.0
 WRITE_RATE = 20  # log groups per second the emulator appends to every shard
+EMULATOR_START_TIMEOUT = 30.0  # seconds
 # The synthetic consumer reads at these multiples of WRITE_RATE: slower for the first
 # SLOW_SHARE of the run (it falls behind), then faster until it has caught up.
 SLOW_SPEED, FAST_SPEED, SLOW_SHARE = 0.25, 4.0, 0.5
@@ -108,7 +109,11 @@ def _checkpoint_groups(config: Config) -> list[GroupConfig]:
 
 
 async def _spawn(
-    args: list[str], env: dict[str, str], log_path: str | None = None
+    args: list[str],
+    env: dict[str, str],
+    log_path: str | None = None,
+    *,
+    stdout: int = asyncio.subprocess.DEVNULL,
 ) -> asyncio.subprocess.Process:
     log_fd = None if log_path is None else os.open(log_path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
@@ -118,7 +123,7 @@ async def _spawn(
             "cpmgr",
             *args,
             env=env,
-            stdout=asyncio.subprocess.DEVNULL,
+            stdout=stdout,
             stderr=log_fd,
             # Own process group: Ctrl-C reaches only the demo, which stops the children in order.
             start_new_session=True,
@@ -126,6 +131,23 @@ async def _spawn(
     finally:
         if log_fd is not None:
             os.close(log_fd)  # the child has its own copy
+
+
+async def _start_emulator(
+    config: Config, port: int, env: dict[str, str]
+) -> asyncio.subprocess.Process:
+    """`cpmgr emulator`, once it listens: the daemons' first requests must not be refused (a
+    busy machine can take seconds to start it). Its one line on stdout says it listens."""
+    emulator = await _spawn(_emulator_args(config, port), env, stdout=asyncio.subprocess.PIPE)
+    assert emulator.stdout is not None
+    try:
+        line = await asyncio.wait_for(emulator.stdout.readline(), EMULATOR_START_TIMEOUT)
+    except TimeoutError:
+        line = b""
+    if not line.startswith(b"cpmgr emulator listening on "):
+        await _stop_child(emulator, "emulator", 5)
+        raise SystemExit(f"the emulator did not start (said {line!r}); see its errors above")
+    return emulator
 
 
 async def _wait_until_ready(path: str, daemon: asyncio.subprocess.Process) -> AsyncCpmgrClient:
@@ -396,7 +418,7 @@ async def demo(config_path: str, duration: float) -> int:
     env = {**os.environ, "CPMGR_EMULATOR_PORT": str(ports.emulator)}
     config = load_config(config_path, {**env, "CPMGR_RUN_DIR": run_dir})
     members_group = next((g for g in config.groups if g.membership is not None), None)
-    emulator = await _spawn(_emulator_args(config, ports.emulator), env)
+    emulator = await _start_emulator(config, ports.emulator, env)
     daemon = await _start_daemon("daemon", config_path, env, run_dir, ports.http)
     daemon_b = None
     if members_group is not None:
