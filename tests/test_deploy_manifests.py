@@ -1,4 +1,5 @@
-"""The Kubernetes sidecar example and the systemd unit agree with cpmgr's own config."""
+"""The Kubernetes sidecar (deploy/kubernetes, rendered by kustomize with static keys) and the
+systemd unit agree with cpmgr's own config."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from typing import Any
 
 import pytest
 import yaml
+from kustomize import documents
 
 from cpmgr.config import Config, load_config, parse_config, parse_duration, split_listen
 
 ROOT = Path(__file__).resolve().parent.parent
-SIDECAR = ROOT / "deploy" / "kubernetes" / "sidecar.yaml"
+STATIC_KEYS = ROOT / "deploy" / "kubernetes" / "overlays" / "static-keys"
 UNIT = ROOT / "deploy" / "systemd" / "cpmgr.service"
 
 # What the Deployment provides to the container: the Secret's keys and the downward API.
@@ -27,8 +29,7 @@ Manifest = dict[str, Any]
 
 
 def _documents() -> list[Manifest]:
-    text = SIDECAR.read_text(encoding="utf-8")
-    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    return documents(STATIC_KEYS)
 
 
 def _one(kind: str) -> Manifest:

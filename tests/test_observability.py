@@ -39,14 +39,21 @@ def cursor(number: int) -> str:
     return base64.b64encode(str(number).encode()).decode()
 
 
+# A membership group, for the tests that need members and handoffs (members=True).
+MEMBERS = {"name": "clicks", "logstore": "clicks-ls", "consumer_group": "clicks-cg"}
+
+
 def config_data(
     endpoint: str,
     sock: str,
     *,
     shard_metrics: bool = False,
     lag: dict[str, Any] | None = None,
+    members: bool = False,
     **commit: Any,
 ) -> dict[str, Any]:
+    membership = {"heartbeat_interval": "200ms", "timeout": "12s", "create": True}
+    extra = [{**MEMBERS, "project": PROJECT, "membership": membership}] if members else []
     return {
         # Lag reading off unless asked for: these daemons are about commits (and a forced
         # error would fail the lag reader's GetCheckPoint too).
@@ -73,7 +80,8 @@ def config_data(
                 "consumer_group": where.split("/")[1],
             }
             for name, where in GROUPS.items()
-        ],
+        ]
+        + extra,
     }
 
 
@@ -128,10 +136,12 @@ async def running_daemon(
     *,
     shard_metrics: bool = False,
     lag: dict[str, Any] | None = None,
+    members: bool = False,
     **commit: Any,
 ) -> AsyncIterator[Running]:
     sock_dir = tempfile.mkdtemp(prefix="cp", dir="/tmp")
     logstores = [f"{PROJECT}/{where.split('/')[0]}:4" for where in GROUPS.values()]
+    logstores += [f"{PROJECT}/{MEMBERS['logstore']}:2"] if members else []
     groups = [f"{PROJECT}/{where}" for where in GROUPS.values()]
     async with running_emulator(
         logstores=logstores,
@@ -141,7 +151,12 @@ async def running_daemon(
     ) as emulator:
         config: Config = parse_config(
             config_data(
-                emulator.url, f"{sock_dir}/c.sock", shard_metrics=shard_metrics, lag=lag, **commit
+                emulator.url,
+                f"{sock_dir}/c.sock",
+                shard_metrics=shard_metrics,
+                lag=lag,
+                members=members,
+                **commit,
             )
         )
         registry = CollectorRegistry()
