@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 ShardState = Literal["acquiring", "held", "releasing", "closing"]
 HandoffReason = Literal["rebalance", "shutdown", "deadline", "disconnect", "ended", "lost"]
-# The empty heartbeats at shutdown share this bound (CONTRACT: "bounded by 1 s").
+# The empty heartbeats at shutdown share this bound ("bounded by 1 s", docs/protocol.md).
 FINAL_HEARTBEAT_SECONDS: Final = 1.0
 READ_CONCURRENCY: Final = 8
 
@@ -187,7 +187,8 @@ class Member:
 
 
 class Membership:
-    """Every member on this daemon: `join`, `release`, `leave` and the rules of CONTRACT 7."""
+    """Every member on this daemon: `join`, `release`, `leave` and the membership rules
+    (docs/protocol.md, "Membership")."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Config: every rule of CONTRACT.md section 2, good and bad, and the shipped files."""
+"""Config: every rule of docs/configuration.md, good and bad, and the shipped files."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The socket server, from a real Unix socket: every op, error code and edge of CONTRACT.md
-section 3 that the socket side owns."""
+"""The socket server, from a real Unix socket: every op, error code and edge of docs/protocol.md
+that the socket side owns."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The socket side's limits (CONTRACT.md sections 2-4): connections, idle unfinished lines,
+"""The socket side's limits (docs/protocol.md, "Limits"): connections, idle unfinished lines,
 buffered input, shards per group, per-group uids, and the metrics that count them."""
 
 from __future__ import annotations

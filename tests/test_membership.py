@@ -1,6 +1,7 @@
-"""Consumer-group membership end to end (CONTRACT section 7): consumers join daemons over the
-socket, the daemons heartbeat the in-process emulator, shards move between members with their
-last checkpoints committed first. Short timings: heartbeat 200 ms, timeout 2 s."""
+"""Consumer-group membership end to end (docs/protocol.md, "Membership"): consumers join
+daemons over the socket, the daemons heartbeat the in-process emulator, shards move between
+members with their last checkpoints committed first. Short timings: heartbeat 200 ms, timeout
+2 s."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The `membership:` block of a group (CONTRACT section 7): defaults, every rule, good and bad."""
+"""The `membership:` block of a group (docs/configuration.md): defaults, every rule, good and
+bad."""
 
 from __future__ import annotations
 

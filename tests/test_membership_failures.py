@@ -1,6 +1,6 @@
-"""Membership when things go wrong (CONTRACT section 7): SLS unreachable past the timeout, a
-daemon stopped with members, a consumer of the official SDK in the same consumer group, and a
-heartbeat that must not wait behind a 10,000-shard commit cycle."""
+"""Membership when things go wrong (docs/protocol.md, "Membership"): SLS unreachable past the
+timeout, a daemon stopped with members, a consumer of the official SDK in the same consumer
+group, and a heartbeat that must not wait behind a 10,000-shard commit cycle."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Each rule and the shutdown of CONTRACT section 7, one test named after it, against daemons
-in this process and the in-process emulator."""
+"""Each membership rule and the shutdown (docs/protocol.md, "Membership"), one test named
+after it, against daemons in this process and the in-process emulator."""
 
 from __future__ import annotations
 

@@ -523,7 +523,7 @@ async def test_heartbeat_errors_say_whether_the_member_expired(
     assert err.throttling == (code == "MetaOperationQpsLimitExceeded")
 
 
-# --- failures, one per class of CONTRACT.md section 5 ----------------------------------------
+# --- failures, one per class of the table in docs/design.md ("Failures") -------------------
 
 
 @pytest.mark.parametrize(
