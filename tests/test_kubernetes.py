@@ -14,6 +14,7 @@ import yaml
 from kustomize import documents
 
 from cpmgr.config import Config, parse_config, split_listen
+from cpmgr.sls.credentials.chain import present_without_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERNETES = ROOT / "deploy" / "kubernetes"
@@ -184,3 +185,8 @@ def test_rrsa_has_no_key_and_the_service_account_names_the_role() -> None:
     text = _one(rendered, "ConfigMap")["data"]["cpmgr.yaml"]
     assert yaml.safe_load(text)["sls"]["credentials"] == "auto"
     assert "access_key" not in text
+    # cpmgr itself accepts the config with what the webhook injects, and nothing else.
+    cfg = _config(rendered, RRSA_ENV)
+    assert cfg.sls.credentials == "auto"
+    assert present_without_probe(cfg.sls) == "oidc"  # what auto picks: RRSA's role
+    assert cfg.groups[0].consumer == RRSA_ENV["POD_NAME"]
