@@ -116,8 +116,11 @@ def test_the_readme_using_it_block_runs_as_written(checkout: Path) -> None:
     out = result.stdout
     assert "check-config" not in out  # nothing was refused
     assert "committed: orders shard 3 = MTUyNDE1NTM3OTM3MzkwODQ5Ng==" in out
-    (row,) = [line for line in out.splitlines() if line.startswith("orders  3 ")]
-    assert row.split()[6] == "MTUyNDE1NTM3OTM3MzkwODQ5Ng=="  # what SLS (the emulator) holds
+    lines = out.splitlines()
+    (header,) = [line for line in lines if line.startswith("GROUP ") and "REMOTE" in line]
+    (row,) = [line for line in lines if line.startswith("orders  3 ")]
+    remote = dict(zip(header.split(), row.split(), strict=True))["REMOTE"]
+    assert remote == "MTUyNDE1NTM3OTM3MzkwODQ5Ng=="  # what SLS (the emulator) holds
     assert '{"ok":true,"group":"clicks","consumer":"pod-a-1"}' in out
     assert "every accepted checkpoint is committed" in out
     assert "stopped (exit code 0)" in out
