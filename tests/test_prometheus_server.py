@@ -354,8 +354,9 @@ def test_the_dashboard_is_a_grafana_dashboard_on_job_cpmgr() -> None:
 
 
 async def test_every_dashboard_query_returns_data_from_a_real_daemon(tmp_path: Path) -> None:
+    lag = {"interval": "200ms", "lagging_after": "30s", "stall_after": "1h"}
     async with (
-        running_daemon(members=True) as r,
+        running_daemon(members=True, lag=lag) as r,
         running_prometheus(tmp_path, r) as prom,
         AsyncExitStack() as stack,
     ):
