@@ -345,6 +345,11 @@ def test_the_dashboard_is_a_grafana_dashboard_on_job_cpmgr() -> None:
     assert len(ids) == len(set(ids))
     queries = _panel_queries()
     assert all('job="cpmgr"' in expr for _, expr in queries), "the alerts select job=cpmgr"
+    # Every runbook a panel points to is a section of the operations guide.
+    headings = re.findall(r"^#+\s+(.+)$", OPERATIONS.read_text(encoding="utf-8"), re.M)
+    anchors = {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-") for h in headings}
+    links = re.findall(r"docs/operations\.md#([a-z0-9-]+)", json.dumps(dashboard))
+    assert links and sorted(set(links) - anchors) == []
     exported = {name.removesuffix("_bucket").removesuffix("_total") for name in _exported_names()}
     used = {m for _, expr in queries for m in re.findall(r"\bcpmgr_[a-z_]+", expr)}
     assert (
