@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -265,6 +266,32 @@ async def test_auto_picks_the_first_source_present_in_the_sdks_order(
     fetched = {api for api in used if requests(emulator, api)}
     assert fetched == {"AssumeRoleWithOIDC" if expected == "oidc" else "MetadataCredentials"}
     assert f"credentials {expected} (chosen by auto)" in daemon.log
+
+
+async def test_a_reload_switches_from_static_keys_to_oidc(
+    emulator: EmulatorHandle, token_file: Path, sock_dir: Path, tmp_path: Path
+) -> None:
+    emulator.app.keys[STATIC_ID] = STATIC_SECRET
+    sock = sock_dir / "s"
+    keys = {"access_key_id": STATIC_ID, "access_key_secret": STATIC_SECRET}
+    path = write_yaml(tmp_path / "cpmgr.yaml", config_for(sock, emulator, keys))
+    async with running_daemon(path) as daemon, AsyncCpmgrClient(str(sock)) as client:
+        await client.commit("orders", 0, cursor(1), wait=True)
+        assert (await client.status())["credentials"]["source"] == "static"
+
+        # The keys leave the config, RRSA's settings arrive: `auto` now finds OIDC.
+        del emulator.app.keys[STATIC_ID]  # the old keys no longer work at SLS
+        oidc = {"oidc": oidc_settings(emulator, token_file)}
+        write_yaml(path, config_for(sock, emulator, oidc))
+        daemon.send(signal.SIGHUP)
+        await daemon.wait_for_line("credentials refreshed from oidc", timeout=30)
+        await client.commit("orders", 0, cursor(2), wait=True)
+        status = await client.status()
+    assert status["credentials"]["source"] == "oidc"
+    assert status["credentials"]["chosen_by"] == "auto"
+    assert requests(emulator, "AssumeRoleWithOIDC") == {"OK": 1}
+    assert requests(emulator, "UpdateCheckPoint") == {"OK": 2}
+    assert_no_secret([daemon.log], issued_secrets(emulator, STATIC_SECRET, TOKEN_1))
 
 
 # --------------------------------------------------------------------------- refresh under load
