@@ -938,6 +938,9 @@ def _plain(obj: object, key: str = "") -> object:
         return SECRET_MASK
     if key == "mode" and isinstance(obj, int):
         return f"{obj:04o}"
+    if key == "credentials_uri" and isinstance(obj, str) and "?" in obj:
+        # A credentials endpoint may authenticate its caller with a token in the query.
+        return obj.partition("?")[0] + "?" + SECRET_MASK
     return obj
 
 

@@ -174,6 +174,14 @@ def test_check_config_says_where_keys_will_come_from(tmp_path: Path) -> None:
         "# credentials: source file (chosen by auto), key id STS.file, "
         "expire at 2030-01-02T03:04:05Z"
     )
+    uri = {"ALIBABA_CLOUD_CREDENTIALS_URI": "https://creds.example.com/v1/keys?token=s3cr3t"}
+    line, effective = check_config(tmp_path, uri, credentials="uri")
+    assert line == (
+        "# credentials: source uri (sls.credentials), keys are fetched at run time from "
+        "https://creds.example.com"
+    )
+    assert effective["sls"]["credentials_uri"] == "https://creds.example.com/v1/keys?***"
+
     nothing = {"ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true"}
     line, _ = check_config(tmp_path, nothing)
     assert line.startswith("# credentials: no credentials found: ")

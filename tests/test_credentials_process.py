@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -327,7 +328,10 @@ async def test_short_lived_keys_are_renewed_in_the_background_under_load(
         def rotate() -> None:
             # The emulator checks against this same file: from now on the old token is refused.
             rotated_at.append(len(emulator.app.credentials.issued))
-            token_file.write_text(f"{TOKEN_2}\n")
+            # Atomically, as the kubelet swaps a projected token: never half a file.
+            scratch = token_file.with_name("rrsa-token.new")
+            scratch.write_text(f"{TOKEN_2}\n")
+            os.replace(scratch, token_file)
 
         async with running_daemon(path) as daemon, AsyncCpmgrClient(str(sock)) as client:
             committed = await commit_load(client, 40, rotate)
