@@ -22,6 +22,7 @@ import pytest
 from lifecycle_helpers import (
     LOGSTORE,
     PROJECT,
+    DaemonProcess,
     child_env,
     cursor,
     daemon_config,
@@ -30,6 +31,7 @@ from lifecycle_helpers import (
     remote_key,
     running_daemon,
     short_socket_dir,
+    spawn_daemon,
     write_yaml,
 )
 
@@ -293,6 +295,21 @@ async def test_a_reload_switches_from_static_keys_to_oidc(
     assert requests(emulator, "AssumeRoleWithOIDC") == {"OK": 1}
     assert requests(emulator, "UpdateCheckPoint") == {"OK": 2}
     assert_no_secret([daemon.log], issued_secrets(emulator, STATIC_SECRET, TOKEN_1))
+
+
+async def test_auto_with_no_source_at_all_does_not_start(
+    emulator: EmulatorHandle, sock_dir: Path, tmp_path: Path
+) -> None:
+    path = write_yaml(tmp_path / "cpmgr.yaml", config_for(sock_dir / "s", emulator, {}))
+    env = {"ALIBABA_CLOUD_ECS_METADATA_DISABLED": "true"}
+    daemon = DaemonProcess(await spawn_daemon(path, env))
+    try:
+        assert await daemon.exit_code(timeout=30) == 1
+    finally:
+        await daemon.kill()
+    [line] = [line for line in daemon.lines if "cannot start" in line]
+    assert "no credentials found" in line and "ALIBABA_CLOUD_ROLE_ARN" in line
+    assert "Traceback" not in daemon.log
 
 
 # --------------------------------------------------------------------------- refresh under load
