@@ -374,3 +374,28 @@ async def test_a_failed_refresh_keeps_the_keys_backs_off_and_recovers(
     assert failures is not None and failures >= 2 and successes == 2
     assert "secret-" not in caplog.text
     assert sum("credentials refreshed from uri" in r.message for r in caplog.records) == 2
+
+
+async def test_a_file_with_an_expiration_is_never_used_past_it(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(
+        '{"AccessKeyId": "STS.f", "AccessKeySecret": "s", "SecurityToken": "t",'
+        ' "Expiration": "2030-01-01T00:00:30Z"}'
+    )
+    clock = Clock(1893456000.0)  # 2030-01-01T00:00:00Z
+    refresher = CredentialsRefresher(
+        sls_config({"credentials": "file", "credentials_file": str(keys)}), clock=clock
+    )
+    assert refresher().access_key_id == "STS.f"
+    assert refresher.status()["expires_at"] == "2030-01-01T00:00:30Z"
+    clock.now += 20
+    with pytest.raises(SLSError) as expired:
+        refresher()
+    assert expired.value.code == "CredentialsExpired"
+    # A rotated file is read before the next request, and its keys are used at once.
+    keys.write_text(
+        '{"AccessKeyId": "STS.g", "AccessKeySecret": "s2", "SecurityToken": "t2",'
+        ' "Expiration": "2030-01-01T01:00:00Z"}'
+    )
+    refresher.invalidate()
+    assert refresher().access_key_id == "STS.g"
