@@ -128,7 +128,12 @@ class Daemon:
             request_timeout=config.commit.request_timeout,
             connection_limit=LAG_CONCURRENCY,
         )
-        self.lag = LagReader(config=config, api=self.lag_client, observer=self.metrics)
+        self.lag = LagReader(
+            config=config,
+            api=self.lag_client,
+            observer=self.metrics,
+            on_credentials_error=self.credentials.invalidate,
+        )
         self.lag_collector = self.metrics.watch_lag(
             self.lag.readings, shard_metrics=config.http.shard_metrics
         )

@@ -262,6 +262,28 @@ async def test_failures_are_counted_by_code_and_keep_the_previous_reading(
     assert third is not None and third.shards[0].log_groups == 6
 
 
+async def test_refused_keys_are_counted_and_ask_for_fresh_ones(
+    emulator: EmulatorHandle, client: SLSClient
+) -> None:
+    registry = CollectorRegistry()
+    asked: list[bool] = []
+    config = make_config(emulator.url)
+    reader = LagReader(
+        config=config,
+        api=client,
+        observer=Metrics(registry, process_metrics=False),
+        on_credentials_error=lambda: asked.append(True),
+    )
+    emulator.faults.update({"force": {f"{P}/{L}/{G}": [401, "SignatureNotMatch"]}})
+    assert await reader.read_group(config.groups[0]) is None
+    assert asked == [True]
+    labels = {"group": "orders", "code": "SignatureNotMatch"}
+    assert registry.get_sample_value("cpmgr_lag_read_failures_total", labels) == 1
+    emulator.faults.update({"force": {f"{P}/{L}/{G}": [500, "InternalServerError"]}})
+    await reader.read_group(config.groups[0])
+    assert asked == [True]  # only refused keys ask for fresh ones
+
+
 async def test_a_checkpoint_that_is_no_cursor_is_counted_as_bad_cursor(
     emulator: EmulatorHandle, client: SLSClient
 ) -> None:

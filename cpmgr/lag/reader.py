@@ -159,11 +159,13 @@ class LagReader:
         config: Config,
         api: LagAPI,
         observer: LagObserver | None = None,
+        on_credentials_error: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         concurrency: int = LAG_CONCURRENCY,
     ) -> None:
         self._api = api
+        self._on_credentials_error = on_credentials_error
         self._observer: LagObserver = observer or _NullObserver()
         self._clock = clock
         self._wall_clock = wall_clock
@@ -287,7 +289,7 @@ class LagReader:
                 )
             )
         except SLSError as exc:
-            self._failed(group.name, exc.code, exc.message)
+            self._failed(group.name, exc)
             return self._readings.get(group.name)
         checkpoints = await _by_shard(entries)
         tally = Tally()
@@ -320,10 +322,10 @@ class LagReader:
         try:
             log_groups, seconds = await self._lag_of(group, shard, known)
         except SLSError as exc:
-            self._failed(group.name, exc.code, exc.message)
+            self._failed(group.name, exc)
             return None
         except _BadCursor as exc:
-            self._failed(group.name, BAD_CURSOR, str(exc))
+            self._failed(group.name, SLSError(BAD_CURSOR, 200, str(exc)))
             return None
         state = classify(
             log_groups=log_groups,
@@ -424,9 +426,13 @@ class LagReader:
 
     # ------------------------------------------------------------------ failures
 
-    def _failed(self, group: str, code: str, message: str) -> None:
-        """Count every failure; log one line per group and code per LOG_EVERY seconds."""
+    def _failed(self, group: str, error: SLSError) -> None:
+        """Count every failure; log one line per group and code per LOG_EVERY seconds. SLS
+        refusing the keys also asks for fresh ones, as a refused commit does."""
+        code, message = error.code, error.message
         self._observer.lag_read_failed(group, code)
+        if error.credentials_problem and self._on_credentials_error is not None:
+            self._on_credentials_error()
         now, last = self._clock(), self._logged.get((group, code))
         if last is None or now - last >= LOG_EVERY:
             self._logged[group, code] = now

@@ -279,6 +279,8 @@ Method = Literal["GET", "POST", "PUT"]
 
 # (endpoint override, project, logstore, group, consumer, forceSuccess)
 _CheckpointKey = tuple[str | None, str, str, str, str, bool]
+# (endpoint override, project, logstore, shard, from)
+_CursorKey = tuple[str | None, str, str, int, str]
 
 
 @dataclass(frozen=True)
@@ -399,6 +401,8 @@ class SLSClient:
         self._user_agent = user_agent
         self._pools: dict[Endpoint, ConnectionPool] | None = None
         self._checkpoint_requests: dict[_CheckpointKey, _Prepared] = {}
+        # GetCursor of a shard at the same start, asked again at every lag reading.
+        self._cursor_requests: dict[_CursorKey, _Prepared] = {}
 
     def __repr__(self) -> str:
         ep = self._default_endpoint
@@ -626,16 +630,27 @@ class SLSClient:
 
         A time before the oldest data gives the begin cursor, one after the newest the end.
         """
-        params = {"type": "cursor", "from": _cursor_from(start)}
-        answer = await self._call(
+        key: _CursorKey = (endpoint, project, logstore, shard, _cursor_from(start))
+        prepared = self._cursor_requests.get(key)
+        if prepared is None:
+            prepared = self._prepare_cursor(key)
+        return _parse_cursor(_Answer.of(await self._send(prepared, b"", region)))
+
+    def _prepare_cursor(self, key: _CursorKey) -> _Prepared:
+        endpoint, project, logstore, shard, start = key
+        prepared = _prepare(
+            self._endpoint(endpoint),
             "GET",
             project,
             _shard_resource(logstore, shard),
-            params=params,
-            endpoint=endpoint,
-            region=region,
+            {"type": "cursor", "from": start},
+            has_body=False,
+            user_agent=self._user_agent,
         )
-        return _parse_cursor(answer)
+        if len(self._cursor_requests) >= _MAX_PREPARED:
+            self._cursor_requests.clear()
+        self._cursor_requests[key] = prepared
+        return prepared
 
     async def get_cursor_time(
         self,
