@@ -77,11 +77,14 @@ async def test_make_run_shares_the_shards_and_hands_them_over() -> None:
     assert re.search(r"cpmgr status --socket /\S+/cpmgr\.sock\n", out), out
     # The consumer reads slower than the emulator writes, then catches up: the lag of orders
     # (log groups, seconds) grows to seconds, then falls back to at most a second of data.
+    # (Not necessarily on the last line: with the emulator's 5% errors a shard whose read
+    # failed keeps its previous, larger figure for an interval.)
     lag = [(int(groups), int(seconds)) for groups, seconds in LAG.findall(out)]
     assert lag, out
-    worst = max(lag, key=lambda figures: figures[1])
-    assert worst[1] >= 2, out
-    assert lag[-1][1] <= 1 and lag[-1][0] < worst[0], out
+    worst = max(range(len(lag)), key=lambda index: lag[index][1])
+    assert lag[worst][1] >= 2, out
+    caught_up = [figures for figures in lag[worst:] if figures[1] <= 1]
+    assert caught_up and min(caught_up)[0] < lag[worst][0] / 2, out
     assert "lagging)" in out, out
 
     stories = shard_stories(out)
