@@ -208,6 +208,30 @@ async def test_a_shard_without_checkpoint_is_ok_until_stall_after(
     assert reading is not None and reading.shards[3].state == "stalled"
 
 
+async def test_a_finished_read_only_shard_has_lag_0_and_never_stalls(
+    emulator: EmulatorHandle, client: SLSClient
+) -> None:
+    clock = FakeClock(0.0)
+    config = make_config(emulator.url, lag={"stall_after": "1m"})
+    reader = LagReader(config=config, api=client, clock=clock)
+    parent, behind = shards(emulator)[0], shards(emulator)[1]
+    for shard in (parent, behind):
+        shard.append(6, T0)
+        shard.append(6, T0 + 300)
+        shard.status = "readonly"  # the parent of a split: its end is frozen
+    await commit(client, 0, parent.end)  # committed to its end: finished
+    await commit(client, 1, behind.begin + 3)
+    clock.now = 3600
+    reading = await reader.read_group(config.groups[0])
+    assert reading is not None
+    assert (reading.shards[0].log_groups, reading.shards[0].seconds) == (0, 0.0)
+    clock.now = 7200
+    reading = await reader.read_group(config.groups[0])
+    assert reading is not None
+    assert reading.shards[0].state == "ok"
+    assert (reading.shards[1].log_groups, reading.shards[1].state) == (9, "stalled")
+
+
 def test_classify_precedence() -> None:
     thresholds = Thresholds(lagging_after=60, stall_after=300)
 
