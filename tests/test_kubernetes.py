@@ -43,10 +43,13 @@ def _kubernetes_schemas() -> dict[str, Any]:
 
 def _strict(schema: Any) -> Any:
     """A CRD schema as the API server's strict field validation reads it: an object with
-    declared properties takes no other field."""
+    declared properties takes no other field (the server prunes or, with
+    --validate=strict, rejects it), unless it says x-kubernetes-preserve-unknown-fields.
+    CRD schemas never say additionalProperties: false themselves, so it is added here."""
     if isinstance(schema, dict):
         strict = {key: _strict(value) for key, value in schema.items()}
-        if "properties" in schema and "additionalProperties" not in schema:
+        preserves = schema.get("x-kubernetes-preserve-unknown-fields") is True
+        if "properties" in schema and "additionalProperties" not in schema and not preserves:
             strict["additionalProperties"] = False
         return strict
     if isinstance(schema, list):
@@ -54,11 +57,28 @@ def _strict(schema: Any) -> Any:
     return schema
 
 
+def _local_refs(schema: Any, defs: dict[str, Any]) -> Any:
+    """The package names Kubernetes' own types as `<definition>#` (metadata is an ObjectMeta):
+    point those at the vendored Kubernetes schema's definitions."""
+    if isinstance(schema, dict):
+        local = {key: _local_refs(value, defs) for key, value in schema.items()}
+        if "$ref" in schema:
+            name = schema["$ref"].removesuffix("#")
+            assert name in defs, f"no vendored Kubernetes definition for {name}"
+            local["$ref"] = f"#/$defs/{name}"
+        return local
+    if isinstance(schema, list):
+        return [_local_refs(item, defs) for item in schema]
+    return schema
+
+
 @cache
 def _podmonitor_schema() -> dict[str, Any]:
+    """The prometheus-operator PodMonitor CRD's schema (tests/data/schemas/README.md)."""
     path = SCHEMAS / "podmonitor-monitoring.coreos.com-v1.json"
-    schema: dict[str, Any] = _strict(json.loads(path.read_text(encoding="utf-8")))
-    return schema
+    defs = _kubernetes_schemas()["$defs"]
+    crd = _strict(json.loads(path.read_text(encoding="utf-8")))
+    return {**_local_refs(crd, defs), "$defs": defs}
 
 
 def _schema_for(manifest: Manifest) -> dict[str, Any]:
@@ -104,6 +124,44 @@ def test_the_schemas_catch_a_misspelt_field() -> None:
     (monitor,) = [m for m in documents(STATIC_KEYS) if m["kind"] == "PodMonitor"]
     monitor["spec"]["podMetricsEndpoints"][0]["intervall"] = "15s"
     assert any("intervall" in p for p in _problems(monitor))
+
+
+def _podmonitor(directory: Path = STATIC_KEYS) -> Manifest:
+    (monitor,) = [m for m in documents(directory) if m["kind"] == "PodMonitor"]
+    return monitor
+
+
+def test_the_podmonitor_crd_schema_rejects_what_the_operator_would() -> None:
+    """Validated against the operator's own CRD schema, not a copy of what the manifest uses."""
+    monitor = _podmonitor()
+    monitor["spec"]["podMetricsEndpoint"] = monitor["spec"].pop("podMetricsEndpoints")
+    problems = _problems(monitor)
+    assert any("podMetricsEndpoint'" in p and "unexpected" in p for p in problems), problems
+    assert any("'podMetricsEndpoints' is a required property" in p for p in problems), problems
+
+    monitor = _podmonitor()
+    monitor["spec"]["podMetricsEndpoints"][0]["interval"] = 30  # a Duration is a string
+    assert any(
+        p.endswith("podMetricsEndpoints/0/interval: 30 is not of type 'string'")
+        for p in _problems(monitor)
+    ), _problems(monitor)
+
+    monitor = _podmonitor()
+    monitor["spec"]["podMetricsEndpoints"][0]["interval"] = "15 seconds"
+    assert any(
+        "podMetricsEndpoints/0/interval" in p and "does not match" in p for p in _problems(monitor)
+    )
+
+    monitor = _podmonitor()
+    monitor["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["action"] = "rename"
+    assert any("relabelings/0/action" in p for p in _problems(monitor))
+
+    monitor = _podmonitor()
+    monitor["metadata"]["labels"] = {"team": 7}  # metadata is Kubernetes' ObjectMeta
+    assert _problems(monitor) == [
+        f"PodMonitor/{monitor['metadata']['name']}: metadata: {monitor['metadata']} "
+        "is not valid under any of the given schemas"  # an ObjectMeta, or null
+    ]
 
 
 def _one(rendered: list[Manifest], kind: str) -> Manifest:
