@@ -159,6 +159,7 @@ class Member:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     ending: bool = False
+    leaving: bool = False  # `leave` is releasing its shards: it takes nothing new
     disconnected: bool = False  # its connection closed: being torn down
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -347,9 +348,10 @@ class Membership:
         member.last_good = sent
         member.last_heartbeat_wall = self._wall_clock()
         self._observer.heartbeat_finished(group.name, "OK", member.last_heartbeat_wall)
-        # A member being torn down, or any member once shutdown revoked everything, takes
-        # nothing new: SLS goes on assigning a released shard to a consumer that heartbeats.
-        if self.accepting and not (member.ending or member.disconnected):
+        # A member leaving or being torn down, or any member once shutdown revoked everything,
+        # takes nothing new: SLS goes on assigning a released shard to a consumer that
+        # heartbeats.
+        if self.accepting and not (member.ending or member.leaving or member.disconnected):
             self._apply_assignment(member, set(assigned))
 
     async def _prepare_group(self, group: GroupConfig) -> None:
@@ -586,6 +588,7 @@ class Membership:
 
     async def leave(self, member: Member) -> int:
         """Release every shard, then end the membership; how many shards were released."""
+        member.leaving = True
         owned = member.owned()
         results = await asyncio.gather(
             *(self.release(member, s) for s in owned), return_exceptions=True
@@ -596,6 +599,7 @@ class Membership:
             if isinstance(r, BaseException)
         ]
         if failed:
+            member.leaving = False  # still a member: it may take shards again, or leave again
             raise RequestError(
                 "CommitFailed",
                 f"{len(failed)} shard(s) could not be released",

@@ -11,6 +11,7 @@ from lifecycle_helpers import LOGSTORE, PROJECT, cursor, remote_key, write_yaml
 from lifecycle_helpers import running_daemon as process_daemon
 from membership_helpers import (
     CONSUMER_GROUP,
+    Consumer,
     assigned,
     consumer,
     emulator,
@@ -188,6 +189,37 @@ async def test_leave_releases_every_shard_and_ends_the_membership(sock_dir: Path
         assert (await peer.ask({"op": "members"}))["members"] == []
         again = await peer.ask(commit)
         assert again["error"]["code"] == "NotMember"
+
+
+async def test_a_leaving_member_takes_nothing_back_while_its_releases_finish(
+    sock_dir: Path,
+) -> None:
+    # Shard 0's last checkpoint takes a second to reach SLS; the other seven are released at
+    # once and heartbeats go on meanwhile, each still assigning them to pod-a.
+    async with emulator() as emu:
+        heartbeats = Heartbeats(emu)
+        data = member_config(sock_dir / "a.sock", emu.url, membership={"timeout": "6s"})
+        data["commit"]["request_timeout"] = "2s"
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            await _leave_while_shard_0_is_slow(emu, heartbeats, peer)
+
+
+async def _leave_while_shard_0_is_slow(
+    emu: EmulatorHandle, heartbeats: Heartbeats, peer: Consumer
+) -> None:
+    emu.faults.update({"latency_ms": [1000, 1000], "apis": ["UpdateCheckPoint"]})
+    commit = {"op": "commit", "group": "orders", "shard": 0, "checkpoint": cursor(8)}
+    assert await peer.ask(commit) == {"ok": True}
+    leaving = asyncio.create_task(peer.ask({"op": "leave", "group": "orders"}))
+    bodies = await heartbeats.of("pod-a", 3)
+    assert not leaving.done() and all(body in ([0], []) for body in bodies)
+    assert await leaving == {"ok": True, "released": 8}
+    events = [peer.events.get_nowait() for _ in range(peer.events.qsize())]
+    assert [e for e in events if e["event"] == "assigned"] == []
+    assert emu.state.history[remote_key(CONSUMER_GROUP, 0)][-1] == cursor(8)
+    assert emu.state.assignments(PROJECT, LOGSTORE, CONSUMER_GROUP) == {}
 
 
 async def test_membership_metrics_and_status(sock_dir: Path) -> None:
