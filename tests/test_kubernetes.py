@@ -241,10 +241,12 @@ def test_rrsa_has_no_key_and_the_service_account_names_the_role() -> None:
     names = {e["name"] for c in pod["initContainers"] + pod["containers"] for e in c.get("env", [])}
     assert not any(name.startswith("ALIBABA_CLOUD_ACCESS_KEY") for name in names)
     text = _one(rendered, "ConfigMap")["data"]["cpmgr.yaml"]
-    assert yaml.safe_load(text)["sls"]["credentials"] == "auto"
+    assert yaml.safe_load(text)["sls"]["credentials"] == "oidc"
     assert "access_key" not in text
     # cpmgr itself accepts the config with what the webhook injects, and nothing else.
     cfg = _config(rendered, RRSA_ENV)
-    assert cfg.sls.credentials == "auto"
-    assert present_without_probe(cfg.sls) == "oidc"  # what auto picks: RRSA's role
+    assert cfg.sls.credentials == "oidc"
+    assert cfg.sls.oidc.role_arn == RRSA_ENV["ALIBABA_CLOUD_ROLE_ARN"]
+    assert cfg.sls.oidc.token_file == RRSA_ENV["ALIBABA_CLOUD_OIDC_TOKEN_FILE"]
+    assert present_without_probe(cfg.sls) == "oidc"  # auto would pick it too
     assert cfg.groups[0].consumer == RRSA_ENV["POD_NAME"]
