@@ -161,7 +161,7 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class LagConfig:
-    """The `lag:` block (CONTRACT section 8); `interval` 0 disables lag reading."""
+    """The `lag:` block (docs/configuration.md); `interval` 0 disables lag reading."""
 
     interval: float = 30.0
     lagging_after: float = 60.0

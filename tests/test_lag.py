@@ -71,7 +71,7 @@ def shards(emulator: EmulatorHandle) -> dict[int, Shard]:
 
 
 def expected(shard: Shard, checkpoint: int | None) -> tuple[int, float]:
-    """What the emulator's state implies (CONTRACT section 8), computed from the model."""
+    """What the emulator's state implies (docs/operations.md "Consumer lag"), from the model."""
     start = shard.begin if checkpoint is None else max(checkpoint, shard.begin)
     log_groups = max(0, shard.end - start)
     if log_groups == 0:

@@ -1,4 +1,4 @@
-"""Consumer lag (CONTRACT section 8, docs/operations.md "Consumer lag"): how far each group is
+"""Consumer lag (docs/operations.md "Consumer lag"): how far each group is
 behind at SLS, in log groups and seconds, and which shards are lagging or stalled."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Lag arithmetic and its values, without I/O: cursors -> log groups, receive times -> seconds,
-and the `ok` / `lagging` / `stalled` state of a shard (CONTRACT section 8)."""
+and the `ok` / `lagging` / `stalled` state of a shard (docs/operations.md "Consumer lag")."""
 
 from __future__ import annotations
 

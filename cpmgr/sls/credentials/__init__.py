@@ -1,4 +1,4 @@
-"""Where request signing gets its keys (CONTRACT section 9; docs/configuration.md).
+"""Where request signing gets its keys (docs/configuration.md, "Credentials").
 
 One small provider per source (`static`, `file`, `oidc`, `ecs_ram_role`, `uri`) behind the
 `Provider` interface (`keys`), the `auto` choice (`chain`) and one background refresher
