@@ -342,7 +342,11 @@ async def test_bad_update_checkpoint_bodies_get_sls_errors(
          "ShardNotExist"),
         ("GET", "/logstores/other/shards/0", {"type": "cursor", "from": "end"}, b"", 404,
          "LogStoreNotExist"),
-        ("POST", f"/logstores/{L}/shards/0", {"type": "cursor"}, b"", 405, "InvalidMethod"),
+        # POST on a shard is SplitShard or MergeShards, chosen by `action`.
+        ("POST", f"/logstores/{L}/shards/0", {"type": "cursor"}, b"", 400, "ParameterInvalid"),
+        ("POST", f"/logstores/{L}/shards/0", {"action": "grow"}, b"", 400, "ParameterInvalid"),
+        ("PUT", f"/logstores/{L}/shards/0", {"action": "split"}, b"", 405, "InvalidMethod"),
+        ("POST", f"/logstores/{L}/shards/x", {"action": "merge"}, b"", 400, "ParameterInvalid"),
     ],
 )  # fmt: skip
 async def test_malformed_requests_get_sls_errors(

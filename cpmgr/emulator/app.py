@@ -386,6 +386,27 @@ def _get_cursor_time(state: EmulatorState, call: SlsCall) -> HttpAnswer:
     return _ok({"cursor_time": seconds})
 
 
+def _shard_id(call: SlsCall) -> int:
+    if not _INTEGER.fullmatch(call.shard):
+        raise parameter_invalid(f"invalid shard id {call.shard!r}")
+    return int(call.shard)
+
+
+def _split_shard(state: EmulatorState, call: SlsCall) -> HttpAnswer:
+    # PY always sends `key`; GO sends it only when set, and `shardCount` only when > 0.
+    raw_count = call.params.get("shardCount")
+    if raw_count is not None and not _INTEGER.fullmatch(raw_count):
+        raise parameter_invalid(f"invalid shardCount {raw_count!r}")
+    key = call.params.get("key") or None
+    count = None if raw_count is None else int(raw_count)
+    shard = _shard_id(call)
+    return _ok(state.split_shard(call.project, call.logstore, shard, key=key, count=count))
+
+
+def _merge_shards(state: EmulatorState, call: SlsCall) -> HttpAnswer:
+    return _ok(state.merge_shards(call.project, call.logstore, _shard_id(call)))
+
+
 # (resource, method, type query parameter) -> (API name, handler)
 _API_TABLE: dict[tuple[str, str, str], tuple[str, Handler]] = {
     ("groups", "GET", ""): ("ListConsumerGroup", _list_groups),
@@ -398,15 +419,25 @@ _API_TABLE: dict[tuple[str, str, str], tuple[str, Handler]] = {
     ("shards", "GET", ""): ("ListShards", _list_shards),
     ("shard", "GET", "cursor"): ("GetCursor", _get_cursor),
     ("shard", "GET", "cursor_time"): ("GetCursorTime", _get_cursor_time),
+    ("shard", "POST", "split"): ("SplitShard", _split_shard),
+    ("shard", "POST", "merge"): ("MergeShards", _merge_shards),
 }
 # The resources whose API is chosen by the `type` query parameter.
 _TYPED = {
     ("group", "POST"): "heartbeat or checkpoint",
     ("shard", "GET"): "cursor or cursor_time",
 }
+# ... and those chosen by `action` (SplitShard, MergeShards).
+_ACTIONS = {("shard", "POST"): "split or merge"}
 
 
 def _resolve(resource: str, method: str, params: Mapping[str, str]) -> tuple[str, Handler]:
+    action = _ACTIONS.get((resource, method))
+    if action:
+        found = _API_TABLE.get((resource, method, params.get("action", "")))
+        if found is None:
+            raise parameter_invalid(f"action must be {action}, not {params.get('action', '')!r}")
+        return found
     typed = _TYPED.get((resource, method))
     kind = params.get("type", "") if typed else ""
     found = _API_TABLE.get((resource, method, kind))

@@ -2,6 +2,18 @@
 
 Pure bookkeeping with injected clocks (no I/O but the optional state file); every refusal is
 an `ApiError` carrying the SLS status and errorCode the HTTP layer answers with.
+
+Shard lifecycle (CURSORS-AND-CREDENTIALS A4 as SLS documents it): a read-only shard is finished
+(`over`) for a group by an UpdateCheckPoint that lands exactly on its end cursor, and is never
+assigned again; with the group's `order`, a shard is assigned only once every shard it descends
+from is finished. Decisions where SLS is silent:
+- Finishing takes a new UpdateCheckPoint while the shard is read-only: a checkpoint that already
+  equalled the end when the shard was split stays unfinished until it is committed again.
+- Checkpoints compare as the numbers they encode; one past the end does not finish a shard.
+- A finished shard leaves its holder at the holder's next heartbeat (without a transfer): the
+  holder has nothing left to commit there.
+- `shard_events` in the state endpoint is the ordered record of splits, merges, finished shards
+  and assignments (the newest 10,000), so a test can prove what happened before what.
 """
 
 from __future__ import annotations
@@ -10,12 +22,13 @@ import json
 import os
 import re
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cpmgr.emulator.lineage import LineageError, ancestors, merge_shards, split_shard
 from cpmgr.emulator.shards import Shard, decode_cursor, encode_cursor, initial_shards
 from cpmgr.errors import ConfigError, CpmgrError
 from cpmgr.protocol import is_valid_checkpoint
@@ -28,6 +41,7 @@ MAX_WRITE_COUNT = 1_000_000_000
 # SLS naming rule for consumer groups: 2-128 chars of [a-z0-9_-], alphanumeric at both ends.
 _GROUP_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,126}[a-z0-9]$")
 STATE_FILE_VERSION = 1
+SHARD_EVENTS_KEPT = 10_000
 
 
 class ApiError(CpmgrError):
@@ -76,6 +90,8 @@ class ConsumerGroup:
     # consumer name -> the shards its last heartbeat answer confirmed
     confirmed: dict[str, frozenset[int]] = field(default_factory=dict)
     checkpoints: dict[int, StoredCheckpoint] = field(default_factory=dict)
+    # read-only shards committed to their end cursor (`over`): never assigned again
+    finished: set[int] = field(default_factory=set)
 
     def held_by(self, consumer: str) -> list[int]:
         return sorted(shard for shard, owner in self.owners.items() if owner == consumer)
@@ -90,11 +106,18 @@ class Logstore:
     shards: dict[int, Shard] = field(default_factory=dict)
     groups: dict[str, ConsumerGroup] = field(default_factory=dict)
 
-    def assignable_shards(self) -> list[int]:
-        """The shards heartbeats hand out, in id order."""
-        # Every shard for now; finished (over) and waiting children of a split or merge will
-        # be left out here once shards can split.
-        return sorted(self.shards)
+    def assignable_shards(self, group: ConsumerGroup) -> list[int]:
+        """The shards heartbeats of `group` hand out, in id order: not finished, and with the
+        group's `order` only those whose ancestors are all finished."""
+        return [
+            number
+            for number, shard in sorted(self.shards.items())
+            if number not in group.finished
+            and not (group.order and shard.parents and not self._ancestors_done(shard, group))
+        ]
+
+    def _ancestors_done(self, shard: Shard, group: ConsumerGroup) -> bool:
+        return ancestors(self.shards, shard) <= group.finished
 
 
 def checkpoint_key(project: str, logstore: str, group: str, shard: int) -> str:
@@ -142,11 +165,13 @@ def transferring_shards(group: ConsumerGroup, assignable: Sequence[int]) -> set[
     return moving
 
 
-def assign_free_shards(group: ConsumerGroup, assignable: Sequence[int]) -> None:
-    """Give every unowned shard to the consumers furthest below their quota."""
+def assign_free_shards(group: ConsumerGroup, assignable: Sequence[int]) -> list[tuple[int, str]]:
+    """Give every unowned shard to the consumers furthest below their quota; (shard, consumer)
+    of each given."""
     consumers = sorted(group.consumers)
+    given: list[tuple[int, str]] = []
     if not consumers:
-        return
+        return given
     quotas = shard_quotas(consumers, group.owners, len(assignable))
     moving = transferring_shards(group, assignable)
     kept = Counter(owner for shard, owner in group.owners.items() if shard not in moving)
@@ -155,10 +180,27 @@ def assign_free_shards(group: ConsumerGroup, assignable: Sequence[int]) -> None:
             continue
         needy = [name for name in consumers if kept[name] < quotas[name]]
         if not needy:
-            return
+            break
         taker = min(needy, key=lambda name: (kept[name] - quotas[name], name))
         group.owners[shard] = taker
         kept[taker] += 1
+        given.append((shard, taker))
+    return given
+
+
+def _drop_unassignable(group: ConsumerGroup, assignable: Sequence[int]) -> None:
+    """Finished shards (and children a change of `order` holds back) leave their holders."""
+    keep = set(assignable)
+    for shard in [s for s in group.owners if s not in keep]:
+        del group.owners[shard]
+
+
+def _at(checkpoint: str, end: int) -> bool:
+    """Whether `checkpoint` is the cursor `end` (as numbers: no other way to spell it)."""
+    try:
+        return decode_cursor(checkpoint) == end
+    except ValueError:
+        return False
 
 
 class EmulatorState:
@@ -176,6 +218,8 @@ class EmulatorState:
         self.ownership_errors = ownership_errors or OwnershipErrors()
         self.logstores: dict[tuple[str, str], Logstore] = {}
         self.history: dict[str, list[str]] = defaultdict(list)
+        self.shard_events: deque[dict[str, object]] = deque(maxlen=SHARD_EVENTS_KEPT)
+        self._shard_event_count = 0
         self.requests: dict[str, Counter[str]] = defaultdict(Counter)
         # Requests held by the late-landing fault and not applied yet (see faults.py).
         self.late_pending = 0
@@ -285,9 +329,10 @@ class EmulatorState:
         """
         store = self.logstore(project, logstore)
         group = self.group(project, logstore, group_name)
-        assignable = store.assignable_shards()
+        assignable = store.assignable_shards(group)
         reported = set(shards)
         self._expire(group)
+        _drop_unassignable(group, assignable)
         known = consumer in group.consumers
         if not known and reported:
             raise ApiError(
@@ -302,7 +347,8 @@ class EmulatorState:
         for shard in transferring_shards(group, assignable):
             if group.owners[shard] == consumer and shard not in reported:
                 del group.owners[shard]
-        assign_free_shards(group, assignable)
+        for shard, taker in assign_free_shards(group, assignable):
+            self._shard_event("assigned", store, shard, group=group.name, consumer=taker)
         moving = transferring_shards(group, assignable)
         answer = [shard for shard in group.held_by(consumer) if shard not in moving]
         group.confirmed[consumer] = frozenset(answer)
@@ -321,6 +367,7 @@ class EmulatorState:
         """Every live consumer of the group and the shards it holds (transfers included)."""
         group = self.group(project, logstore, group_name)
         self._expire(group)
+        _drop_unassignable(group, self.logstore(project, logstore).assignable_shards(group))
         return {name: group.held_by(name) for name in sorted(group.consumers)}
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -343,13 +390,19 @@ class EmulatorState:
             raise parameter_invalid("forceSuccess must be true when no consumer is given")
         if not is_valid_checkpoint(checkpoint):
             raise ApiError(400, "InvalidShardCheckPoint", "shard checkpoint not encoded by base64")
-        if not 0 <= shard < store.shard_count:
+        found = store.shards.get(shard)
+        if found is None:
             raise ApiError(404, "ShardNotExist", f"shard {shard} not exist")
         if consumer and not force_success:
             self._check_owner(group, shard, consumer)
         update_time = int(self.wall_clock() * 1_000_000)
         group.checkpoints[shard] = StoredCheckpoint(checkpoint, update_time, consumer)
         self.history[checkpoint_key(project, logstore, group_name, shard)].append(checkpoint)
+        if found.read_only and shard not in group.finished and _at(checkpoint, found.end):
+            group.finished.add(shard)
+            self._shard_event(
+                "finished", store, shard, group=group_name, consumer=consumer, checkpoint=checkpoint
+            )
 
     def _check_owner(self, group: ConsumerGroup, shard: int, consumer: str) -> None:
         self._expire(group)
@@ -367,8 +420,8 @@ class EmulatorState:
         store = self.logstore(project, logstore)
         group = self.group(project, logstore, group_name)
         if shard is None:
-            shards: Iterable[int] = range(store.shard_count)
-        elif 0 <= shard < store.shard_count:
+            shards: Iterable[int] = sorted(store.shards)
+        elif shard in store.shards:
             shards = [shard]
         else:
             shards = []
@@ -440,6 +493,48 @@ class EmulatorState:
                 if not shard.read_only:
                     shard.append(count, receive_time)
 
+    # --- split and merge ------------------------------------------------------------------
+
+    def split_shard(
+        self, project: str, logstore: str, shard: int, *, key: str | None, count: int | None
+    ) -> list[dict[str, object]]:
+        """SplitShard: the ListShards entries of the parent (now read-only) and its children."""
+        store = self.logstore(project, logstore)
+        try:
+            changed = split_shard(
+                store.shards, shard, key=key, count=count, create_time=int(self.wall_clock())
+            )
+        except LineageError as exc:
+            raise parameter_invalid(str(exc)) from exc
+        children = [child.shard_id for child in changed[1:]]
+        self._shard_event("split", store, shard, children=children)
+        return [entry.listing() for entry in changed]
+
+    def merge_shards(self, project: str, logstore: str, shard: int) -> list[dict[str, object]]:
+        """MergeShards: the ListShards entries of the child, then of the two (read-only) parents."""
+        store = self.logstore(project, logstore)
+        try:
+            changed = merge_shards(store.shards, shard, create_time=int(self.wall_clock()))
+        except LineageError as exc:
+            raise parameter_invalid(str(exc)) from exc
+        child, *parents = changed
+        self._shard_event(
+            "merge", store, shard, parents=[p.shard_id for p in parents], children=[child.shard_id]
+        )
+        return [entry.listing() for entry in changed]
+
+    def _shard_event(self, kind: str, store: Logstore, shard: int, **fields: object) -> None:
+        self._shard_event_count += 1
+        self.shard_events.append(
+            {
+                "seq": self._shard_event_count,
+                "event": kind,
+                "logstore": f"{store.project}/{store.name}",
+                "shard": shard,
+                **fields,
+            }
+        )
+
     # --- introspection --------------------------------------------------------------------
 
     def count_request(self, api: str, code: str) -> None:
@@ -463,6 +558,7 @@ class EmulatorState:
             "consumers": consumers,
             "late_pending": self.late_pending,
             "shards": self._shards_snapshot(),
+            "shard_events": list(self.shard_events),
         }
 
     def _shards_snapshot(self) -> dict[str, dict[str, object]]:
@@ -491,6 +587,7 @@ class EmulatorState:
                     "shards": store.shard_count,
                     "createTime": store.create_time,
                     "groups": groups,
+                    "lineage": [_lineage_json(shard) for shard in store.shards.values()],
                 }
             )
         return {"version": STATE_FILE_VERSION, "logstores": stores, "history": dict(self.history)}
@@ -542,6 +639,7 @@ def _group_json(group: ConsumerGroup) -> dict[str, object]:
         "name": group.name,
         "timeout": group.timeout,
         "order": group.order,
+        "finished": sorted(group.finished),
         "checkpoints": {
             str(shard): {
                 "checkpoint": stored.checkpoint,
@@ -551,6 +649,29 @@ def _group_json(group: ConsumerGroup) -> dict[str, object]:
             for shard, stored in group.checkpoints.items()
         },
     }
+
+
+def _lineage_json(shard: Shard) -> dict[str, object]:
+    return {**shard.listing(), "parents": list(shard.parents), "end": shard.end}
+
+
+def _load_lineage(store: Logstore, entries: list[dict[str, Any]] | None) -> None:
+    """Shards split or merged before the state was saved, when the logstore still has the shard
+    count it was saved with. Their data is not kept: each restarts empty at its saved end."""
+    if not entries or len(store.shards) != store.shard_count:
+        return
+    for entry in entries:
+        shard = Shard(
+            int(entry["shardID"]),
+            str(entry["inclusiveBeginKey"]),
+            str(entry["exclusiveEndKey"]),
+            int(entry["createTime"]),
+            status="readonly" if entry["status"] == "readonly" else "readwrite",
+            parents=tuple(int(parent) for parent in entry["parents"]),
+            begin=int(entry["end"]),
+            end=int(entry["end"]),
+        )
+        store.shards[shard.shard_id] = shard
 
 
 def _load_state(state: EmulatorState, data: object) -> None:
@@ -563,6 +684,7 @@ def _load_state(state: EmulatorState, data: object) -> None:
             store = state.add_logstore(project, name, int(entry["shards"]))
             store.create_time = int(entry["createTime"])
             store.shards = initial_shards(store.shard_count, store.create_time)
+        _load_lineage(store, entry.get("lineage"))
         for group_data in entry["groups"]:
             group_name = str(group_data["name"])
             group = store.groups.get(group_name)
@@ -570,8 +692,9 @@ def _load_state(state: EmulatorState, data: object) -> None:
                 timeout = int(group_data["timeout"])
                 group = state.create_group(project, name, group_name, timeout=timeout)
             group.order = bool(group_data["order"])
+            group.finished = {int(s) for s in group_data.get("finished", ())} & store.shards.keys()
             for shard, stored in group_data["checkpoints"].items():
-                if int(shard) < store.shard_count:
+                if int(shard) in store.shards:
                     group.checkpoints[int(shard)] = StoredCheckpoint(
                         str(stored["checkpoint"]),
                         int(stored["updateTime"]),

@@ -616,6 +616,55 @@ class SLSClient:
         )
         return _parse_list("ListShards", answer, _shard_info_entry)
 
+    async def split_shard(
+        self,
+        project: str,
+        logstore: str,
+        shard: int,
+        *,
+        key: str | None = None,
+        count: int | None = None,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> list[ShardInfo]:
+        """SplitShard at hash `key` (32 hex digits) or into `count` equal parts: the parent
+        (now read-only) and its children, in the order SLS lists them."""
+        params = {"action": "split"}
+        if key:
+            params["key"] = key
+        if count:
+            params["shardCount"] = str(count)
+        answer = await self._call(
+            "POST",
+            project,
+            _shard_resource(logstore, shard),
+            params=params,
+            endpoint=endpoint,
+            region=region,
+        )
+        return _parse_list("SplitShard", answer, _shard_info_entry)
+
+    async def merge_shards(
+        self,
+        project: str,
+        logstore: str,
+        shard: int,
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> list[ShardInfo]:
+        """MergeShards of `shard` and its right neighbour: the child and both (read-only)
+        parents, in the order SLS lists them."""
+        answer = await self._call(
+            "POST",
+            project,
+            _shard_resource(logstore, shard),
+            params={"action": "merge"},
+            endpoint=endpoint,
+            region=region,
+        )
+        return _parse_list("MergeShards", answer, _shard_info_entry)
+
     async def get_cursor(
         self,
         project: str,
