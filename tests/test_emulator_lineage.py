@@ -194,6 +194,20 @@ def test_a_holder_whose_only_shard_finished_is_still_a_member() -> None:
     assert state.assignments(P, L, G) == {"c": [1, 2]}
 
 
+def test_the_holder_of_a_finished_shard_may_commit_to_it_until_it_stops_reporting_it() -> None:
+    state = make_state(2)
+    assert state.heartbeat(P, L, G, "c", []) == [0, 1]
+    state.split_shard(P, L, 0, key=QUARTER, count=None)
+    commit(state, 0, end_of(state, 0))
+    assert state.heartbeat(P, L, G, "c", [0, 1]) == [1, 2, 3]
+    assert state.assignments(P, L, G) == {"c": [0, 1, 2, 3]}  # 0 is still reported
+    commit(state, 0, end_of(state, 0))  # a last flush of the same value
+    assert state.heartbeat(P, L, G, "c", [1, 2, 3]) == [1, 2, 3]
+    with pytest.raises(ApiError) as caught:
+        commit(state, 0, end_of(state, 0))
+    assert caught.value.code == "ConsumerNotMatch"
+
+
 def test_the_state_file_keeps_the_lineage_and_the_finished_shards(tmp_path: Path) -> None:
     state = make_state(2, order=True)
     state.split_shard(P, L, 0, key=QUARTER, count=None)

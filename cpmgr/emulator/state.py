@@ -10,8 +10,8 @@ from is finished. Decisions where SLS is silent:
 - Finishing takes a new UpdateCheckPoint while the shard is read-only: a checkpoint that already
   equalled the end when the shard was split stays unfinished until it is committed again.
 - Checkpoints compare as the numbers they encode; one past the end does not finish a shard.
-- A finished shard leaves its holder at the holder's next heartbeat (without a transfer): the
-  holder has nothing left to commit there.
+- A finished shard is left out of its holder's heartbeat answers at once; the holder may still
+  commit to it (its last flush) while it keeps reporting it, as during a transfer.
 - `shard_events` in the state endpoint is the ordered record of splits, merges, finished shards
   and assignments (the newest 10,000), so a test can prove what happened before what.
 """
@@ -92,6 +92,8 @@ class ConsumerGroup:
     checkpoints: dict[int, StoredCheckpoint] = field(default_factory=dict)
     # read-only shards committed to their end cursor (`over`): never assigned again
     finished: set[int] = field(default_factory=set)
+    # shard -> the consumer that held it when it stopped being assignable, while it reports it
+    finishing: dict[int, str] = field(default_factory=dict)
 
     def held_by(self, consumer: str) -> list[int]:
         return sorted(shard for shard, owner in self.owners.items() if owner == consumer)
@@ -189,10 +191,11 @@ def assign_free_shards(group: ConsumerGroup, assignable: Sequence[int]) -> list[
 
 
 def _drop_unassignable(group: ConsumerGroup, assignable: Sequence[int]) -> None:
-    """Finished shards (and children a change of `order` holds back) leave their holders."""
+    """Finished shards (and children a change of `order` holds back) are no longer assigned;
+    their holders keep them, for their last commits, while they still report them."""
     keep = set(assignable)
     for shard in [s for s in group.owners if s not in keep]:
-        del group.owners[shard]
+        group.finishing[shard] = group.owners.pop(shard)
 
 
 def _at(checkpoint: str, end: int) -> bool:
@@ -314,6 +317,8 @@ class EmulatorState:
         group.confirmed.pop(name, None)
         for shard in group.held_by(name):
             del group.owners[shard]
+        for shard in [s for s, holder in group.finishing.items() if holder == name]:
+            del group.finishing[shard]
 
     def heartbeat(
         self, project: str, logstore: str, group_name: str, consumer: str, shards: Iterable[int]
@@ -333,6 +338,8 @@ class EmulatorState:
         reported = set(shards)
         self._expire(group)
         _drop_unassignable(group, assignable)
+        for shard in [s for s, c in group.finishing.items() if c == consumer and s not in reported]:
+            del group.finishing[shard]
         known = consumer in group.consumers
         if not known and reported:
             raise ApiError(
@@ -368,7 +375,12 @@ class EmulatorState:
         group = self.group(project, logstore, group_name)
         self._expire(group)
         _drop_unassignable(group, self.logstore(project, logstore).assignable_shards(group))
-        return {name: group.held_by(name) for name in sorted(group.consumers)}
+        return {
+            name: sorted(
+                [*group.held_by(name), *(s for s, c in group.finishing.items() if c == name)]
+            )
+            for name in sorted(group.consumers)
+        }
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -409,7 +421,7 @@ class EmulatorState:
         if consumer not in group.consumers:
             status, code = self.ownership_errors.consumer_not_exist
             raise ApiError(status, code, f"consumer {consumer} does not exist")
-        if group.owners.get(shard) != consumer:
+        if consumer not in (group.owners.get(shard), group.finishing.get(shard)):
             status, code = self.ownership_errors.consumer_not_match
             raise ApiError(status, code, f"consumer {consumer} does not hold shard {shard}")
 
