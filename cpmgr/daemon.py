@@ -114,7 +114,7 @@ class Daemon:
             client=self.client,
             observer=self.metrics,
             on_credentials_error=self.credentials.invalidate,
-            on_committed=self._journal_committed,
+            on_committed=self._committed,
             on_dropped=self._journal_dropped,
             on_refused=self._member_refused,
         )
@@ -236,9 +236,11 @@ class Daemon:
         lag = self.lag.shard(group, shard)
         return lag.fields() if lag is not None else None
 
-    def _journal_committed(self, group: str, shard: int, checkpoint: str) -> None:
+    def _committed(self, group: str, shard: int, checkpoint: str) -> None:
         if self.journal is not None:
             self.journal.record_committed(group, shard, checkpoint)
+        if self.membership is not None:
+            self.membership.on_committed(group, shard, checkpoint)  # a read-only shard may end
 
     def _journal_dropped(self, group: str, shard: int, checkpoint: str) -> None:
         self.dropped += 1

@@ -16,6 +16,15 @@ Decisions where the contract is silent:
   member's first heartbeat, and again before each later one until that succeeded once.
 - Values pending under a member's name when it joins (a journal replay, or a previous connection
   of the same name) are committed, or refused by SLS, before its first heartbeat.
+- Read-only shards (docs/design.md "Shards that end"): which shards are read-only is read with
+  ListShards once per heartbeat interval per group whose members here hold shards, at every
+  acquisition of a shard not listed yet, and when SLS leaves a held shard out of an answer
+  before it is revoked (it may have ended rather than moved). A held shard whose newest
+  position (pending, committed, else where it started) is its end is committed there by cpmgr
+  itself, as its member; any success of the end cursor for a held shard sends `ended`.
+- A read-only shard revoked before its end was committed is released as any other: `ended` is
+  only for shards still held. New `assigned` events of a member wait for its shards that are
+  ending, so `ended` comes before the children of the shard are assigned.
 """
 
 from __future__ import annotations
@@ -24,15 +33,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol
 
 from cpmgr.config import Config, GroupConfig, MembershipConfig
 from cpmgr.errors import ProtocolError, SLSError
 from cpmgr.outcomes import CommitOutcome
-from cpmgr.requests import RequestError
-from cpmgr.sls.client import ConsumerGroup, RemoteCheckpoint
+from cpmgr.requests import RequestError, decode_cursor
+from cpmgr.shard_ends import EndUnknown, ShardEnds
+from cpmgr.sls.client import ConsumerGroup, RemoteCheckpoint, ShardInfo
 from cpmgr.store import CheckpointStore
 
 __all__ = ["EventSink", "Member", "Membership", "MembershipAPI"]
@@ -93,6 +103,10 @@ class MembershipAPI(Protocol):
         self, project: str, logstore: str, *, endpoint: str | None = None, region: str | None = None
     ) -> list[ConsumerGroup]: ...
 
+    async def list_shards(
+        self, project: str, logstore: str, *, endpoint: str | None = None, region: str | None = None
+    ) -> list[ShardInfo]: ...
+
     async def create_consumer_group(
         self,
         project: str,
@@ -136,6 +150,9 @@ class _Shard:
     revoked_at: float | None = None
     timer: asyncio.TimerHandle | None = None
     task: asyncio.Task[None] | None = None
+    start: str | None = None  # where its member was told to start reading
+    end: str | None = None  # the end cursor, once the shard is known to be read-only
+    finishing: bool = False  # acquired with nothing left: cpmgr commits its end
 
     def stop(self) -> None:
         if self.timer is not None:
@@ -162,6 +179,9 @@ class Member:
     leaving: bool = False  # `leave` is releasing its shards: it takes nothing new
     disconnected: bool = False  # its connection closed: being torn down
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    # Checks of shards SLS left out (they may have ended) and commits of end cursors: new
+    # `assigned` events wait for them.
+    endings: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def settings(self) -> MembershipConfig:
@@ -217,6 +237,15 @@ class Membership:
         self._prepared: set[str] = set()  # groups whose settings SLS confirmed
         self._timeouts: dict[str, int] = {}  # the group timeout SLS uses, once known
         self._changed = asyncio.Event()  # a shard left some heartbeat body
+        self._ends = ShardEnds(
+            api=self._reads,
+            cursor_calls=self._cursor_calls,
+            on_read_only=self._read_only_found,
+            clock=clock,
+        )
+        # (group, shard) -> the member holding that read-only shard: a commit of its end ends it
+        self._ending: dict[tuple[str, int], Member] = {}
+        self._listings: dict[str, asyncio.Task[None]] = {}  # background ListShards per group
         self.accepting = True
         self._closed = False
         self.apply_config(config)
@@ -301,6 +330,7 @@ class Membership:
                 sent = self._clock()
                 await self._heartbeat(member, sent)
                 self._check_heartbeat_lost(member)
+                self._list_shards_when_due(member)
                 await self._sleep_until(member, sent + member.settings.heartbeat_interval)
         except asyncio.CancelledError:
             raise
@@ -402,10 +432,11 @@ class Membership:
         for shard, st in list(member.shards.items()):
             if shard in assigned:
                 continue
-            if st.state == "acquiring":
-                self._forget(member, shard)
-            elif st.state == "held":
-                self._revoke(member, shard, "rebalance", member.settings.release_timeout)
+            if st.state == "acquiring" and not st.finishing:
+                self._forget(member, shard)  # (one committing its end finishes that first)
+            elif st.state == "held" and st.task is None:
+                # Ended, or moved? Only its end cursor tells: the revoke waits for that.
+                self._start_ending(member, st, self._absent(member, shard, st))
         new = sorted(assigned - member.shards.keys())
         # Many new shards at once (a first join): one GetCheckPoint for the whole group.
         bulk = (
@@ -425,33 +456,62 @@ class Membership:
         st: _Shard,
         bulk: asyncio.Future[dict[int, str]] | None,
     ) -> None:
-        settings = member.settings
         while member.shards.get(shard) is st and not member.ending:
             try:
                 checkpoint, start = await self._start_position(member.group, shard, bulk)
+                end = await self._end_position(member.group, shard)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # SLSError, or a bug: the shard must not stay stuck
-                if self._clock() - st.since >= settings.release_timeout:
-                    log.warning(
-                        "group %s: %s gives shard %d back: cannot read where it starts (%s)",
-                        member.group.name,
-                        member.name,
-                        shard,
-                        exc,
-                    )
-                    self._forget(member, shard)
+                if self._overdue(member, shard, st, f"cannot read where it starts ({exc})"):
                     return
                 bulk = None  # retry with calls of this shard's own
-                await asyncio.sleep(min(settings.heartbeat_interval, settings.release_timeout))
+                await self._pause(member)
                 continue
-            if member.shards.get(shard) is not st or member.ending:
+            if not await self._take_start(member, shard, st, checkpoint, start):
                 return
-            self._store.seed(member.group.name, shard, checkpoint)
-            st.state, st.since, st.task = "held", self._clock(), None
-            self._event(member, "assigned", shard=shard, checkpoint=start)
-            log.info("group %s: shard %d assigned to %s", member.group.name, shard, member.name)
-            return
+            end = self._known_end(member.group.name, shard, end)  # a listing may have run since
+            if end is not None:
+                self._watch(member, shard, st, end)
+            if end is None or not _same_cursor(start, end):
+                st.state, st.since, st.task = "held", self._clock(), None
+                self._event(member, "assigned", shard=shard, checkpoint=start)
+                log.info("group %s: shard %d assigned to %s", member.group.name, shard, member.name)
+                return
+            # Nothing to read: cpmgr commits the end itself; its success sends `ended` and
+            # cancels this task. Still here: it did not succeed yet.
+            st.finishing = True
+            await self._commit_end(member, shard, st)
+            if self._overdue(member, shard, st, "cannot commit its end"):
+                return
+            await self._pause(member)
+
+    async def _take_start(
+        self, member: Member, shard: int, st: _Shard, checkpoint: str | None, start: str
+    ) -> bool:
+        """SLS's checkpoint becomes the committed value; wait for the member's shards that are
+        ending (`ended` comes before any new `assigned`). False if the shard is gone meanwhile."""
+        if member.shards.get(shard) is not st or member.ending:
+            return False
+        self._store.seed(member.group.name, shard, checkpoint)
+        st.start = start
+        if member.endings:
+            await asyncio.wait(set(member.endings))
+        return member.shards.get(shard) is st and not member.ending
+
+    def _overdue(self, member: Member, shard: int, st: _Shard, why: str) -> bool:
+        """Past `release_timeout` since SLS named the shard: give it back (True)."""
+        if self._clock() - st.since < member.settings.release_timeout:
+            return False
+        log.warning(
+            "group %s: %s gives shard %d back: %s", member.group.name, member.name, shard, why
+        )
+        self._forget(member, shard)
+        return True
+
+    async def _pause(self, member: Member) -> None:
+        settings = member.settings
+        await asyncio.sleep(min(settings.heartbeat_interval, settings.release_timeout))
 
     async def _start_position(
         self, group: GroupConfig, shard: int, bulk: asyncio.Future[dict[int, str]] | None
@@ -476,6 +536,14 @@ class Membership:
             )
         return None, cursor
 
+    async def _end_position(self, group: GroupConfig, shard: int) -> str | None:
+        """The shard's end cursor if it is read-only, else None (listing it if not known)."""
+        try:
+            return self._ends.end_of(group.name, shard)
+        except EndUnknown:
+            await self._ends.refresh(group)
+        return self._ends.end_of(group.name, shard)  # EndUnknown again: tried again later
+
     async def _checkpoints(self, group: GroupConfig, shard: int | None) -> dict[int, str]:
         """GetCheckPoint of one shard, or of all: {shard: checkpoint} ("" if none)."""
         entries = await self._reads.get_checkpoint(
@@ -487,6 +555,121 @@ class Membership:
             region=group.region,
         )
         return {e.shard: e.checkpoint for e in entries}
+
+    # ------------------------------------------------------------------ shards that end
+
+    def on_committed(self, group: str, shard: int, checkpoint: str) -> None:
+        """SLS accepted `checkpoint` for the shard: at a held read-only shard's end, it ended."""
+        member = self._ending.get((group, shard))
+        if member is None:
+            return
+        st = member.shards.get(shard)
+        if st is not None and st.end is not None and _same_cursor(checkpoint, st.end):
+            self._end_shard(member, shard, st)
+
+    def _end_shard(self, member: Member, shard: int, st: _Shard) -> None:
+        if st.state not in ("acquiring", "held"):
+            return  # revoked meanwhile: its release hands it over
+        self._event(member, "ended", shard=shard)
+        self._hand_over(member, shard, "ended")
+
+    def _known_end(self, group: str, shard: int, fallback: str | None) -> str | None:
+        try:
+            return self._ends.end_of(group, shard)
+        except EndUnknown:
+            return fallback
+
+    def _watch(self, member: Member, shard: int, st: _Shard, end: str) -> None:
+        st.end = end
+        self._ending[(member.group.name, shard)] = member
+
+    def _at_end(self, member: Member, shard: int, st: _Shard) -> bool:
+        """Whether the shard's newest position (pending, committed, else its start) is its end."""
+        assert st.end is not None
+        view = self._store.shard_view(member.group.name, shard)
+        newest = st.start
+        if view is not None:
+            newest = view.pending or view.committed or newest
+        return newest is not None and _same_cursor(newest, st.end)
+
+    async def _commit_end(self, member: Member, shard: int, st: _Shard) -> CommitOutcome:
+        """Commit the end cursor now as the member, even if SLS has that value already (only a
+        commit to a read-only shard finishes it); its success sends `ended` (on_committed)."""
+        assert st.end is not None
+        group = member.group.name
+        view = self._store.shard_view(group, shard)
+        if view is not None and view.pending is not None and _same_cursor(view.pending, st.end):
+            seq = self._store.newest_seq(group, shard)
+        else:
+            seq = self._store.resend(group, shard, st.end, consumer=member.name)
+        return await self._committer.wait_for(group, shard, seq, member.settings.release_timeout)
+
+    def _start_ending(
+        self, member: Member, st: _Shard, work: Coroutine[object, object, None]
+    ) -> None:
+        task = asyncio.create_task(work)
+        st.task = task
+        member.endings.add(task)
+        task.add_done_callback(member.endings.discard)
+
+    async def _absent(self, member: Member, shard: int, st: _Shard) -> None:
+        """SLS left a held shard out of its answer: at its end, end it; otherwise revoke it."""
+        try:
+            if st.end is None:
+                try:
+                    await self._ends.refresh(member.group)
+                except SLSError as exc:
+                    log.warning("group %s: cannot list the shards: %s", member.group.name, exc)
+            if member.shards.get(shard) is not st or st.state != "held":
+                return
+            end = self._known_end(member.group.name, shard, st.end)
+            if end is not None and st.end is None:
+                self._watch(member, shard, st, end)
+            if st.end is not None and self._at_end(member, shard, st):
+                await self._commit_end(member, shard, st)
+            if member.shards.get(shard) is st and st.state == "held":
+                self._revoke(member, shard, "rebalance", member.settings.release_timeout)
+        finally:
+            if st.task is asyncio.current_task():
+                st.task = None
+
+    async def _finish_at_end(self, member: Member, shard: int, st: _Shard) -> None:
+        try:
+            await self._commit_end(member, shard, st)
+        finally:
+            if st.task is asyncio.current_task():
+                st.task = None
+
+    def _read_only_found(self, group: str, ends: Mapping[int, str]) -> None:
+        """A listing found shards newly read-only: watch those held here; finish those whose
+        member has nothing left to read (a commit of the same value would be a no-op)."""
+        for member in self._members.values():
+            if member.group.name != group or member.ending:
+                continue
+            for shard in ends.keys() & member.shards.keys():
+                st = member.shards[shard]
+                if st.state != "held" or st.end is not None:
+                    continue  # acquiring shards read the listing themselves
+                self._watch(member, shard, st, ends[shard])
+                if st.task is None and self._at_end(member, shard, st):
+                    self._start_ending(member, st, self._finish_at_end(member, shard, st))
+
+    def _list_shards_when_due(self, member: Member) -> None:
+        """One ListShards per heartbeat interval per group whose members here hold shards."""
+        group = member.group
+        if not member.shards or group.name in self._listings:
+            return
+        if self._ends.listed_since(group.name, self._clock() - member.settings.heartbeat_interval):
+            return
+        task = asyncio.create_task(self._list_shards(group), name=f"list-shards-{group.name}")
+        self._listings[group.name] = task
+        task.add_done_callback(lambda _: self._listings.pop(group.name, None))
+
+    async def _list_shards(self, group: GroupConfig) -> None:
+        try:
+            await self._ends.refresh(group)
+        except SLSError as exc:
+            log.warning("group %s: cannot list the shards: %s", group.name, exc)
 
     # ------------------------------------------------------------------ handing over
 
@@ -532,6 +715,7 @@ class Membership:
         """The shard leaves the heartbeat body: SLS may give it to another member."""
         st = member.shards.pop(shard)
         st.stop()
+        self._unwatch(member, shard)
         seconds = None if st.revoked_at is None else self._clock() - st.revoked_at
         self._observer.handoff_finished(member.group.name, reason, seconds)
         self._changed.set()
@@ -543,7 +727,13 @@ class Membership:
         st = member.shards.pop(shard, None)
         if st is not None:
             st.stop()
+            self._unwatch(member, shard)
             self._changed.set()
+
+    def _unwatch(self, member: Member, shard: int) -> None:
+        key = (member.group.name, shard)
+        if self._ending.get(key) is member:
+            del self._ending[key]
 
     def _lose(self, member: Member, shards: list[int], reason: str) -> None:
         """The shards are gone already (SLS says so, or heartbeats failed too long)."""
@@ -701,6 +891,11 @@ class Membership:
         self._closed = True
         members = list(self._members.values())
         await asyncio.gather(*(self._end(m, FINAL_HEARTBEAT_SECONDS) for m in members))
+        for task in list(self._listings.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._ends.close()
 
     # ------------------------------------------------------------------ views
 
@@ -745,6 +940,14 @@ class Membership:
             member.sink.send_event(
                 {"event": kind, "group": member.group.name, "consumer": member.name, **fields}
             )
+
+
+def _same_cursor(one: str, other: str) -> bool:
+    """Whether two cursors are one position (as the numbers they encode, when they do)."""
+    if one == other:
+        return True
+    number = decode_cursor(one)
+    return number is not None and number == decode_cursor(other)
 
 
 def _failure(member: Member, shard: int, error: BaseException) -> dict[str, object]:

@@ -492,6 +492,16 @@ class CheckpointStore:
         if state.committed is None and state.in_flight is None:
             del table.shards[shard]
 
+    def resend(self, group: str, shard: int, checkpoint: str, *, consumer: str) -> int:
+        """Make `checkpoint` pending even if it equals the committed value (a read-only shard's
+        end cursor: committing it again is what finishes the shard at SLS); its seq."""
+        table = self._group(group)
+        state = table.shards.get(shard)
+        if state is not None:
+            state.uncertain = True  # so the equal value is not taken for a no-op
+        number = decode_cursor(checkpoint)
+        return self._apply(table, shard, checkpoint, number=number, consumer=consumer)
+
     def pending_of_consumer(self, group: str, consumer: str) -> list[tuple[int, int]]:
         """(shard, seq) of every pending value of the group named for `consumer`."""
         table = self._groups.get(group)
