@@ -16,6 +16,7 @@ from membership_helpers import (
     CONSUMER_GROUP,
     KEY_ID,
     SECRET,
+    WAIT,
     Consumer,
     RunningDaemon,
     assigned,
@@ -26,6 +27,7 @@ from membership_helpers import (
     running_daemon,
 )
 
+from cpmgr.client import Assigned, AsyncCpmgrClient, Ended
 from cpmgr.emulator import EmulatorHandle
 from cpmgr.emulator.shards import HASH_SPACE, Shard, decode_cursor, encode_cursor
 from cpmgr.sls.client import SLSClient
@@ -175,6 +177,10 @@ async def test_an_empty_read_only_shard_is_finished_without_any_consumer_commit(
             assert sorted(await assigned(peer, 2)) == [1, 2]
             # The consumer sent nothing but its join: the end was committed by cpmgr, as pod-a.
             assert [m["event"] for m in peer.log if m.get("shard") == 0] == ["ended"]
+            handoffs = daemon.daemon.registry.get_sample_value(
+                "cpmgr_shard_handoffs_total", {"group": "orders", "reason": "ended"}
+            )
+            assert handoffs == 1
         assert emu.state.history[remote_key(CONSUMER_GROUP, 0)] == [end]
         assert committed_by(emu, 0) == (end, "pod-a")
         assert events(emu)[:3] == [("split", 0), ("assigned", 0), ("finished", 0)]
@@ -197,3 +203,25 @@ async def test_a_held_shard_split_with_nothing_left_is_committed_again_and_ended
         assert sorted(await assigned(peer, 2)) == [1, 2]
         assert emu.state.history[remote_key(CONSUMER_GROUP, 0)] == [end, end]
         assert events(emu)[:3] == [("assigned", 0), ("split", 0), ("finished", 0)]
+
+
+async def test_the_python_client_surfaces_ended_and_forgets_the_shard(sock_dir: Path) -> None:
+    async with emulator(1) as emu, sls(emu) as client:
+        emu.state.group(PROJECT, LOGSTORE, CONSUMER_GROUP).order = True
+        data = member_config(sock_dir / "a.sock", emu.url)
+        async with (
+            running_daemon(data) as daemon,
+            AsyncCpmgrClient(daemon.socket_path) as cpmgr,
+            cpmgr.join("orders", "pod-py") as member,
+        ):
+            first = await member.next_event(timeout=WAIT)
+            assert isinstance(first, Assigned) and first.shard == 0
+            shard_of(emu, 0).append(4, int(time.time()))
+            await client.split_shard(PROJECT, LOGSTORE, 0, key=HALF)
+            await member.commit(0, shard_of(emu, 0).end_cursor)  # read to its end
+            ended = await member.next_event(timeout=WAIT)
+            assert ended == Ended(group="orders", consumer="pod-py", shard=0, raw={})
+            assert 0 not in member.shards
+            children = [await member.next_event(timeout=WAIT) for _ in range(2)]
+            assert sorted(e.shard for e in children if isinstance(e, Assigned)) == [1, 2]
+            assert member.shards == {1: "held", 2: "held"}

@@ -124,3 +124,15 @@ test("member state follows events and answers in arrival order", () => {
   });
   assert.equal(state.ended, true);
 });
+
+test("ended drops the shard, also one that was never assigned", () => {
+  const state = new MemberState("g", "c");
+  const ended = (shard) => ({ type: "event", event: { event: "ended", group: "g", consumer: "c", shard } });
+  state.observe({ type: "event", event: ASSIGNED });
+  assert.equal(state.observe(ended(3)).event, "ended");
+  assert.deepEqual([...state.shards], []);
+  // A read-only shard with nothing left to read: the daemon finishes it and sends `ended` only.
+  assert.equal(state.observe(ended(9)).event, "ended");
+  assert.deepEqual([...state.shards], []);
+  assert.equal(state.ended, false); // the membership goes on
+});
