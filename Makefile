@@ -34,11 +34,14 @@ run: $(RUN_STAMP)
 tools:
 	bash .ci/ensure-tools
 
+# Two pytest workers: most of the long tests wait on timers and real daemons, not on a core,
+# so two at a time halve the run on a 2-core machine. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP) tools
 	$(BIN)/ruff check cpmgr tests
 	$(BIN)/ruff format --check cpmgr tests
 	$(BIN)/mypy
-	$(TEST_ENV) $(BIN)/pytest -q
+	$(TEST_ENV) $(BIN)/pytest -q -n $(TEST_WORKERS)
 
 # Everyday work: lint, types and the fast tests (no real daemons, Prometheus or demo), < 60 s.
 CHECK_TESTS := tests/test_protocol.py tests/test_protocol_answers.py tests/test_store.py \
