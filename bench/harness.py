@@ -14,11 +14,12 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any, Final, Protocol
 
 BENCH_DIR: Final = Path(__file__).resolve().parent
 LOADGEN: Final = str(BENCH_DIR / "loadgen.py")
@@ -410,3 +411,30 @@ def machine_lines(temp_root: Path) -> list[str]:
         f"- temp dir (sockets, journals): {temp_root} on {filesystem_of(temp_root)}; "
         f"append + fsync there takes {fsync_latency(temp_root) * 1e3:.2f} ms (median of 200)",
     ]
+
+
+class Findings(Protocol):
+    def markdown(self) -> str: ...
+
+
+async def report_standalone(
+    prefix: str, temp_parent: Path, measure: Callable[[Path], Awaitable[Findings]]
+) -> int:
+    """A scenario run on its own (`python bench/X_bench.py`): the machine, the load around the
+    run and what `measure(temp_dir)` found, as markdown on stdout; 1 if the run broke."""
+    load_before = load_average()
+    neighbours = Neighbours()
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=temp_parent) as root:
+        try:
+            found = await measure(Path(root))
+        except BenchError as exc:
+            print(f"benchmark failed: {exc}", file=sys.stderr, flush=True)
+            return 1
+        lines = machine_lines(Path(root))
+    print("\n".join(lines))
+    print(
+        f"- load average before: {load_before}, after: {load_average()}; other processes "
+        f"used {neighbours.share():.0%} of the machine meanwhile\n"
+    )
+    print(found.markdown())
+    return 0

@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from harness import BenchError, Neighbours, load_average, machine_lines, table
+from harness import BenchError, report_standalone, table
 from report import Section, Settings
 from targets import (
     CONSUMER_GROUP,
@@ -269,22 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def main() -> int:
     args = parse_args()
     sizes = Sizes.of(quick=args.quick, shards=args.shards)
-    load_before = load_average()
-    neighbours = Neighbours()
-    with tempfile.TemporaryDirectory(prefix="cpl", dir=args.tmp) as root:
-        try:
-            found = await measure(Path(root), sizes)
-        except BenchError as exc:
-            progress(f"benchmark failed: {exc}")
-            return 1
-        lines = machine_lines(Path(root))
-    print("\n".join(lines))
-    print(
-        f"- load average before: {load_before}, after: {load_average()}; other processes "
-        f"used {neighbours.share():.0%} of the machine meanwhile\n"
-    )
-    print(found.markdown())
-    return 0
+    return await report_standalone("cpl", args.tmp, lambda root: measure(root, sizes))
 
 
 if __name__ == "__main__":

@@ -26,14 +26,13 @@ import asyncio
 import contextlib
 import json
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from harness import BenchError, Neighbours, load_average, machine_lines, percentile, table
+from harness import BenchError, percentile, report_standalone, table
 from report import Section, Settings, ms
 from targets import (
     CONSUMER_GROUP,
@@ -343,22 +342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def main() -> int:
     args = parse_args()
     sizes = Sizes.of(quick=args.quick, rounds=args.rounds, members=args.members)
-    load_before = load_average()
-    neighbours = Neighbours()
-    with tempfile.TemporaryDirectory(prefix="cpm", dir=args.tmp) as root:
-        try:
-            found = await measure(Path(root), sizes)
-        except BenchError as exc:
-            progress(f"benchmark failed: {exc}")
-            return 1
-        lines = machine_lines(Path(root))
-    print("\n".join(lines))
-    print(
-        f"- load average before: {load_before}, after: {load_average()}; other processes "
-        f"used {neighbours.share():.0%} of the machine meanwhile\n"
-    )
-    print(found.markdown())
-    return 0
+    return await report_standalone("cpm", args.tmp, lambda root: measure(root, sizes))
 
 
 if __name__ == "__main__":
