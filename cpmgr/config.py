@@ -366,18 +366,8 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 def parse_endpoint(value: object) -> str:
-    """An SLS endpoint as the client will use it; the text is kept as written."""
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("must be a non-empty host[:port], optionally with http:// or https://")
-    try:
-        sls_endpoint.parse_endpoint(value)
-    except ValueError as exc:
-        raise ValueError(str(exc).replace(f"invalid endpoint {value!r}: ", "")) from None
-    return value.strip()
-
-
-def parse_service_endpoint(value: object) -> str:
-    """A credentials service's `host[:port]`, optionally with http:// or https://."""
+    """An endpoint (SLS, or a credentials service) as the client will use it: host[:port],
+    optionally with http:// or https://; the text is kept as written."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a non-empty host[:port], optionally with http:// or https://")
     try:
@@ -632,8 +622,7 @@ def _read_oidc(s: _Section, env: Mapping[str, str]) -> OIDCConfig:
         or env.get(ENV_ROLE_SESSION_NAME)
         or d.session_name,
         duration=s.get("duration", _oidc_duration, d.duration),
-        sts_endpoint=s.get("sts_endpoint", parse_service_endpoint, "")
-        or _default_sts_endpoint(env),
+        sts_endpoint=s.get("sts_endpoint", parse_endpoint, "") or _default_sts_endpoint(env),
     )
     s.finish()
     return cfg
@@ -643,7 +632,7 @@ def _read_ecs_ram_role(s: _Section, env: Mapping[str, str]) -> EcsRamRoleConfig:
     d = EcsRamRoleConfig()
     cfg = EcsRamRoleConfig(
         role_name=s.get("role_name", _optional_string, None) or env.get(ENV_ECS_ROLE_NAME) or None,
-        metadata_endpoint=s.get("metadata_endpoint", parse_service_endpoint, d.metadata_endpoint),
+        metadata_endpoint=s.get("metadata_endpoint", parse_endpoint, d.metadata_endpoint),
     )
     s.finish()
     return cfg
