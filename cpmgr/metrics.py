@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import contextvars
 import time
@@ -19,8 +20,14 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from cpmgr import __version__
 from cpmgr.lag.model import GroupLag, ShardLag
@@ -68,6 +75,96 @@ _CAPTURED: contextvars.ContextVar[StoreFigures | None] = contextvars.ContextVar(
 )
 # Shards read per loop turn while capturing: a 100,000-shard store must not stall the loop.
 CAPTURE_CHUNK = 2000
+
+
+# prometheus_client's own formatting of an `le` bound (untyped there).
+_format_bound: Callable[[float], str] = floatToGoString
+
+
+class _Histogram:
+    """One histogram child as plain numbers: a count per bucket (not cumulative) and a sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * buckets
+        self.total = 0.0
+
+
+class CommitTally(Collector):
+    """The figures every UpdateCheckPoint updates, kept as plain numbers and turned into
+    families at scrape time: `cpmgr_commit_requests_total{group,code}`,
+    `cpmgr_commit_request_duration_seconds{group}` and `cpmgr_commit_duration_seconds{group}`.
+
+    Why not prometheus_client's Counter and Histogram: each update there takes a lock and a
+    loop over the buckets, about 7 µs of the daemon's CPU per commit (5% of a whole
+    UpdateCheckPoint); here a commit costs a dict lookup, a bisect and two additions. The
+    exposition is the same (names, help, labels in the same order, `le` formatted alike)."""
+
+    def __init__(self, bounds: tuple[float, ...] = COMMIT_BUCKETS) -> None:
+        self._bounds = (*bounds, float("inf"))
+        self._les = [_format_bound(bound) for bound in self._bounds]
+        self.requests: dict[tuple[str, str], int] = {}
+        self._request_durations: dict[str, _Histogram] = {}
+        self._commit_durations: dict[str, _Histogram] = {}
+
+    def add_group(self, group: str) -> None:
+        """Create the group's series (at 0), so they exist before its first commit."""
+        self.requests.setdefault((group, "OK"), 0)
+        self._histogram(self._request_durations, group)
+        self._histogram(self._commit_durations, group)
+
+    def attempt_finished(self, group: str, code: str, seconds: float) -> None:
+        key = (group, code)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        self._observe(self._request_durations, group, seconds)
+
+    def commit_finished(self, group: str, seconds: float) -> None:
+        self._observe(self._commit_durations, group, seconds)
+
+    def _observe(self, histograms: dict[str, _Histogram], group: str, seconds: float) -> None:
+        histogram = histograms.get(group) or self._histogram(histograms, group)
+        histogram.counts[bisect.bisect_left(self._bounds, seconds)] += 1
+        histogram.total += seconds
+
+    def _histogram(self, histograms: dict[str, _Histogram], group: str) -> _Histogram:
+        histogram = histograms.get(group)
+        if histogram is None:
+            histogram = histograms[group] = _Histogram(len(self._bounds))
+        return histogram
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._histogram_family(
+            "cpmgr_commit_duration_seconds", _COMMIT_DURATION_HELP, self._commit_durations
+        )
+        requests = CounterMetricFamily(
+            "cpmgr_commit_requests", _COMMIT_REQUESTS_HELP, labels=("group", "code")
+        )
+        for (group, code), count in list(self.requests.items()):
+            requests.add_metric((group, code), count)
+        yield requests
+        yield self._histogram_family(
+            "cpmgr_commit_request_duration_seconds",
+            _REQUEST_DURATION_HELP,
+            self._request_durations,
+        )
+
+    def _histogram_family(
+        self, name: str, help_text: str, histograms: dict[str, _Histogram]
+    ) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, help_text, labels=("group",))
+        for group, histogram in list(histograms.items()):
+            cumulative, buckets = 0, []
+            for le, count in zip(self._les, list(histogram.counts), strict=True):
+                cumulative += count
+                buckets.append((le, float(cumulative)))
+            family.add_metric((group,), buckets, histogram.total)
+        return family
+
+
+_COMMIT_DURATION_HELP = "One commit from its first attempt to its final outcome, retries included."
+_COMMIT_REQUESTS_HELP = "UpdateCheckPoint HTTP attempts by outcome (OK or the error code)."
+_REQUEST_DURATION_HELP = "One UpdateCheckPoint HTTP attempt."
 
 
 class StoreCollector(Collector):
@@ -429,19 +526,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, *, process_metrics: bool = True) -> None:
         self.registry = registry
-        self.commit_duration = Histogram(
-            "cpmgr_commit_duration_seconds",
-            "One commit from its first attempt to its final outcome, retries included.",
-            ["group"],
-            buckets=COMMIT_BUCKETS,
-            registry=registry,
-        )
-        self.commit_requests = Counter(
-            "cpmgr_commit_requests",
-            "UpdateCheckPoint HTTP attempts by outcome (OK or the error code).",
-            ["group", "code"],
-            registry=registry,
-        )
+        # The commit-request counter and both commit histograms (one update per commit).
+        self.commits = CommitTally()
+        registry.register(self.commits)
         self.commit_failures = Counter(
             "cpmgr_commit_failures",
             "Commits that ended without success (dropped or retries exhausted).",
@@ -452,13 +539,6 @@ class Metrics:
             "cpmgr_checkpoints_received",
             "Checkpoints accepted over the socket (a batch counts each).",
             ["group"],
-            registry=registry,
-        )
-        self.request_duration = Histogram(
-            "cpmgr_commit_request_duration_seconds",
-            "One UpdateCheckPoint HTTP attempt.",
-            ["group"],
-            buckets=COMMIT_BUCKETS,
             registry=registry,
         )
         self.retries = Counter(
@@ -548,9 +628,6 @@ class Metrics:
             {"version": __version__}
         )
         self._received_by_group: dict[str, Counter] = {}
-        self._requests_by_code: dict[tuple[str, str], Counter] = {}
-        self._request_duration_by_group: dict[str, Histogram] = {}
-        self._commit_duration_by_group: dict[str, Histogram] = {}
         if process_metrics:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
@@ -558,9 +635,7 @@ class Metrics:
     def add_groups(self, groups: Iterable[str]) -> None:
         """Create every per-group series, so they exist (at 0) from the start."""
         for group in groups:
-            self.commit_duration.labels(group)
-            self.request_duration.labels(group)
-            self.commit_requests.labels(group, "OK")
+            self.commits.add_group(group)
             self.received.labels(group)
             self.retries.labels(group)
 
@@ -578,28 +653,13 @@ class Metrics:
     # ---------------------------------------------------------------- the committer's observer
 
     def attempt_finished(self, group: str, code: str, seconds: float) -> None:
-        # Once per UpdateCheckPoint: the children are looked up in plain dicts, since labels()
-        # validates and locks on every call.
-        requests = self._requests_by_code.get((group, code))
-        if requests is None:
-            requests = self._requests_by_code[group, code] = self.commit_requests.labels(
-                group, code
-            )
-        requests.inc()
-        self._child(self._request_duration_by_group, self.request_duration, group).observe(seconds)
-
-    @staticmethod
-    def _child(children: dict[str, Histogram], metric: Histogram, group: str) -> Histogram:
-        child = children.get(group)
-        if child is None:
-            child = children[group] = metric.labels(group)
-        return child
+        self.commits.attempt_finished(group, code, seconds)
 
     def retried(self, group: str) -> None:
         self.retries.labels(group).inc()
 
     def commit_finished(self, group: str, code: str, seconds: float, *, ok: bool) -> None:
-        self._child(self._commit_duration_by_group, self.commit_duration, group).observe(seconds)
+        self.commits.commit_finished(group, seconds)
         if not ok:
             self.commit_failures.labels(group, code).inc()
 
