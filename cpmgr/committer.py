@@ -29,7 +29,7 @@ from typing import Final, Literal, Protocol
 from cpmgr.backoff import backoff_delay
 from cpmgr.config import CommitConfig, Config, GroupConfig
 from cpmgr.errors import SLSError
-from cpmgr.limiter import ConcurrencyLimiter
+from cpmgr.limiter import ConcurrencyLimiter, TurnBudget
 from cpmgr.outcomes import TIMED_OUT, CommitOutcome, FlushResult, ShardFailure
 from cpmgr.sls.client import RemoteCheckpoint
 from cpmgr.store import Attempt, CheckpointStore, ErrorInfo
@@ -54,6 +54,9 @@ _SKIPS_PER_TURN: Final = 256
 _FLUSH_CHUNK: Final = 2000
 _CLOSING: Final = CommitOutcome(ok=False, code="ShuttingDown", message="closing")
 _COMMITTED: Final = CommitOutcome(ok=True)
+# Workers that may go on to their next shard per loop turn (limiter.TurnBudget): answers that
+# arrive together are settled a few per turn, with the consumers' lines read in between.
+_NEXT_SHARDS_PER_TURN: Final = 8
 
 
 class CheckpointAPI(Protocol):
@@ -272,6 +275,7 @@ class Committer:
         self._cycle_batches: dict[str, _Batch] = {}  # each group's newest cycle batch
         self._workers: set[asyncio.Task[None]] = set()
         self._busy = 0  # workers in the middle of an attempt
+        self._turns = TurnBudget(_NEXT_SHARDS_PER_TURN)
         # Shards whose last success may be overtaken by an earlier unanswered attempt: they are
         # sent again once that attempt's window has passed (store.on_success).
         self._verify_timers: dict[ShardKey, asyncio.TimerHandle] = {}
@@ -414,6 +418,7 @@ class Committer:
     async def _work(self) -> None:
         task = asyncio.current_task()
         while not self._closing:
+            await self._turns.pass_()
             job = self._next_job()
             if job is None:
                 if not self._has_work():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import random
+import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from cpmgr.committer import (
 )
 from cpmgr.config import Config, parse_config
 from cpmgr.emulator import EmulatorHandle, running_emulator
+from cpmgr.limiter import TurnBudget
 from cpmgr.sls.client import RemoteCheckpoint, SLSClient
 from cpmgr.sls.signer import Credentials
 from cpmgr.store import CheckpointStore
@@ -650,3 +652,72 @@ async def test_attack_commits_between_timed_out_flushes_do_not_pile_up_flushes()
         assert not env.committer._flushes
         queued = sum(batch.left for batch in env.committer._urgent)
         assert queued <= 16
+
+
+class TurnCounter:
+    """Counts event-loop turns: a callback that schedules itself again runs once per turn."""
+
+    def __init__(self) -> None:
+        self.turn = 0
+        self._handle = asyncio.get_running_loop().call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.turn += 1
+        self._handle = asyncio.get_running_loop().call_soon(self._tick)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
+async def test_turn_budget_lets_a_few_through_per_turn_in_order() -> None:
+    budget = TurnBudget(3)
+    turns = TurnCounter()
+    passed: list[tuple[int, int]] = []
+
+    async def passer(n: int) -> None:
+        await budget.pass_()
+        passed.append((n, turns.turn))
+
+    tasks = [asyncio.create_task(passer(n)) for n in range(20)]
+    tasks[5].cancel()  # a waiter cancelled while queued gives its place to the next
+    await asyncio.gather(*tasks, return_exceptions=True)
+    turns.stop()
+    assert [n for n, _ in passed] == [n for n in range(20) if n != 5]  # first come, first served
+    per_turn = Counter(turn for _, turn in passed)
+    assert max(per_turn.values()) <= 2 * 3
+    assert len(per_turn) >= 19 // 6
+
+
+async def test_answers_arriving_together_are_followed_up_a_few_per_loop_turn() -> None:
+    # 32 requests in flight, and the loop held by other work while their answers arrive: the
+    # workers then go on to their next request a few per loop turn, not all 32 in one, so the
+    # loop reads the consumers' socket in between.
+    config = make_config(groups={"orders": "ls/cg"}, max_in_flight=32)
+    logstores = (f"{PROJECT}/ls:400",)
+    async with committer_env(config, logstores=logstores, latency_ms=(5.0, 5.0)) as env:
+        for shard in range(400):
+            env.store.accept("orders", shard, cursor(shard + 1))
+        await env.committer.flush(timeout=60)  # the connections are open
+        for shard in range(400):
+            env.store.accept("orders", shard, cursor(shard + 2))
+        turns = TurnCounter()
+        sent_in_turn: Counter[int] = Counter()
+        update = env.client.update_checkpoint
+
+        async def counted(*args: Any, **kwargs: Any) -> None:
+            sent_in_turn[turns.turn] += 1
+            await update(*args, **kwargs)
+
+        env.committer._client = type("Counted", (), {"update_checkpoint": staticmethod(counted)})()
+        flush = asyncio.create_task(env.committer.flush(timeout=60))
+        for _ in range(10_000):  # until the pool is full
+            if env.committer._busy == 32:
+                break
+            await asyncio.sleep(0)
+        assert env.committer._busy == 32
+        time.sleep(0.05)  # noqa: ASYNC251 (held on purpose: every answer arrives meanwhile)
+        result = await flush
+        turns.stop()
+        assert result.committed == 400 and env.update_calls() == {"OK": 800}
+        assert sum(sent_in_turn.values()) == 400
+        assert max(sent_in_turn.values()) <= 2 * committer_module._NEXT_SHARDS_PER_TURN
