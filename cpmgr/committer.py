@@ -54,8 +54,9 @@ _SKIPS_PER_TURN: Final = 256
 _FLUSH_CHUNK: Final = 2000
 _CLOSING: Final = CommitOutcome(ok=False, code="ShuttingDown", message="closing")
 _COMMITTED: Final = CommitOutcome(ok=True)
-# Workers that may go on to their next shard per loop turn (limiter.TurnBudget): answers that
-# arrive together are settled a few per turn, with the consumers' lines read in between.
+# Workers that may settle an answer (and go on to their next shard) per loop turn
+# (limiter.TurnBudget): answers that arrive together are handled a few per turn, with the
+# consumers' lines read in between.
 _NEXT_SHARDS_PER_TURN: Final = 8
 
 
@@ -418,7 +419,6 @@ class Committer:
     async def _work(self) -> None:
         task = asyncio.current_task()
         while not self._closing:
-            await self._turns.pass_()
             job = self._next_job()
             if job is None:
                 if not self._has_work():
@@ -491,6 +491,8 @@ class Committer:
         attempt = job.attempt
         sent_at = self._clock()
         error = await self._send(attempt, sent_at)
+        # Settling this shard and sending the worker's next one, a few workers per loop turn.
+        await self._turns.pass_()
         if error is None:
             settled = self._store.on_success(attempt, at=self._wall_clock(), sent_at=sent_at)
             self._finish(job, None, settled=settled)
