@@ -418,21 +418,28 @@ class Committer:
 
     async def _work(self) -> None:
         task = asyncio.current_task()
-        while not self._closing:
-            job = self._next_job()
-            if job is None:
-                if not self._has_work():
-                    return
-                await asyncio.sleep(0)  # skipped many shards: let the loop breathe
-                continue
-            job.worker = task
-            self._busy += 1
-            self._ensure_workers()
-            try:
-                await self._attempt(job)
-            finally:
-                job.worker = None
-                self._busy -= 1
+        assert task is not None
+        try:
+            while not self._closing:
+                job = self._next_job()
+                if job is None:
+                    if not self._has_work():
+                        return
+                    await asyncio.sleep(0)  # skipped many shards: let the loop breathe
+                    continue
+                job.worker = task
+                self._busy += 1
+                self._ensure_workers()
+                try:
+                    await self._attempt(job)
+                finally:
+                    job.worker = None
+                    self._busy -= 1
+        finally:
+            # Leave the pool now, not in the done callback a loop turn later: work queued in
+            # between (a flush right after a cycle ended) would see this worker as idle, start
+            # none, and wait for the next cycle.
+            self._workers.discard(task)
 
     def _next_job(self) -> _Job | None:
         """A job ready to send: a due retry, else a new one from the queues. None when the

@@ -721,3 +721,21 @@ async def test_answers_arriving_together_are_followed_up_a_few_per_loop_turn() -
         assert result.committed == 400 and env.update_calls() == {"OK": 800}
         assert sum(sent_in_turn.values()) == 400
         assert max(sent_in_turn.values()) <= 2 * committer_module._NEXT_SHARDS_PER_TURN
+
+
+async def test_a_flush_right_after_a_cycle_ended_is_not_left_waiting() -> None:
+    # The cycle's last worker ends in the loop turn that reports the cycle done; a flush
+    # queued in the next turn must start a worker of its own, not count on that one.
+    clock = FakeClock()
+    config = make_config(groups={"orders": "ls/cg"}, interval="1h", max_in_flight=32)
+    async with committer_env(config, clock=clock, logstores=(f"{PROJECT}/ls:200",)) as env:
+        for shard in range(32):
+            env.store.accept("orders", shard, cursor(shard + 1))
+        clock.now += 3600
+        assert env.committer.run_due_cycles() == 32
+        await env.observer.cycle_done.wait()
+        for shard in range(200):
+            env.store.accept("orders", shard, cursor(shard + 2))
+        result = await env.committer.flush(timeout=30)
+        assert result.committed == 200 and not result.timed_out
+        assert env.update_calls() == {"OK": 232}
