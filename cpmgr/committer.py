@@ -133,6 +133,12 @@ class _Cycle:
     queued: int = 0  # shards still in its batches
     running: int = 0  # its jobs not finished yet
     committed: int = 0  # jobs it started
+    pace: float = 0.0  # seconds between the starts of two of its jobs; 0: no pacing
+    next_start: float = 0.0  # time.monotonic() from which its next job may start
+
+    def due_in(self) -> float:
+        """Seconds until its next job may start (0 or less: now)."""
+        return self.next_start - time.monotonic() if self.pace else 0.0
 
     @property
     def done(self) -> bool:
@@ -277,6 +283,8 @@ class Committer:
         self._workers: set[asyncio.Task[None]] = set()
         self._busy = 0  # workers in the middle of an attempt
         self._turns = TurnBudget(_NEXT_SHARDS_PER_TURN)
+        self._pace_timer: asyncio.TimerHandle | None = None  # a paced cycle's next start
+        self._pace_waiter: asyncio.Future[None] | None = None  # the worker waiting for it
         # Shards whose last success may be overtaken by an earlier unanswered attempt: they are
         # sent again once that attempt's window has passed (store.on_success).
         self._verify_timers: dict[ShardKey, asyncio.TimerHandle] = {}
@@ -309,6 +317,9 @@ class Committer:
         for timer in self._verify_timers.values():
             timer.cancel()
         self._verify_timers.clear()
+        if self._pace_timer is not None:
+            self._pace_timer.cancel()
+            self._pace_timer = None
         await self._stop_jobs(lambda key: True)
         self._fail_all_waiters(_CLOSING)
 
@@ -346,15 +357,29 @@ class Committer:
         """Queue every dirty shard of the groups whose interval has elapsed; how many."""
         now = self._clock()
         cycle = _Cycle(started=now)
+        window = float("inf")
         for name, state in self._groups.items():
             if state.next_due <= now:
                 state.next_due = now + state.interval
                 shards = self._store.dirty_shards(name)
                 if shards:
                     self._replace_cycle_batch(_Batch(name, shards, cycle))
+                    window = min(window, state.interval * self._commit_cfg.spread)
         if cycle.queued:
+            self._pace(cycle, window)
             self._ensure_workers()
         return cycle.queued
+
+    def _pace(self, cycle: _Cycle, window: float) -> None:
+        """Spread the starts of a cycle of more shards than one round of the pool evenly over
+        `window` (`commit.spread` of the shortest interval among its groups). Sent as fast as
+        the pool goes, a 1,000-shard cycle keeps the daemon's core (and SLS) busy in one burst
+        while the consumers' lines wait; spread, it takes a steady share. Smaller cycles are
+        one round of requests: nothing to spread. Pacing runs on the real clock, whatever
+        clock times the intervals, since it only shapes how the CPU is used."""
+        if window > 0 and cycle.queued > self._limiter.maximum:
+            cycle.pace = window / cycle.queued
+            cycle.next_start = time.monotonic()
 
     def _replace_cycle_batch(self, batch: _Batch) -> None:
         """Queue a cycle's batch. A group's previous cycle batch, if the workers have not got
@@ -405,9 +430,18 @@ class Committer:
             worker = asyncio.create_task(self._work(), name="cpmgr-commit-worker")
             self._workers.add(worker)
             worker.add_done_callback(self._workers.discard)
+        elif self._regular and self._regular[0].cycle is not None:
+            self._due(self._regular[0].cycle)  # a paced cycle's next start: a worker then
 
     def _has_work(self) -> bool:
-        return bool(self._retries or self._urgent or self._regular)
+        """Whether a worker could take a job now (a paced cycle's next start may be later)."""
+        if self._retries or self._urgent:
+            return True
+        regular = self._regular
+        if not regular:
+            return False
+        head = regular[0]
+        return not head.left or head.cycle is None or head.cycle.due_in() <= 0
 
     def _queued_count(self) -> int:
         return (
@@ -423,9 +457,12 @@ class Committer:
             while not self._closing:
                 job = self._next_job()
                 if job is None:
-                    if not self._has_work():
+                    if self._has_work():
+                        await asyncio.sleep(0)  # skipped many shards: let the loop breathe
+                    elif self._regular and self._pace_waiter is None:
+                        await self._wait_for_pace()
+                    else:
                         return
-                    await asyncio.sleep(0)  # skipped many shards: let the loop breathe
                     continue
                 job.worker = task
                 self._busy += 1
@@ -461,6 +498,8 @@ class Committer:
         for queue in (self._urgent, self._regular):
             while queue:
                 batch = queue[0]
+                if batch.cycle is not None and batch.left and not self._due(batch.cycle):
+                    return None, None
                 shard = batch.take()
                 if shard is not None:
                     return batch, shard
@@ -480,8 +519,35 @@ class Committer:
         if batch.cycle is not None:
             batch.cycle.running += 1
             batch.cycle.committed += 1
+            batch.cycle.next_start += batch.cycle.pace  # shards skipped take no time
         self._jobs[key] = job
         return job
+
+    def _due(self, cycle: _Cycle) -> bool:
+        """Whether the paced cycle's next job may start now; if not, wake a worker then."""
+        delay = cycle.due_in()
+        if delay <= 0:
+            return True
+        if self._pace_timer is None:
+            loop = asyncio.get_running_loop()
+            self._pace_timer = loop.call_later(delay, self._pace_due)
+        return False
+
+    def _pace_due(self) -> None:
+        self._pace_timer = None
+        waiter = self._pace_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        else:
+            self._ensure_workers()  # every worker is busy: one more takes the job
+
+    async def _wait_for_pace(self) -> None:
+        """Be the one idle worker waiting for a paced cycle's next start (others end)."""
+        self._pace_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._pace_waiter
+        finally:
+            self._pace_waiter = None
 
     def _cycle_progress(self, cycle: _Cycle | None) -> None:
         if cycle is not None and cycle.done:

@@ -144,6 +144,9 @@ class CommitConfig:
     retry: RetryConfig = RetryConfig()
     shutdown_timeout: float = 20.0
     wait_timeout: float = 30.0
+    spread: float = 0.5
+    """A timer cycle of more shards than `max_in_flight` starts them evenly over this share of
+    the interval; 0 sends them as fast as `max_in_flight` allows."""
 
 
 @dataclass(frozen=True)
@@ -459,6 +462,13 @@ def _positive_int(value: object) -> int:
     return value
 
 
+def _share(value: object) -> float:
+    """A share from 0 to 1 (an integer 0 or 1 counts too)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError("must be a number from 0 to 1")
+    return float(value)
+
+
 def _min_int(minimum: int) -> Callable[[object], int]:
     def parse(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -660,6 +670,7 @@ def _read_commit(s: _Section) -> CommitConfig:
         retry=_read_retry(s.section("retry")),
         shutdown_timeout=s.get("shutdown_timeout", parse_duration, d.shutdown_timeout),
         wait_timeout=s.get("wait_timeout", parse_duration, d.wait_timeout),
+        spread=s.get("spread", _share, d.spread),
     )
     s.finish()
     return cfg

@@ -552,7 +552,8 @@ async def test_limiter_survives_a_waiter_cancelled_as_its_slot_frees() -> None:
 
 async def test_a_cycle_of_many_shards_runs_on_a_bounded_pool_of_workers() -> None:
     clock = FakeClock()
-    config = make_config(groups={"orders": "ls/cg"}, interval="5s", max_in_flight=4)
+    # Not spread (commit.spread 0): the cycle goes as fast as the pool allows.
+    config = make_config(groups={"orders": "ls/cg"}, interval="5s", max_in_flight=4, spread=0)
     async with committer_env(config, clock=clock, logstores=(f"{PROJECT}/ls:500",)) as env:
         for shard in range(500):
             env.store.accept("orders", shard, cursor(shard + 1))
@@ -721,6 +722,51 @@ async def test_answers_arriving_together_are_followed_up_a_few_per_loop_turn() -
         assert result.committed == 400 and env.update_calls() == {"OK": 800}
         assert sum(sent_in_turn.values()) == 400
         assert max(sent_in_turn.values()) <= 2 * committer_module._NEXT_SHARDS_PER_TURN
+
+
+async def test_a_large_cycle_is_spread_over_its_share_of_the_interval() -> None:
+    # 200 dirty shards, a 400 ms interval and spread 0.5: the cycle's requests start evenly
+    # over about 200 ms, a steady 1 per ms, instead of in one burst of the whole pool.
+    clock = FakeClock()
+    config = make_config(groups={"orders": "ls/cg"}, interval="400ms", max_in_flight=32)
+    async with committer_env(config, clock=clock, logstores=(f"{PROJECT}/ls:200",)) as env:
+        for shard in range(200):
+            env.store.accept("orders", shard, cursor(shard + 1))
+        starts: list[float] = []
+        update = env.client.update_checkpoint
+
+        async def timed(*args: Any, **kwargs: Any) -> None:
+            starts.append(time.monotonic())
+            await update(*args, **kwargs)
+
+        env.committer._client = type("Timed", (), {"update_checkpoint": staticmethod(timed)})()
+        clock.now += 0.4
+        assert env.committer.run_due_cycles() == 200
+        await env.observer.cycle_done.wait()
+        assert env.update_calls() == {"OK": 200} and env.store.pending_count("orders") == 0
+        took = starts[-1] - starts[0]
+        assert 0.19 <= took < 0.6  # 199 gaps of 1 ms; a loaded machine can only make it longer
+        # Evenly: no 10 ms of the window started more than a burst's worth.
+        per_slot = Counter(int((t - starts[0]) / 0.010) for t in starts)
+        assert max(per_slot.values()) <= 20
+
+
+async def test_small_cycles_and_flushes_are_not_spread() -> None:
+    clock = FakeClock()
+    config = make_config(groups={"orders": "ls/cg"}, interval="1h", max_in_flight=32)
+    async with committer_env(config, clock=clock, logstores=(f"{PROJECT}/ls:200",)) as env:
+        for shard in range(32):  # one round of the pool
+            env.store.accept("orders", shard, cursor(shard + 1))
+        clock.now += 3600
+        assert env.committer.run_due_cycles() == 32
+        started = time.monotonic()
+        await env.observer.cycle_done.wait()
+        for shard in range(200):
+            env.store.accept("orders", shard, cursor(shard + 2))
+        result = await env.committer.flush(timeout=60)  # urgent: as fast as the pool goes
+        assert result.committed == 200
+        assert time.monotonic() - started < 60  # an hour's spread would be 30 minutes
+        assert env.update_calls() == {"OK": 232}
 
 
 async def test_a_flush_right_after_a_cycle_ended_is_not_left_waiting() -> None:

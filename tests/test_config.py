@@ -56,6 +56,7 @@ def test_defaults_follow_the_contract() -> None:
     assert cfg.commit.retry.initial_backoff == pytest.approx(0.2)
     assert cfg.commit.shutdown_timeout == 20.0
     assert cfg.commit.wait_timeout == 30.0
+    assert cfg.commit.spread == 0.5
     assert cfg.state.fsync == "batch"
     assert cfg.state.fsync_interval == pytest.approx(0.1)
     assert cfg.sls.signature_version == "v1"
@@ -275,6 +276,9 @@ def test_v4_needs_a_region() -> None:
         ("socket", "max_buffered_bytes", 1000, "socket.max_buffered_bytes: must be at least"),
         ("sls", "allow_insecure_http", "yes", "sls.allow_insecure_http: must be true or false"),
         ("commit", "max_in_flight", 0, "commit.max_in_flight: must be an integer >= 1"),
+        ("commit", "spread", 1.5, "commit.spread: must be a number from 0 to 1"),
+        ("commit", "spread", "half", "commit.spread: must be a number from 0 to 1"),
+        ("commit", "spread", True, "commit.spread: must be a number from 0 to 1"),
         ("state", "fsync", "sometimes", "state.fsync: must be one of always, batch, never"),
         ("log", "format", "xml", "log.format: must be one of text, json"),
         ("log", "level", "loud", "log.level: must be one of debug, info, warning, error"),
