@@ -17,26 +17,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cpmgr.journal.files import (
     LOCK_NAME,
     LOG_NAME,
     SNAPSHOT_NAME,
     SNAPSHOT_TMP_NAME,
+    AcceptedRun,
     FsyncMode,
     JournalFiles,
     JournalLocked,
     Part,
     WriteFn,
 )
-from cpmgr.journal.format import FORMAT_VERSION, JournalError
+from cpmgr.journal.format import (
+    FORMAT_VERSION,
+    JournalError,
+    encode_accepted_block,
+    encode_accepted_run,
+)
 from cpmgr.journal.state import Entry, ShardRecord, Undo
 
 __all__ = [
@@ -55,6 +63,22 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_SHARD = operator.attrgetter("shard")
+_CHECKPOINT = operator.attrgetter("checkpoint")
+_CONSUMER = operator.attrgetter("consumer")
+
+
+class RunItem(Protocol):
+    """One accepted checkpoint of `Journal.accept_run` (protocol.CommitItem fits)."""
+
+    @property
+    def shard(self) -> int: ...
+    @property
+    def checkpoint(self) -> str: ...
+    @property
+    def consumer(self) -> str | None: ...
+
+
 FSYNC_MODES: tuple[FsyncMode, ...] = ("always", "batch", "never")
 
 
@@ -63,7 +87,7 @@ class _Batch:
     """The records of one event-loop turn, and the writers waiting for them."""
 
     parts: list[Part] = field(default_factory=list)
-    done: asyncio.Future[BaseException | None] | None = None
+    done: asyncio.Future[JournalError | None] | None = None
     timer: asyncio.TimerHandle | None = None
     round: _Round | None = None
     """Set (under the lock) when the writer thread takes the batch."""
@@ -128,6 +152,7 @@ class Journal:
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._turn: _Batch | None = None  # what this loop turn recorded so far
+        self._seq = 0  # of the last record numbered (records are numbered on the loop)
         self._timed_out = False  # writers were refused for it; until a write completes
         # Shared with the writer thread, under the lock:
         self._wake = threading.Condition()
@@ -174,6 +199,7 @@ class Journal:
         if self._closed or self._opened:
             raise JournalError(f"journal in {self._dir} was already opened")
         records = self._files.open()
+        self._seq = self._files.seq
         self._opened = True
         return records
 
@@ -218,35 +244,72 @@ class Journal:
     async def record_accepted(self, entries: Sequence[Entry]) -> None:
         """Persist accepted (group, shard, checkpoint, consumer) entries before they are
         acknowledged; JournalError means they were not persisted and must not be accepted."""
-        if not self._opened or self._closed:
-            raise JournalError(f"journal in {self._dir} is not open")
+        self._require_open()
         if not entries:
             return
+        first = self._seq + 1
+        self._seq += len(entries)
+        latest = {(g, s): (c, u, seq) for seq, (g, s, c, u) in enumerate(entries, first)}
+        run = AcceptedRun(b"".join(encode_accepted_run(first, entries)), latest, self._seq)
+        error = await asyncio.shield(self._add(run))
+        if error is not None:
+            raise JournalError(str(error))
+
+    def accept_run(
+        self, group: str, items: Sequence[RunItem]
+    ) -> asyncio.Future[JournalError | None]:
+        """Queue accepted checkpoints of one group (`items` have its shard, checkpoint and
+        consumer) to be persisted before they are acknowledged: the same as `record_accepted`
+        without a coroutine. The future, shared by the loop turn's writers (do not cancel it),
+        resolves to None once they are written (and, with `always`, fsynced), or to the
+        JournalError refusing them. Raises JournalError if the journal is not open."""
+        self._require_open()
+        shards = list(map(_SHARD, items))
+        if not shards:
+            done: asyncio.Future[JournalError | None] = self._start_writer().create_future()
+            done.set_result(None)
+            return done
+        checkpoints = list(map(_CHECKPOINT, items))
+        consumers = list(map(_CONSUMER, items))
+        first = self._seq + 1
+        self._seq += len(shards)
+        data = encode_accepted_block(first, group, shards, checkpoints, consumers)
+        # Keyed by (group, shard), the last value of each shard wins.
+        values = zip(checkpoints, consumers, range(first, self._seq + 1), strict=True)
+        latest = dict(
+            zip(zip(repeat(group, len(shards)), shards, strict=True), values, strict=True)
+        )
+        return self._add(AcceptedRun(data, latest, self._seq))
+
+    def _require_open(self) -> None:
+        if not self._opened or self._closed:
+            raise JournalError(f"journal in {self._dir} is not open")
+
+    def _add(self, run: AcceptedRun) -> asyncio.Future[JournalError | None]:
         batch = self._batch()
-        batch.parts.append(list(entries))
+        batch.parts.append(run)
         if batch.done is None:
             batch.done = self._start_writer().create_future()
-        error = await asyncio.shield(batch.done)
-        if error is not None:
-            raise JournalError(f"could not persist to the journal in {self._dir}: {error}")
+        return batch.done
 
     def record_committed(self, group: str, shard: int, checkpoint: str) -> None:
         """Note a value SLS confirmed; not fsynced (losing it only repeats an idempotent
         commit). Errors are logged, not raised."""
         if self._opened and not self._closed:
-            self._batch().parts.append(("c", group, shard, checkpoint))
+            self._seq += 1
+            self._batch().parts.append(("c", group, shard, checkpoint, self._seq))
 
     def record_dropped(self, group: str, shard: int, checkpoint: str) -> None:
         """Note a value SLS refused for good, so a restart does not make it pending again.
         Not fsynced (losing it only repeats a refused commit). Errors are logged, not raised."""
         if self._opened and not self._closed:
-            self._batch().parts.append(("d", group, shard, checkpoint))
+            self._seq += 1
+            self._batch().parts.append(("d", group, shard, checkpoint, self._seq))
 
     async def compact(self, *, force: bool = True) -> bool:
         """Have the writer compact now (or, without `force`, if the log outgrew its
         threshold) after what is queued; whether a new snapshot was written."""
-        if not self._opened or self._closed:
-            raise JournalError(f"journal in {self._dir} is not open")
+        self._require_open()
         done: asyncio.Future[bool] = self._start_writer().create_future()
         self._submit()
         self._enqueue(_Compaction(force, done))
@@ -278,21 +341,29 @@ class Journal:
         with self._wake:
             taken = batch.round
             if taken is None:  # still queued: only the outcomes are written
-                batch.parts = [part for part in batch.parts if not isinstance(part, list)]
+                batch.parts = [p for p in batch.parts if not isinstance(p, AcceptedRun)]
             elif taken.finished:
                 return  # written in time; its answer is on the way
             else:
                 taken.abandoned = True
         self._timed_out = True
-        error = TimeoutError(f"the disk did not finish writing within {self._write_timeout:g}s")
+        error = self._error(
+            TimeoutError(f"the disk did not finish writing within {self._write_timeout:g}s")
+        )
         for refused in [batch] if taken is None else taken.batches:
             _answer(refused, error)
 
     def _resolve(self, done: _Round, error: BaseException | None) -> None:
+        refusal = None
         if error is None:
             self._timed_out = False  # the disk moves again
+        else:
+            refusal = self._error(error)
         for batch in done.batches:
-            _answer(batch, error)
+            _answer(batch, refusal)
+
+    def _error(self, error: BaseException) -> JournalError:
+        return JournalError(f"could not persist to the journal in {self._dir}: {error}")
 
     # --- the writer thread -----------------------------------------------------------------
 
@@ -370,7 +441,7 @@ class Journal:
         changes = self._files.append(parts)
         if self._mode == "batch" and self._dirty_since is None:
             self._dirty_since = time.monotonic()
-        if self._mode == "always" and any(isinstance(part, list) for part in parts):
+        if self._mode == "always" and any(isinstance(part, AcceptedRun) for part in parts):
             try:
                 self._files.sync()
             except OSError:
@@ -396,7 +467,7 @@ class Journal:
             self._loop.call_soon_threadsafe(callback, *args)
 
 
-def _answer(batch: _Batch, error: BaseException | None) -> None:
+def _answer(batch: _Batch, error: JournalError | None) -> None:
     if batch.timer is not None:
         batch.timer.cancel()
     if batch.done is not None and not batch.done.done():

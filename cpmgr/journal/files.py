@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +22,6 @@ from cpmgr.journal.format import (
     Scan,
     SnapshotHeader,
     encode,
-    encode_accepted_run,
     scan,
     snapshot_header,
     snapshot_lines,
@@ -29,12 +29,12 @@ from cpmgr.journal.format import (
 )
 from cpmgr.journal.state import (
     Dropped,
-    Entry,
+    Latest,
     LogRecord,
     ShardRecord,
     Shards,
     Undo,
-    accept_all,
+    accept_latest,
     apply,
     by_key,
     committed_record,
@@ -52,11 +52,23 @@ LOCK_NAME = "lock"
 _SNAPSHOT_CHUNK = 500
 
 WriteFn = Callable[[int, memoryview], int]
-Outcome = tuple[Literal["c", "d"], str, int, str]
+Outcome = tuple[Literal["c", "d"], str, int, str, int]
 """What SLS did with a value: took it ("c") or refused it for good ("d"); group, shard,
-checkpoint."""
-Part = list[Entry] | Outcome
-"""What is written, in order: the entries accepted together, or one outcome."""
+checkpoint, and the record's sequence number."""
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedRun:
+    """Accepted records, numbered and encoded on the event loop: their lines, the last value
+    each shard got among them and the sequence number of the last one."""
+
+    data: bytes
+    latest: Latest
+    last_seq: int
+
+
+Part = AcceptedRun | Outcome
+"""What is written, in order: a run of accepted records, or one outcome."""
 
 
 class JournalLocked(CpmgrError):
@@ -218,11 +230,10 @@ class JournalFiles:
     # --- writing ---------------------------------------------------------------------------
 
     def _outcome(self, outcome: Outcome) -> LogRecord:
-        kind, group, shard, checkpoint = outcome
-        self.seq += 1
+        kind, group, shard, checkpoint, seq = outcome
         if kind == "c":
-            return committed_record(self.shards, self.seq, group, shard, checkpoint)
-        return Dropped(self.seq, group, shard, checkpoint)
+            return committed_record(self.shards, seq, group, shard, checkpoint)
+        return Dropped(seq, group, shard, checkpoint)
 
     def append(self, parts: Sequence[Part]) -> list[Undo]:
         """Apply `parts` to the state and write them at the end of the log in one write; return
@@ -233,15 +244,15 @@ class JournalFiles:
         chunks = [b"\n"] if self._resync else []
         shards = self.shards
         for part in parts:
-            if isinstance(part, list):  # accepted entries, the common records
-                first = self.seq + 1
-                self.seq += len(part)
-                accept_all(shards, part, first, changes)
-                chunks += encode_accepted_run(first, part)
+            if isinstance(part, AcceptedRun):  # the common records, encoded already
+                accept_latest(shards, part.latest, changes)
+                chunks.append(part.data)
+                self.seq = part.last_seq
             else:
                 rec = self._outcome(part)
                 changes.append(apply(shards, rec))
                 chunks.append(encode(rec))
+                self.seq = rec.seq
         # Its keys and values are plain tuples, which cannot refer back to it: the garbage
         # collector need not walk its entry per shard (storing a new tuple tracks it again).
         untrack(shards)

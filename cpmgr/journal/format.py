@@ -28,8 +28,9 @@ import json
 import logging
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from json.encoder import encode_basestring_ascii as _quote
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,46 @@ def encode_accepted_run(first_seq: int, entries: Iterable[Entry]) -> list[bytes]
         ).encode("ascii")
         lines.append(b"%08x %s\n" % (crc32(raw), raw))
     return lines
+
+
+def encode_accepted_block(
+    first_seq: int,
+    group: str,
+    shards: Sequence[int],
+    checkpoints: Sequence[str],
+    consumers: Sequence[str | None],
+) -> bytes:
+    """The lines of `encode_accepted_run` for entries of one group given as columns, in one
+    piece. Built with a few C calls for the whole block (one `%` for every body, one CRC-32
+    call per line, one `%` for every frame) rather than a few per record: the event loop
+    encodes the records of every journaled commit."""
+    count = len(shards)
+    if not count:
+        return b""
+    if _plain("".join(checkpoints)):
+        value = '"%s"'  # base64, as the socket takes them: nothing to escape
+    else:
+        value, checkpoints = "%s", list(map(_quote, checkpoints))
+    group_json = _quote(group).replace("%", "%%")
+    template = '{"t":"a","n":%d,"g":' + group_json + ',"s":%d,"c":' + value + ',"u":'
+    fields: Iterable[tuple[object, ...]]
+    numbers = range(first_seq, first_seq + count)
+    if consumers.count(None) != count:
+        template += "%s}\n"
+        fields = zip(numbers, shards, checkpoints, map(_optional, consumers), strict=True)
+    else:
+        template += "null}\n"
+        fields = zip(numbers, shards, checkpoints, strict=True)
+    text = (template * count) % tuple(chain.from_iterable(fields))
+    bodies = text.encode("ascii").split(b"\n")
+    bodies.pop()  # after the last newline
+    frames = zip(map(zlib.crc32, bodies), bodies, strict=True)
+    return (b"%08x %s\n" * count) % tuple(chain.from_iterable(frames))
+
+
+def _plain(text: str) -> bool:
+    """Whether JSON writes `text` as it is (printable ASCII without quote or backslash)."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
 
 
 def encode(rec: LogRecord) -> bytes:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -104,25 +104,18 @@ def accept(shards: Shards, key: Key, checkpoint: str, consumer: str | None, seq:
     return key, new, prev
 
 
-def accept_all(
-    shards: Shards, entries: Sequence[Entry], first_seq: int, changes: list[Undo]
-) -> None:
-    """`accept` each entry, numbered from `first_seq`, adding the undos to `changes`. A shard
-    given several values ends with the last, as if each were applied in turn, but is set once:
-    this is most of what the writer thread does per record while it holds the GIL."""
+Latest = dict[Key, tuple[str, str | None, int]]
+"""The last value each shard got in a run of accepted records: checkpoint, consumer, seq."""
+
+
+def accept_latest(shards: Shards, latest: Latest, changes: list[Undo]) -> None:
+    """Apply a run of accepted records by the last value of each shard (what applying each in
+    turn leaves), adding the undos to `changes`: one step per shard, not per record."""
     get = shards.get
-    seen: set[Key] = set()
-    last = first_seq + len(entries) - 1
-    for seq, (group, shard, checkpoint, consumer) in zip(
-        range(last, first_seq - 1, -1), reversed(entries), strict=True
-    ):
-        key = (group, shard)
-        if key in seen:
-            continue  # a later value of this run replaces it
-        seen.add(key)
+    for key, (checkpoint, consumer, seq) in latest.items():
         prev = get(key)
         committed = None if prev is None else prev[COMMITTED]
-        new: Shard = (group, shard, checkpoint, consumer, committed, seq)
+        new: Shard = (key[0], key[1], checkpoint, consumer, committed, seq)
         shards[key] = new
         changes.append((key, new, prev))
 
