@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import operator
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Final
 
 from cpmgr.errors import ProtocolError
@@ -34,6 +35,7 @@ if TYPE_CHECKING:  # the server owns its connections; only its type is needed he
 __all__ = ["Connection"]
 
 _MAX_PIPELINED: Final = 1024  # journaled commits in progress per connection
+_REQUEST_ID: Final = operator.attrgetter("request_id")
 # Above this many bytes of answers waiting in the kernel-side buffer, the peer is not read.
 _WRITE_HIGH_WATER: Final = 256 * 1024
 _CR: Final = 13
@@ -51,8 +53,9 @@ _MEMBERSHIP_OPS: Final = (
 
 # --- connections ----------------------------------------------------------------------------
 
-# An answer, or the task that will produce it (with the id to answer if it is cancelled).
-_Pending = tuple[tuple[RequestId, ...], asyncio.Task[list[bytes]]]
+# An answer, or the future of the answers to come (with the ids to answer ShuttingDown if it
+# is cancelled: not the requests, which need not outlive their handling).
+_Pending = tuple[Sequence[RequestId], asyncio.Future[list[bytes]]]
 _Slot = bytes | _Pending
 # A line waiting behind a slow request; None stands for "the next line was too long".
 _Waiting = bytes | None
@@ -291,8 +294,7 @@ class Connection(asyncio.Protocol):
 
     def _seal(self) -> None:
         batch, self._batch = self._batch, []
-        task = asyncio.get_running_loop().create_task(self._server.answer_batch(batch))
-        self._track(tuple(r.request_id for r in batch), task)
+        self._track(list(map(_REQUEST_ID, batch)), self._server.start_batch(batch))
 
     def _start(self, request: Request) -> None:
         # Membership ops need the connection that sent them (it joins, it gets the events);
@@ -306,12 +308,12 @@ class Connection(asyncio.Protocol):
         task = asyncio.get_running_loop().create_task(answer)
         self._track((request.request_id,), task)
 
-    def _track(self, ids: tuple[RequestId, ...], task: asyncio.Task[list[bytes]]) -> None:
+    def _track(self, ids: Sequence[RequestId], answers: asyncio.Future[list[bytes]]) -> None:
         self._running += 1
-        self._slots.append((ids, task))
-        task.add_done_callback(self._task_done)
+        self._slots.append((ids, answers))
+        answers.add_done_callback(self._task_done)
 
-    def _task_done(self, _task: asyncio.Task[list[bytes]]) -> None:
+    def _task_done(self, _answers: asyncio.Future[list[bytes]]) -> None:
         self._running -= 1
         self._drain_slots()
         if self._resume_at >= 0 and self._running <= self._resume_at:
@@ -482,7 +484,7 @@ def _fits(line: bytes | bytearray, limit: int) -> bool:
     return len(line) == limit + 1 and line[-1] == _CR
 
 
-def _task_answers(ids: tuple[RequestId, ...], task: asyncio.Task[list[bytes]]) -> list[bytes]:
-    if task.cancelled():
+def _task_answers(ids: Sequence[RequestId], answers: asyncio.Future[list[bytes]]) -> list[bytes]:
+    if answers.cancelled():
         return [encode_error(i, "ShuttingDown", "the daemon is closing") for i in ids]
-    return task.result()
+    return answers.result()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from cpmgr.protocol import (
     CommitRequest,
     FlushRequest,
     GetRequest,
+    ItemColumns,
     PingRequest,
     Request,
     RequestError,
@@ -76,6 +78,19 @@ class JournalLike(Protocol):
     acknowledged; raising means they are not accepted."""
 
     async def record_accepted(self, entries: Sequence[JournalEntry]) -> None: ...
+
+    def accept_run(
+        self,
+        group: str,
+        shards: Sequence[int],
+        checkpoints: Sequence[str],
+        consumers: Sequence[str | None],
+    ) -> asyncio.Future[CpmgrError | None]:
+        """What `record_accepted` does for entries of one group given as columns, without a
+        coroutine: the future
+        resolves to None once they are persisted, or to the error refusing them (raising
+        refuses them at once). Callers must not cancel it."""
+        ...
 
 
 class IngestObserver(Protocol):
@@ -156,6 +171,22 @@ class _Admission:
 
 # A reservation: (newest reserved cursor, how many commits hold it, whether its shard was new).
 _Reservation = tuple[int | None, int, bool]
+_UNSEEN: Final = -1  # not a cursor (they are >= 0): a shard not yet met in a chunk
+
+
+@dataclass(eq=False, slots=True)
+class _PlainChunk:
+    """Single commits to one group without force, all admitted, and the keys they reserved.
+    Their items as columns: a chunk waits for the journal, and an object per commit kept
+    alive that long made the garbage collector run every few hundred commits."""
+
+    group: str
+    items: ItemColumns
+    keys: list[tuple[str, int]]
+
+
+# What a plain chunk's commits get: None once all are accepted, or the error refusing all.
+PlainAnswer = Callable[[ProtocolError | None], None]
 
 
 class Dispatcher:
@@ -374,6 +405,125 @@ class Dispatcher:
             for request, refused in pairs
         ]
 
+    def commit_plain(self, requests: Sequence[CommitRequest], answer: PlainAnswer) -> bool:
+        """Journaled commits without `wait` that are single commits to one group without
+        `force`, all admitted (the common chunk): reserved, handed to the journal in one run
+        and applied once it wrote them, with no coroutine and no object per commit. `answer`
+        is called then. False, with nothing done, if the chunk is not that (or one of them
+        would be refused): `commit_journaled` answers it."""
+        chunk = self._admit_plain(requests)
+        if chunk is None:
+            return False
+        assert self._journal is not None
+        try:
+            items = chunk.items
+            written = self._journal.accept_run(
+                chunk.group, items.shards, items.checkpoints, items.consumers
+            )
+        except CpmgrError as exc:
+            self._unreserve(chunk.keys)
+            answer(_not_journaled(exc))
+            return True
+        written.add_done_callback(functools.partial(self._plain_written, chunk, answer))
+        return True
+
+    def _plain_written(
+        self,
+        chunk: _PlainChunk,
+        answer: PlainAnswer,
+        written: asyncio.Future[CpmgrError | None],
+    ) -> None:
+        # Applied even if the connection's answers were cut off (at shutdown): the journal
+        # holds the values, so the store must too.
+        self._unreserve(chunk.keys)
+        error = CpmgrError("the write was cancelled") if written.cancelled() else written.result()
+        group = chunk.group
+        if error is not None:
+            answer(_not_journaled(error))
+        elif group not in self._groups:  # a reload removed it while the journal was writing
+            answer(ProtocolError("UnknownGroup", f"unknown group {group!r}"))
+        else:
+            # Checked before they were written, and reserved since (see _admit_single).
+            self._store.accept_checked(group, chunk.items)
+            self._received[group] = self._received.get(group, 0) + len(chunk.items)
+            answer(None)
+
+    def _admit_plain(self, requests: Sequence[CommitRequest]) -> _PlainChunk | None:
+        """Check a chunk of single commits to one group without force against the store, the
+        reservations and each other, and reserve their shards; None (nothing reserved) if the
+        chunk is not that or any of them would be refused. A shard's first value is checked in
+        full, its later ones only against the one before (which passed every check)."""
+        group = requests[0].group if requests else ""
+        if group not in self._groups:
+            return None
+        check = self._store.check
+        reserved = self._reserved
+        floors: dict[int, int | None] = {}  # per shard: the newest cursor so far (None: none)
+        fresh: set[int] = set()  # shards neither tracked nor reserved: new ones
+        shards: list[int] = []
+        checkpoints: list[str] = []
+        numbers: list[int | None] = []
+        consumers: list[str | None] = []
+        for request in requests:
+            if request.batch or request.force or request.group != group:
+                return None
+            item = request.items[0]
+            shard, number, checkpoint = item.shard, item.number, item.checkpoint
+            shards.append(shard)
+            checkpoints.append(checkpoint)
+            numbers.append(number)
+            consumers.append(item.consumer)
+            floor = floors.get(shard, _UNSEEN)
+            if floor is not None and floor != _UNSEEN:
+                if number is not None:
+                    if number < floor:
+                        return None  # a regression: refused, by the general path
+                    floors[shard] = number
+                continue
+            try:
+                tracked = check(group, shard, checkpoint, number=number)
+            except ProtocolError:
+                return None
+            held = reserved.get((group, shard))
+            if held is not None:
+                if held[0] is not None and number is not None and number < held[0]:
+                    return None
+            elif not tracked:
+                fresh.add(shard)
+            floors[shard] = number
+        if fresh and not self._room_for(group, len(fresh)):
+            return None
+        items = ItemColumns(shards, checkpoints, numbers, consumers)
+        return _PlainChunk(group, items, self._reserve_floors(group, floors, fresh))
+
+    def _room_for(self, group: str, new: int) -> bool:
+        limit = self._max_shards.get(group)
+        if limit is None:
+            return True
+        tracked = self._store.tracked_count(group) + self._reserved_new.get(group, 0)
+        return tracked + new <= limit
+
+    def _reserve_floors(
+        self, group: str, floors: Mapping[int, int | None], fresh: Collection[int]
+    ) -> list[tuple[str, int]]:
+        """Reserve each shard of a plain chunk once, for its newest cursor; the keys."""
+        reserved = self._reserved
+        keys = []
+        for shard, floor in floors.items():
+            key = (group, shard)
+            held = reserved.get(key)
+            if held is None:
+                reserved[key] = (floor, 1, shard in fresh)
+            else:
+                newest, count, new = held
+                if newest is None or (floor is not None and floor > newest):
+                    newest = floor
+                reserved[key] = (newest, count + 1, new)
+            keys.append(key)
+        if fresh:
+            self._reserved_new[group] += len(fresh)
+        return keys
+
     def _admit(self, request: CommitRequest, admission: _Admission) -> ProtocolError | None:
         """Check a journaled commit and reserve its shards (noted in `admission`); the error
         refusing it, if any."""
@@ -432,7 +582,7 @@ class Dispatcher:
         try:
             await self._journal.record_accepted(entries)
         except CpmgrError as exc:
-            raise ProtocolError("JournalError", f"not accepted: {exc}") from exc
+            raise _not_journaled(exc) from exc
         except asyncio.CancelledError:
             # The records are written (the journal writes before it waits for the fsync): the
             # values must reach the store too, or after a restart the journal would hold values
@@ -677,6 +827,10 @@ async def _flush_each(committer: CommitterLike, groups: list[str], timeout: floa
 
 def _failure(group: str, shard: int, code: str, message: str, dropped: bool) -> Fields:
     return {"group": group, "shard": shard, "code": code, "message": message, "dropped": dropped}
+
+
+def _not_journaled(error: CpmgrError) -> ProtocolError:
+    return ProtocolError("JournalError", f"not accepted: {error}")
 
 
 def _no_lag(group: str, shard: int) -> Fields | None:

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import operator
 import os
 import socket
 from collections.abc import Callable, Collection, Mapping
@@ -68,6 +70,7 @@ from cpmgr.protocol import (
     MembersRequest,
     ReleaseRequest,
     Request,
+    RequestId,
     StatusRequest,
     encode_error,
     encode_failure,
@@ -92,6 +95,9 @@ log = logging.getLogger(__name__)
 # (sized by max_in_flight), the HTTP server and its scrapes, the journal, logging, DNS.
 _FD_RESERVE: Final = 128
 _ABORT_AFTER: Final = 1.0  # after close()'s grace and the cancellation of what still ran
+_OK: Final = encode_ok()
+_REQUEST_ID: Final = operator.attrgetter("request_id")
+_PRESENT: Final = operator.attrgetter("present")
 
 
 # --- the server -----------------------------------------------------------------------------
@@ -480,6 +486,41 @@ class IngestServer:
 
     async def answer_one(self, request: Request, uid: int | None) -> list[bytes]:
         return [await self.answer(request, uid)]
+
+    def start_batch(self, requests: list[CommitRequest]) -> asyncio.Future[list[bytes]]:
+        """The answer lines of journaled commits without `wait`, journaled together: the
+        common chunk (see Dispatcher.commit_plain) by callbacks, any other by `answer_batch`.
+        Cancelling the future cuts the answers off (they become ShuttingDown), not the
+        commits."""
+        loop = asyncio.get_running_loop()
+        if self._accepting:
+            answers: asyncio.Future[list[bytes]] = loop.create_future()
+            ids = list(map(_REQUEST_ID, requests))
+            answer = functools.partial(self._plain_answers, ids, answers)
+            try:
+                if self.dispatcher.commit_plain(requests, answer):
+                    return answers
+            except Exception:
+                answers.set_result([self._internal_error(r) for r in requests])
+                return answers
+        return loop.create_task(self.answer_batch(requests))
+
+    def _plain_answers(
+        self,
+        ids: list[RequestId],
+        answers: asyncio.Future[list[bytes]],
+        error: ProtocolError | None,
+    ) -> None:
+        if answers.done():
+            return  # cut off at shutdown: answered ShuttingDown
+        if error is not None:
+            for _id in ids:
+                self.observer.request_error(error.code)
+            answers.set_result([encode_failure(error, i) for i in ids])
+        elif any(map(_PRESENT, ids)):
+            answers.set_result([encode_ok(i) for i in ids])
+        else:
+            answers.set_result([_OK] * len(ids))
 
     async def answer_batch(self, requests: list[CommitRequest]) -> list[bytes]:
         """The answer lines of journaled commits without `wait`, journaled together."""

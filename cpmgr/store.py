@@ -396,9 +396,9 @@ class CheckpointStore:
         """Accept values in order that check() passed and nothing newer was accepted for
         since (the journal's reservations see to that), without checking them again."""
         table = self._group(group)
-        apply = self._apply
-        for item in items:
-            apply(table, item.shard, item.checkpoint, number=item.number, consumer=item.consumer)
+        columns = _columns(items)
+        states = list(map(table.shards.get, columns.shards))
+        self._apply_columns(table, states, columns, None)
 
     def _apply(
         self,

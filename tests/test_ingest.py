@@ -10,9 +10,10 @@ import json
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from cpmgr import __version__
 from cpmgr.config import Config, GroupConfig, SLSConfig, SocketConfig
-from cpmgr.dispatch import LISTING_CHUNK
+from cpmgr.dispatch import LISTING_CHUNK, JournalEntry
 from cpmgr.errors import CpmgrError, SLSError
 from cpmgr.ingest import Dispatcher, IngestServer
 from cpmgr.metrics import Metrics
@@ -753,6 +754,30 @@ class FakeJournal:
         if self.fail:
             raise CpmgrError("disk full")
         self.entries.extend(entries)
+
+    def accept_run(self, group: str, *columns: Any) -> asyncio.Future[CpmgrError | None]:
+        return run_outcome(self.record_accepted, group, *columns)
+
+
+def run_outcome(
+    record: Callable[[list[JournalEntry]], Awaitable[None]],
+    group: str,
+    shards: Sequence[int],
+    checkpoints: Sequence[str],
+    consumers: Sequence[str | None],
+) -> asyncio.Future[CpmgrError | None]:
+    """A fake journal's `accept_run`: its `record_accepted` of the same entries, as the future
+    of its outcome."""
+
+    async def outcome() -> CpmgrError | None:
+        try:
+            entries = zip(repeat(group, len(shards)), shards, checkpoints, consumers, strict=True)
+            await record(list(entries))
+        except CpmgrError as exc:
+            return exc
+        return None
+
+    return asyncio.ensure_future(outcome())
 
 
 async def test_commits_are_journaled_before_they_are_accepted(config: Config) -> None:

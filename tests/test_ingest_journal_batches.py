@@ -11,9 +11,10 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
-from test_ingest import commit, connect, cp, make_config, running
+from test_ingest import commit, connect, cp, make_config, run_outcome, running
 
 from cpmgr.config import Config
 from cpmgr.errors import CpmgrError
@@ -32,6 +33,9 @@ class CountingJournal:
             raise CpmgrError("disk full")
         self.calls.append(list(entries))
 
+    def accept_run(self, group: str, *columns: Any) -> asyncio.Future[CpmgrError | None]:
+        return run_outcome(self.record_accepted, group, *columns)
+
 
 @dataclass
 class GatedJournal:
@@ -43,6 +47,9 @@ class GatedJournal:
     async def record_accepted(self, entries: Sequence[Entry]) -> None:
         self.writing.set()
         await self.release.wait()
+
+    def accept_run(self, group: str, *columns: Any) -> asyncio.Future[CpmgrError | None]:
+        return run_outcome(self.record_accepted, group, *columns)
 
 
 @pytest.fixture

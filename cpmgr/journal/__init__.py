@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import operator
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from cpmgr.errors import CpmgrError
 from cpmgr.journal.files import (
     LOCK_NAME,
     LOG_NAME,
@@ -43,7 +44,6 @@ from cpmgr.journal.format import (
     FORMAT_VERSION,
     JournalError,
     encode_accepted_block,
-    encode_accepted_run,
 )
 from cpmgr.journal.state import Entry, ShardRecord, Undo
 
@@ -63,21 +63,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SHARD = operator.attrgetter("shard")
-_CHECKPOINT = operator.attrgetter("checkpoint")
-_CONSUMER = operator.attrgetter("consumer")
-
-
-class RunItem(Protocol):
-    """One accepted checkpoint of `Journal.accept_run` (protocol.CommitItem fits)."""
-
-    @property
-    def shard(self) -> int: ...
-    @property
-    def checkpoint(self) -> str: ...
-    @property
-    def consumer(self) -> str | None: ...
-
+_GROUP = operator.itemgetter(0)
 
 FSYNC_MODES: tuple[FsyncMode, ...] = ("always", "batch", "never")
 
@@ -87,7 +73,7 @@ class _Batch:
     """The records of one event-loop turn, and the writers waiting for them."""
 
     parts: list[Part] = field(default_factory=list)
-    done: asyncio.Future[JournalError | None] | None = None
+    done: asyncio.Future[CpmgrError | None] | None = None
     timer: asyncio.TimerHandle | None = None
     round: _Round | None = None
     """Set (under the lock) when the writer thread takes the batch."""
@@ -247,45 +233,42 @@ class Journal:
         self._require_open()
         if not entries:
             return
-        first = self._seq + 1
-        self._seq += len(entries)
-        latest = {(g, s): (c, u, seq) for seq, (g, s, c, u) in enumerate(entries, first)}
-        run = AcceptedRun(b"".join(encode_accepted_run(first, entries)), latest, self._seq)
-        error = await asyncio.shield(self._add(run))
+        # One run per group; every run of this loop turn shares one future.
+        done = [
+            self.accept_run(group, *_columns(run))
+            for group, run in itertools.groupby(entries, key=_GROUP)
+        ]
+        error = await asyncio.shield(done[-1])
         if error is not None:
             raise JournalError(str(error))
 
     def accept_run(
-        self, group: str, items: Sequence[RunItem]
-    ) -> asyncio.Future[JournalError | None]:
-        """Queue accepted checkpoints of one group (`items` have its shard, checkpoint and
-        consumer) to be persisted before they are acknowledged: the same as `record_accepted`
-        without a coroutine. The future, shared by the loop turn's writers (do not cancel it),
-        resolves to None once they are written (and, with `always`, fsynced), or to the
-        JournalError refusing them. Raises JournalError if the journal is not open."""
+        self,
+        group: str,
+        shards: Sequence[int],
+        checkpoints: Sequence[str],
+        consumers: Sequence[str | None],
+    ) -> asyncio.Future[CpmgrError | None]:
+        """Queue accepted checkpoints of one group, given as columns, to be persisted before
+        they are acknowledged: `record_accepted` without a coroutine. The future, shared by
+        the loop turn's writers (do not cancel it), resolves to None once they are written
+        (and, with `always`, fsynced), or to the JournalError refusing them. Raises
+        JournalError if the journal is not open."""
         self._require_open()
-        shards = list(map(_SHARD, items))
         if not shards:
-            done: asyncio.Future[JournalError | None] = self._start_writer().create_future()
+            done: asyncio.Future[CpmgrError | None] = self._start_writer().create_future()
             done.set_result(None)
             return done
-        checkpoints = list(map(_CHECKPOINT, items))
-        consumers = list(map(_CONSUMER, items))
         first = self._seq + 1
         self._seq += len(shards)
         data = encode_accepted_block(first, group, shards, checkpoints, consumers)
-        # Keyed by (group, shard), the last value of each shard wins.
-        values = zip(checkpoints, consumers, range(first, self._seq + 1), strict=True)
-        latest = dict(
-            zip(zip(repeat(group, len(shards)), shards, strict=True), values, strict=True)
-        )
-        return self._add(AcceptedRun(data, latest, self._seq))
+        return self._add(AcceptedRun(data, group, shards, checkpoints, consumers, first))
 
     def _require_open(self) -> None:
         if not self._opened or self._closed:
             raise JournalError(f"journal in {self._dir} is not open")
 
-    def _add(self, run: AcceptedRun) -> asyncio.Future[JournalError | None]:
+    def _add(self, run: AcceptedRun) -> asyncio.Future[CpmgrError | None]:
         batch = self._batch()
         batch.parts.append(run)
         if batch.done is None:
@@ -467,7 +450,16 @@ class Journal:
             self._loop.call_soon_threadsafe(callback, *args)
 
 
-def _answer(batch: _Batch, error: JournalError | None) -> None:
+def _columns(entries: Iterable[Entry]) -> tuple[list[int], list[str], list[str | None]]:
+    shards, checkpoints, consumers = [], [], []
+    for _group, shard, checkpoint, consumer in entries:
+        shards.append(shard)
+        checkpoints.append(checkpoint)
+        consumers.append(consumer)
+    return shards, checkpoints, consumers
+
+
+def _answer(batch: _Batch, error: CpmgrError | None) -> None:
     if batch.timer is not None:
         batch.timer.cancel()
     if batch.done is not None and not batch.done.done():

@@ -29,12 +29,11 @@ from cpmgr.journal.format import (
 )
 from cpmgr.journal.state import (
     Dropped,
-    Latest,
     LogRecord,
     ShardRecord,
     Shards,
     Undo,
-    accept_latest,
+    accept_columns,
     apply,
     by_key,
     committed_record,
@@ -59,12 +58,20 @@ checkpoint, and the record's sequence number."""
 
 @dataclass(frozen=True, slots=True)
 class AcceptedRun:
-    """Accepted records, numbered and encoded on the event loop: their lines, the last value
-    each shard got among them and the sequence number of the last one."""
+    """Accepted records of one group, numbered and encoded on the event loop: their lines,
+    and their shards, checkpoints and consumers (columns, so that a run holds a few lists
+    while it waits for the writer, not an object per record for the garbage collector)."""
 
     data: bytes
-    latest: Latest
-    last_seq: int
+    group: str
+    shards: Sequence[int]
+    checkpoints: Sequence[str]
+    consumers: Sequence[str | None]
+    first_seq: int
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.shards) - 1
 
 
 Part = AcceptedRun | Outcome
@@ -245,7 +252,8 @@ class JournalFiles:
         shards = self.shards
         for part in parts:
             if isinstance(part, AcceptedRun):  # the common records, encoded already
-                accept_latest(shards, part.latest, changes)
+                columns = (part.shards, part.checkpoints, part.consumers)
+                accept_columns(shards, part.group, columns, part.first_seq, changes)
                 chunks.append(part.data)
                 self.seq = part.last_seq
             else:

@@ -40,7 +40,6 @@ from cpmgr.journal.state import (
     Accepted,
     Committed,
     Dropped,
-    Entry,
     LogRecord,
     Shard,
     ShardRecord,
@@ -108,21 +107,6 @@ def encode_accepted(
     )
 
 
-def encode_accepted_run(first_seq: int, entries: Iterable[Entry]) -> list[bytes]:
-    """`encode_accepted` of each entry, numbered from `first_seq`: one loop without a call per
-    record, since this is most of what the writer thread does while it holds the GIL."""
-    lines = []
-    crc32, quote = zlib.crc32, _quote
-    for seq, (group, shard, checkpoint, consumer) in enumerate(entries, first_seq):
-        user = "null" if consumer is None else quote(consumer)
-        raw = (
-            f'{{"t":"a","n":{seq},"g":{quote(group)},"s":{shard},"c":{quote(checkpoint)}'
-            f',"u":{user}}}'
-        ).encode("ascii")
-        lines.append(b"%08x %s\n" % (crc32(raw), raw))
-    return lines
-
-
 def encode_accepted_block(
     first_seq: int,
     group: str,
@@ -130,10 +114,10 @@ def encode_accepted_block(
     checkpoints: Sequence[str],
     consumers: Sequence[str | None],
 ) -> bytes:
-    """The lines of `encode_accepted_run` for entries of one group given as columns, in one
-    piece. Built with a few C calls for the whole block (one `%` for every body, one CRC-32
-    call per line, one `%` for every frame) rather than a few per record: the event loop
-    encodes the records of every journaled commit."""
+    """`encode_accepted` of entries of one group given as columns, numbered from
+    `first_seq`, in one piece. Built with a few C calls for the whole block (one `%` for
+    every body, one CRC-32 call per line, one `%` for every frame) rather than a few per
+    record: the event loop encodes the records of every journaled commit."""
     count = len(shards)
     if not count:
         return b""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -104,18 +104,32 @@ def accept(shards: Shards, key: Key, checkpoint: str, consumer: str | None, seq:
     return key, new, prev
 
 
-Latest = dict[Key, tuple[str, str | None, int]]
-"""The last value each shard got in a run of accepted records: checkpoint, consumer, seq."""
-
-
-def accept_latest(shards: Shards, latest: Latest, changes: list[Undo]) -> None:
-    """Apply a run of accepted records by the last value of each shard (what applying each in
-    turn leaves), adding the undos to `changes`: one step per shard, not per record."""
+def accept_columns(
+    shards: Shards,
+    group: str,
+    columns: tuple[Sequence[int], Sequence[str], Sequence[str | None]],
+    first_seq: int,
+    changes: list[Undo],
+) -> None:
+    """Apply accepted records of one group, given as columns (shards, checkpoints,
+    consumers) numbered from `first_seq`, adding the undos to `changes`. A shard given several
+    values ends with the last, as if each were applied in turn, but is set once: one step per
+    shard, not per record."""
+    numbers, checkpoints, consumers = columns
+    last = dict(zip(numbers, range(len(numbers)), strict=True))  # each shard's last value
     get = shards.get
-    for key, (checkpoint, consumer, seq) in latest.items():
+    for shard, index in last.items():
+        key = (group, shard)
         prev = get(key)
         committed = None if prev is None else prev[COMMITTED]
-        new: Shard = (key[0], key[1], checkpoint, consumer, committed, seq)
+        new: Shard = (
+            group,
+            shard,
+            checkpoints[index],
+            consumers[index],
+            committed,
+            first_seq + index,
+        )
         shards[key] = new
         changes.append((key, new, prev))
 
