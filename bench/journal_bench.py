@@ -12,8 +12,9 @@ records of one event-loop turn to one writer thread in one write (log) or one tr
 (SQLite), so they differ only in what that thread does. Prints records/s and the fsyncs (log)
 or transactions (SQLite: one WAL fsync each with `synchronous=FULL`, none with `OFF`).
 `--compaction` fills a journal with `shards` shards, then measures how late a 1 ms probe task
-wakes while the writer thread writes the snapshot. `--writer` measures what the writer thread
-does per record, without the event loop: appends to the log against SQLite upserts.
+wakes while the writer thread writes the snapshot. `--writer` measures the work per record without the
+event loop (for the log: encoding, the state per shard and the write): appends to the log
+against SQLite upserts.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pathlib import Path
 from typing import Protocol
 
 from cpmgr.journal import FSYNC_MODES, FsyncMode, Journal
-from cpmgr.journal.files import JournalFiles
+from cpmgr.journal.files import AcceptedRun, JournalFiles
+from cpmgr.journal.format import encode_accepted_block
 
 Entry = tuple[str, int, str, str | None]
 _SYNCHRONOUS = {"always": "FULL", "batch": "NORMAL", "never": "OFF"}
@@ -181,7 +183,7 @@ def writer_work(args: argparse.Namespace) -> None:
                 Path(tmp), mode=mode, compact_bytes=1 << 40, fsync_fn=os.fsync, write_fn=os.write
             )
             files.open()
-            files.append([[("bench", s, "0" * 20, None) for s in range(args.shards)]])
+            files.append([_run(files, [("bench", s, "0" * 20, None) for s in range(args.shards)])])
             took, cpu = _time_log(files, batches, always=mode == "always")
             files.release()
         _report(mode, "log", took, cpu, args.records)
@@ -201,10 +203,21 @@ def _time_log(
 ) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     for batch in batches:
-        files.append([batch])
+        files.append([_run(files, batch)])
         if always:
             files.sync()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _run(files: JournalFiles, entries: list[Entry]) -> AcceptedRun:
+    """Entries of group `bench` as the event loop hands them over, numbered and encoded (the
+    encoding is work per record too, on the loop's thread since the writer only writes)."""
+    shards = [shard for _group, shard, _checkpoint, _consumer in entries]
+    checkpoints = [checkpoint for _group, _shard, checkpoint, _consumer in entries]
+    consumers = [consumer for _group, _shard, _checkpoint, consumer in entries]
+    first = files.seq + 1
+    data = encode_accepted_block(first, "bench", shards, checkpoints, consumers)
+    return AcceptedRun(data, "bench", shards, checkpoints, consumers, first)
 
 
 def _time_sqlite(db: SqliteJournal, batches: list[list[Entry]]) -> tuple[float, float]:
