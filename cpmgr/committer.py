@@ -9,6 +9,10 @@ to the store, the observer and any `wait`/`flush` caller. The store guarantees o
 flight per shard; nothing here is proportional to the number of shards in one loop turn except
 sorting a group's dirty set at cycle start.
 
+A cycle of more shards than `max_in_flight` starts them evenly over `commit.spread` of the
+interval, and workers settle answers a few per loop turn (limiter.TurnBudget): commits take a
+steady share of the loop the consumers share, not bursts (docs/design.md, "The worker pool").
+
 Work is taken in this order: retries whose backoff elapsed, then `wait`/`flush` work, then
 timer cycles, so a caller waiting for one shard is not queued behind a 100,000-shard cycle.
 """
@@ -284,7 +288,8 @@ class Committer:
         self._busy = 0  # workers in the middle of an attempt
         self._turns = TurnBudget(_NEXT_SHARDS_PER_TURN)
         self._pace_timer: asyncio.TimerHandle | None = None  # a paced cycle's next start
-        self._pace_waiter: asyncio.Future[None] | None = None  # the worker waiting for it
+        # Idle workers waiting for a paced cycle's next start (or other work), first come first.
+        self._parked: collections.deque[asyncio.Future[None]] = collections.deque()
         # Shards whose last success may be overtaken by an earlier unanswered attempt: they are
         # sent again once that attempt's window has passed (store.on_success).
         self._verify_timers: dict[ShardKey, asyncio.TimerHandle] = {}
@@ -320,6 +325,7 @@ class Committer:
         if self._pace_timer is not None:
             self._pace_timer.cancel()
             self._pace_timer = None
+        self._parked.clear()  # their workers are cancelled below
         await self._stop_jobs(lambda key: True)
         self._fail_all_waiters(_CLOSING)
 
@@ -420,18 +426,35 @@ class Committer:
     # ------------------------------------------------------------------ workers
 
     def _ensure_workers(self) -> None:
-        """Start one more worker if there is work, no worker is free to take it, and the pool
-        is below `max_in_flight`. A worker that takes a job calls this again, so the pool grows
-        to what the queue needs within a few loop turns."""
-        idle = len(self._workers) - self._busy
-        if self._closing or idle > 0 or len(self._workers) >= self._limiter.maximum:
+        """If there is work no worker is free to take, wake a parked worker or start one more
+        (the pool stays within `max_in_flight`). A worker that takes a job calls this again,
+        so the pool grows to what the queue needs within a few loop turns."""
+        if self._closing:
             return
-        if self._has_work():
+        if not self._has_work():
+            if self._regular and self._regular[0].cycle is not None:
+                self._due(self._regular[0].cycle)  # a paced cycle's next start: workers then
+            return
+        if self._parked:
+            self._unpark(1)
+        elif len(self._workers) == self._busy:
+            self._start_workers(1)
+
+    def _start_workers(self, count: int) -> None:
+        for _ in range(min(count, self._limiter.maximum - len(self._workers))):
             worker = asyncio.create_task(self._work(), name="cpmgr-commit-worker")
             self._workers.add(worker)
             worker.add_done_callback(self._workers.discard)
-        elif self._regular and self._regular[0].cycle is not None:
-            self._due(self._regular[0].cycle)  # a paced cycle's next start: a worker then
+
+    def _unpark(self, count: int) -> int:
+        """Wake up to `count` parked workers; how many."""
+        woken = 0
+        while self._parked and woken < count:
+            waiter = self._parked.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                woken += 1
+        return woken
 
     def _has_work(self) -> bool:
         """Whether a worker could take a job now (a paced cycle's next start may be later)."""
@@ -459,9 +482,10 @@ class Committer:
                 if job is None:
                     if self._has_work():
                         await asyncio.sleep(0)  # skipped many shards: let the loop breathe
-                    elif self._regular and self._pace_waiter is None:
-                        await self._wait_for_pace()
+                    elif self._regular:
+                        await self._park()
                     else:
+                        self._unpark(len(self._parked))  # nothing left: they end too
                         return
                     continue
                 job.worker = task
@@ -534,20 +558,24 @@ class Committer:
         return False
 
     def _pace_due(self) -> None:
+        """A paced cycle's next start has come: as many workers as starts are due take them
+        (a timer fires a millisecond late at best, and later on a busy loop, so a fast pace
+        has several starts due at once)."""
         self._pace_timer = None
-        waiter = self._pace_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-        else:
-            self._ensure_workers()  # every worker is busy: one more takes the job
+        if not self._regular or self._closing:
+            return
+        head = self._regular[0]
+        cycle = head.cycle
+        due = head.left
+        if cycle is not None and cycle.pace:
+            due = min(due, int(-cycle.due_in() / cycle.pace) + 1)
+        self._start_workers(due - self._unpark(due))
 
-    async def _wait_for_pace(self) -> None:
-        """Be the one idle worker waiting for a paced cycle's next start (others end)."""
-        self._pace_waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._pace_waiter
-        finally:
-            self._pace_waiter = None
+    async def _park(self) -> None:
+        """Wait, idle, until a paced start is due or other work comes."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._parked.append(waiter)
+        await waiter
 
     def _cycle_progress(self, cycle: _Cycle | None) -> None:
         if cycle is not None and cycle.done:
