@@ -655,6 +655,17 @@ async def test_attack_commits_between_timed_out_flushes_do_not_pile_up_flushes()
         assert queued <= 16
 
 
+def watch_sends(env: Env, note: Callable[[], None]) -> None:
+    """Call `note` as each UpdateCheckPoint of the committer starts; the real client sends it."""
+    update = env.client.update_checkpoint
+
+    async def noted(*args: Any, **kwargs: Any) -> None:
+        note()
+        await update(*args, **kwargs)
+
+    env.committer._client = type("Watched", (), {"update_checkpoint": staticmethod(noted)})()
+
+
 class TurnCounter:
     """Counts event-loop turns: a callback that schedules itself again runs once per turn."""
 
@@ -703,13 +714,7 @@ async def test_answers_arriving_together_are_followed_up_a_few_per_loop_turn() -
             env.store.accept("orders", shard, cursor(shard + 2))
         turns = TurnCounter()
         sent_in_turn: Counter[int] = Counter()
-        update = env.client.update_checkpoint
-
-        async def counted(*args: Any, **kwargs: Any) -> None:
-            sent_in_turn[turns.turn] += 1
-            await update(*args, **kwargs)
-
-        env.committer._client = type("Counted", (), {"update_checkpoint": staticmethod(counted)})()
+        watch_sends(env, lambda: sent_in_turn.update((turns.turn,)))
         flush = asyncio.create_task(env.committer.flush(timeout=60))
         for _ in range(10_000):  # until the pool is full
             if env.committer._busy == 32:
@@ -733,13 +738,7 @@ async def test_a_large_cycle_is_spread_over_its_share_of_the_interval() -> None:
         for shard in range(200):
             env.store.accept("orders", shard, cursor(shard + 1))
         starts: list[float] = []
-        update = env.client.update_checkpoint
-
-        async def timed(*args: Any, **kwargs: Any) -> None:
-            starts.append(time.monotonic())
-            await update(*args, **kwargs)
-
-        env.committer._client = type("Timed", (), {"update_checkpoint": staticmethod(timed)})()
+        watch_sends(env, lambda: starts.append(time.monotonic()))
         clock.now += 0.8
         assert env.committer.run_due_cycles() == 200
         await env.observer.cycle_done.wait()
