@@ -9,7 +9,8 @@ Decisions where the contract is silent:
 - `writable` (and with it `/readyz`) is False while a write, fsync or compaction has run longer
   than `write_timeout`, and from a failed write or fsync until one succeeds again.
 - Records of one event-loop turn go to the disk in one write (one fsync with `always`); turns
-  that arrive while the writer is busy are written together next.
+  that arrive while the writer is busy are written together next. `c` and `d` records, which
+  nobody waits for, go with the next accepted records or at most 50 ms later.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from cpmgr.errors import CpmgrError
 from cpmgr.journal.files import (
@@ -66,6 +67,10 @@ log = logging.getLogger(__name__)
 _GROUP = operator.itemgetter(0)
 
 FSYNC_MODES: tuple[FsyncMode, ...] = ("always", "batch", "never")
+# Outcome records (`c`, `d`) nobody waits for are written with the next accepted records or
+# after this long: in a commit cycle they come a few per loop turn, and waking the writer
+# thread for every turn cost more than what it wrote (and held the GIL the loop needs).
+_OUTCOME_DELAY: Final = 0.05
 
 
 @dataclass(eq=False)
@@ -73,6 +78,8 @@ class _Batch:
     """The records of one event-loop turn, and the writers waiting for them."""
 
     parts: list[Part] = field(default_factory=list)
+    submit: asyncio.Handle | None = None  # hands it to the writer
+    awaited: bool = False  # a writer waits for it: it goes at the end of the loop turn
     done: asyncio.Future[CpmgrError | None] | None = None
     timer: asyncio.TimerHandle | None = None
     round: _Round | None = None
@@ -269,7 +276,7 @@ class Journal:
             raise JournalError(f"journal in {self._dir} is not open")
 
     def _add(self, run: AcceptedRun) -> asyncio.Future[CpmgrError | None]:
-        batch = self._batch()
+        batch = self._batch(awaited=True)
         batch.parts.append(run)
         if batch.done is None:
             batch.done = self._start_writer().create_future()
@@ -280,14 +287,14 @@ class Journal:
         commit). Errors are logged, not raised."""
         if self._opened and not self._closed:
             self._seq += 1
-            self._batch().parts.append(("c", group, shard, checkpoint, self._seq))
+            self._batch(awaited=False).parts.append(("c", group, shard, checkpoint, self._seq))
 
     def record_dropped(self, group: str, shard: int, checkpoint: str) -> None:
         """Note a value SLS refused for good, so a restart does not make it pending again.
         Not fsynced (losing it only repeats a refused commit). Errors are logged, not raised."""
         if self._opened and not self._closed:
             self._seq += 1
-            self._batch().parts.append(("d", group, shard, checkpoint, self._seq))
+            self._batch(awaited=False).parts.append(("d", group, shard, checkpoint, self._seq))
 
     async def compact(self, *, force: bool = True) -> bool:
         """Have the writer compact now (or, without `force`, if the log outgrew its
@@ -298,17 +305,29 @@ class Journal:
         self._enqueue(_Compaction(force, done))
         return await done
 
-    def _batch(self) -> _Batch:
-        """This loop turn's batch; handed to the writer once the turn's callbacks ran."""
-        if self._turn is None:
-            self._turn = _Batch()
-            self._start_writer().call_soon(self._submit)
-        return self._turn
+    def _batch(self, *, awaited: bool) -> _Batch:
+        """The batch being filled: handed to the writer once this loop turn's callbacks ran if
+        a writer waits for it, else within _OUTCOME_DELAY."""
+        batch = self._turn
+        if batch is None:
+            batch = self._turn = _Batch()
+        if batch.submit is None or (awaited and not batch.awaited):
+            if batch.submit is not None:
+                batch.submit.cancel()
+            loop = self._start_writer()
+            if awaited:
+                batch.submit = loop.call_soon(self._submit)
+            else:
+                batch.submit = loop.call_later(_OUTCOME_DELAY, self._submit)
+            batch.awaited = awaited
+        return batch
 
     def _submit(self) -> None:
         batch, self._turn = self._turn, None
         if batch is None:
             return
+        if batch.submit is not None:
+            batch.submit.cancel()  # when called directly (close, compact)
         if batch.done is not None and self._loop is not None:
             batch.timer = self._loop.call_later(self._write_timeout, self._expire, batch)
         self._enqueue(batch)
