@@ -29,7 +29,6 @@ from cpmgr.config import Config
 from cpmgr.errors import CpmgrError, ProtocolError, SLSError
 from cpmgr.outcomes import CommitOutcome, FlushResult
 from cpmgr.protocol import (
-    CommitItem,
     CommitRequest,
     FlushRequest,
     GetRequest,
@@ -159,14 +158,10 @@ LISTING_CHUNK: Final = 2000
 
 @dataclass(eq=False)
 class _Admission:
-    """What the journaled commits of one chunk reserved and hand to the journal. `singles`
-    holds the items of those that are single commits to `group`: when that is every commit
-    of the chunk (the common case), they are applied in one go."""
+    """What the journaled commits of one chunk reserved and hand to the journal."""
 
-    group: str
     keys: list[tuple[str, int]] = field(default_factory=list)
     entries: list[JournalEntry] = field(default_factory=list)
-    singles: list[CommitItem] = field(default_factory=list)
 
 
 # A reservation: (newest reserved cursor, how many commits hold it, whether its shard was new).
@@ -383,9 +378,10 @@ class Dispatcher:
         self, requests: Sequence[CommitRequest]
     ) -> list[Fields | ProtocolError]:
         """Journaled commits without `wait`, in order, with one journal write for all: each
-        gets its answer fields or the error refusing it (a journal failure refuses all)."""
+        gets its answer fields or the error refusing it (a journal failure refuses all). The
+        general path: the common chunk takes `commit_plain`."""
         assert self._journal is not None
-        admission = _Admission(requests[0].group if requests else "")
+        admission = _Admission()
         refusals = [self._admit(request, admission) for request in requests]
         pairs = list(zip(requests, refusals, strict=True))
         try:
@@ -394,12 +390,6 @@ class Dispatcher:
             return [exc if refused is None else refused for refused in refusals]
         finally:
             self._unreserve(admission.keys)
-        group = admission.group
-        if len(admission.singles) == len(requests) and group in self._groups:
-            # The common chunk: single commits to one group, all admitted, applied in one go.
-            self._store.accept_checked(group, admission.singles)
-            self._received[group] = self._received.get(group, 0) + len(requests)
-            return [{} for _ in requests]
         return [
             self._apply_recorded(request) if refused is None else refused
             for request, refused in pairs
@@ -572,8 +562,6 @@ class Dispatcher:
             self._reserved[key] = (newest, count + 1, new)
         admission.keys.append(key)
         admission.entries.append((group, shard, checkpoint, item.consumer))
-        if group == admission.group:
-            admission.singles.append(item)
 
     async def _record(
         self, requests: Sequence[CommitRequest], entries: Sequence[JournalEntry]

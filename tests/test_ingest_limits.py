@@ -219,6 +219,31 @@ async def test_concurrent_journaled_commits_cannot_overshoot_max_shards(
     assert store.tracked_count("orders") == 5
 
 
+async def test_new_shards_held_by_one_connection_count_against_another(
+    sock_dir: Path, tmp_path: Path
+) -> None:
+    config = with_groups(make_config(sock_dir / "s"), orders={"max_shards": 5})
+    store = CheckpointStore(g.name for g in config.groups)
+    fsync = GatedFsync()
+    async with (
+        started_journal(tmp_path / "state", fsync) as journal,
+        running(config, store, journal=journal) as server,
+        connect(server.path) as first,
+        connect(server.path) as second,
+    ):
+        lines = [json.dumps(commit(shard=s, number=1, id=s)).encode() + b"\n" for s in range(6)]
+        await first.send(b"".join(lines[:3]))
+        await asyncio.to_thread(fsync.entered.wait, 10)  # its 3 new shards held, not yet stored
+        await second.send(b"".join(lines[3:]))
+        fsync.gate.set()
+        held = [await first.answer() for _ in range(3)]
+        later = [await second.answer() for _ in range(3)]
+    assert all(a["ok"] for a in held)
+    codes = [a.get("error", {}).get("code", "ok") for a in later]
+    assert codes == ["ok", "ok", "TooManyShards"]
+    assert store.tracked_count("orders") == 5
+
+
 # --- per-group uids ------------------------------------------------------------------------
 
 

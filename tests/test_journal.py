@@ -9,6 +9,7 @@ import logging
 import os
 import stat
 import threading
+import time
 import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -581,6 +582,30 @@ async def test_a_dropped_value_is_not_pending_after_a_restart(tmp_path: Path) ->
     records = {(r.group, r.shard): r for r in Journal(directory).open()}
     assert ("g", 0) not in records
     assert records["g", 1].latest == records["g", 1].committed == "MTA="
+
+
+async def test_outcomes_of_many_loop_turns_share_a_write_and_need_no_other(
+    state_dir: Path,
+) -> None:
+    writes: list[int] = []
+
+    def counting_write(fd: int, data: memoryview) -> int:
+        writes.append(len(data))
+        return os.write(fd, data)
+
+    async with opened(state_dir, fsync="never", write_fn=counting_write) as journal:
+        await journal.record_accepted([("g", shard, "MTA=", None) for shard in range(100)])
+        before = len(writes)
+        for shard in range(100):  # a commit cycle: an outcome or two per loop turn
+            journal.record_committed("g", shard, "MTA=")
+            await asyncio.sleep(0)
+        deadline = time.monotonic() + 5
+        while len(log_lines(state_dir)) < 200:  # written without anything else to write
+            assert time.monotonic() < deadline, "the outcomes were not written within 5 s"
+            await asyncio.sleep(0.01)
+        assert len(writes) - before <= 10, f"{len(writes) - before} writes for 100 outcomes"
+    restored = await replay(state_dir)
+    assert all(r.committed == "MTA=" for r in restored.values())
 
 
 async def test_a_drop_does_not_touch_a_newer_accepted_value(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpmgr.journal import LOG_NAME, Journal, ShardRecord
+from cpmgr.journal.format import encode_accepted, encode_accepted_block
 from cpmgr.protocol import decode_cursor
 
 Key = tuple[str, int]
@@ -193,3 +194,29 @@ def test_damaged_records_never_leave_a_value_older_than_a_committed_one_pending(
         for i, (kind, _, s, checkpoint, _) in enumerate(ops):
             if kind == "c" and s == shard and i not in damaged:
                 assert pending >= int(base64.b64decode(checkpoint)), (record, ops)
+
+
+@given(
+    group=names,
+    first=st.integers(1, 2**40),
+    entries=st.lists(
+        st.tuples(
+            st.integers(0, 2**31),
+            st.text(max_size=6) | st.integers(0, 99).map(cursor),
+            st.none() | names,
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_a_block_of_accepted_records_is_byte_for_byte_each_record_alone(
+    group: str, first: int, entries: list[tuple[int, str, str | None]]
+) -> None:
+    # The event loop encodes a chunk's records in one block: the lines must be exactly those
+    # of the record-by-record encoder, which earlier cpmgr versions read and write.
+    shards = [shard for shard, _checkpoint, _consumer in entries]
+    checkpoints = [checkpoint for _shard, checkpoint, _consumer in entries]
+    consumers = [consumer for _shard, _checkpoint, consumer in entries]
+    block = encode_accepted_block(first, group, shards, checkpoints, consumers)
+    alone = [encode_accepted(first + i, group, *entry) for i, entry in enumerate(entries)]
+    assert block == b"".join(alone)
