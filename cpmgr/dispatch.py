@@ -414,6 +414,9 @@ class Dispatcher:
             self._unreserve(chunk.keys)
             answer(_not_journaled(exc))
             return True
+        except BaseException:
+            self._unreserve(chunk.keys)  # held for nothing, they would refuse later commits
+            raise
         written.add_done_callback(functools.partial(self._plain_written, chunk, answer))
         return True
 

@@ -513,14 +513,20 @@ class IngestServer:
     ) -> None:
         if answers.done():
             return  # cut off at shutdown: answered ShuttingDown
-        if error is not None:
-            for _id in ids:
-                self.observer.request_error(error.code)
-            answers.set_result([encode_failure(error, i) for i in ids])
-        elif any(map(_PRESENT, ids)):
-            answers.set_result([encode_ok(i) for i in ids])
-        else:
-            answers.set_result([_OK] * len(ids))
+        try:
+            if error is not None:
+                for _id in ids:
+                    self.observer.request_error(error.code)
+                lines = [encode_failure(error, i) for i in ids]
+            elif any(map(_PRESENT, ids)):
+                lines = [encode_ok(i) for i in ids]
+            else:
+                lines = [_OK] * len(ids)
+        except Exception:
+            log.exception("unexpected error answering journaled commits")
+            self.observer.request_error("InternalError")
+            lines = [encode_error(NO_ID, "InternalError", "see the daemon log") for _ in ids]
+        answers.set_result(lines)
 
     async def answer_batch(self, requests: list[CommitRequest]) -> list[bytes]:
         """The answer lines of journaled commits without `wait`, journaled together."""

@@ -52,6 +52,19 @@ class GatedJournal:
         return run_outcome(self.record_accepted, group, *columns)
 
 
+@dataclass
+class BrokenJournal(CountingJournal):
+    """Its next `accept_run` raises what no journal should (a bug, not a disk error)."""
+
+    broken: bool = True
+
+    def accept_run(self, group: str, *columns: Any) -> asyncio.Future[CpmgrError | None]:
+        if self.broken:
+            self.broken = False
+            raise RuntimeError("a bug")
+        return super().accept_run(group, *columns)
+
+
 @pytest.fixture
 def config() -> Iterator[Config]:
     path = Path(tempfile.mkdtemp(prefix="cp", dir="/tmp"))
@@ -144,3 +157,18 @@ async def test_a_burst_of_commits_to_one_group_leaves_each_shard_its_newest_valu
     views = {v.shard: v.pending for v in store.shard_views("orders")}
     assert views == {s: cp(36 + s) for s in range(4)}
     assert [e[2] for c in journal.calls for e in c] == [cp(n) for n in range(40)]
+
+
+async def test_an_unexpected_journal_error_answers_internal_error_and_holds_nothing_back(
+    config: Config,
+) -> None:
+    journal = BrokenJournal()
+    store = CheckpointStore(g.name for g in config.groups)
+    async with running(config, store, journal=journal) as server, connect(server.path) as peer:
+        await peer.send(lines(*(commit(shard=s, number=9, id=s) for s in range(3))))
+        answers = [await peer.answer() for _ in range(3)]
+        assert [a["error"]["code"] for a in answers] == ["InternalError"] * 3
+        # Nothing was accepted, so nothing stays reserved: an older value is no regression.
+        assert await peer.ask(commit(shard=1, number=5)) == {"ok": True}
+    assert [e[2] for c in journal.calls for e in c] == [cp(5)]
+    assert store.tracked_count("orders") == 1
