@@ -72,8 +72,8 @@ _ADMIN_PREFIX = "/_emulator/"
 # --- signature verification ----------------------------------------------------------------------
 
 
-def _header(headers: Mapping[str, str], name: str) -> str:
-    wanted = name.lower()
+def _header(headers: Mapping[str, str], wanted: str) -> str:
+    """Header `wanted` (a lower-case name) under any case of its name, "" if absent."""
     # The server's headers are keyed lower-case: one lookup; other mappings are scanned.
     found = headers.get(wanted)
     if found is not None:
@@ -125,15 +125,17 @@ class SignedRequest:
     body: bytes
 
     def header(self, name: str) -> str:
-        return _header(self.headers, name)
+        return _header(self.headers, name.lower())
 
 
-def _verify_v1(keys: Mapping[str, str], request: SignedRequest, now: float) -> None:
+def _verify_v1(
+    keys: Mapping[str, str], request: SignedRequest, authorization: str, now: float
+) -> None:
     headers = request.headers
-    key_id, _, signature = _header(headers, "Authorization")[len("LOG ") :].partition(":")
+    key_id, _, signature = authorization[len("LOG ") :].partition(":")
     secret = _secret(keys, key_id)
     # Some proxies strip Date, which is why the SDKs also send x-log-date.
-    date = _header(headers, "Date")
+    date = _header(headers, "date")
     signing_headers = headers
     if not date:
         date = _header(headers, "x-log-date")
@@ -145,7 +147,7 @@ def _verify_v1(keys: Mapping[str, str], request: SignedRequest, now: float) -> N
     except (TypeError, ValueError) as exc:
         raise ApiError(400, "InvalidDateFormat", f"invalid Date header: {date}") from exc
     _check_request_time(seconds, now, date)
-    content_md5 = _header(headers, "Content-MD5")
+    content_md5 = _header(headers, "content-md5")
     if content_md5 and content_md5.upper() != hashlib.md5(request.body).hexdigest().upper():
         raise _signature_mismatch("Content-MD5 does not match the body")
     string_to_sign = v1_string_to_sign(
@@ -156,8 +158,10 @@ def _verify_v1(keys: Mapping[str, str], request: SignedRequest, now: float) -> N
         raise _signature_mismatch(f"signature {signature} not match")
 
 
-def _verify_v4(keys: Mapping[str, str], request: SignedRequest, now: float) -> None:
-    match = _V4_AUTHORIZATION.fullmatch(request.header("Authorization"))
+def _verify_v4(
+    keys: Mapping[str, str], request: SignedRequest, authorization: str, now: float
+) -> None:
+    match = _V4_AUTHORIZATION.fullmatch(authorization)
     if match is None:
         raise _signature_mismatch("malformed SLS4-HMAC-SHA256 Authorization header")
     secret = _secret(keys, match["key_id"])
@@ -198,11 +202,16 @@ def verify_signature(keys: Mapping[str, str], request: SignedRequest, *, now: fl
 
     `keys` maps AccessKeyId to secret; `now` is the server's wall-clock time.
     """
-    authorization = request.header("Authorization")
+    _verify(keys, request, request.header("Authorization"), now)
+
+
+def _verify(
+    keys: Mapping[str, str], request: SignedRequest, authorization: str, now: float
+) -> None:
     if authorization.startswith("LOG "):
-        _verify_v1(keys, request, now)
+        _verify_v1(keys, request, authorization, now)
     elif authorization.startswith(V4_ALGORITHM + " "):
-        _verify_v4(keys, request, now)
+        _verify_v4(keys, request, authorization, now)
     else:
         raise ApiError(401, "Unauthorized", "missing or unsupported Authorization header")
 
@@ -226,8 +235,9 @@ class SlsCall:
         return f"{self.project}/{self.logstore}/{self.group}" if self.group else None
 
 
+@functools.lru_cache(maxsize=256)
 def project_from_host(host: str | None) -> str:
-    """The project is the first label of the Host header."""
+    """The project is the first label of the Host header (cached: clients repeat it)."""
     # An IP literal such as 127.0.0.1 yields "127", which no logstore is declared under.
     hostname = (host or "").rsplit(":", 1)[0]
     project, dot, _ = hostname.partition(".")
@@ -236,9 +246,13 @@ def project_from_host(host: str | None) -> str:
     return project
 
 
+_JSON_DECODER: Final = json.JSONDecoder()
+
+
 def _json_body(body: bytes) -> object:
     try:
-        return json.loads(body)
+        # What json.loads(body) does, without its per-call checks of keyword arguments.
+        return _JSON_DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, "PostBodyInvalid", "the request body is not valid JSON") from exc
 
@@ -488,6 +502,21 @@ _SLS_PATH = re.compile(r"/logstores/([^/]+)/(?:consumergroups(?:/([^/]+))?|(shar
 AdminHandler = Callable[[HttpRequest], HttpAnswer]
 
 
+@functools.lru_cache(maxsize=1024)
+def _sls_route(path: str) -> tuple[str, str, str, str] | None:
+    """(resource, logstore, group, shard) of an SLS API path, None for any other path.
+
+    Cached: a client sends the same few paths over and over (one per consumer group).
+    """
+    match = _SLS_PATH.fullmatch(path)
+    if match is None:
+        return None
+    logstore, group, shards, shard = match.groups()
+    if shards:
+        return ("shard" if shard else "shards", logstore, "", shard or "")
+    return ("group" if group else "groups", logstore, group or "", "")
+
+
 class EmulatorApp:
     """Routes and handlers over one state, one fault injector and the keys."""
 
@@ -550,13 +579,9 @@ class EmulatorApp:
             return _with_request_id(_unexpected(request))
 
     def _route(self, request: HttpRequest) -> Reply:
-        match = _SLS_PATH.fullmatch(request.path)
-        if match is not None:
-            logstore, group, shards, shard = match.groups()
-            if shards:
-                resource = "shard" if shard else "shards"
-                return self._serve(request, resource, logstore, "", shard or "")
-            return self._serve(request, "group" if group else "groups", logstore, group or "")
+        sls_route = _sls_route(request.path)
+        if sls_route is not None:
+            return self._serve(request, *sls_route)
         issued = self.credentials.respond(request)
         if issued is not None:
             return issued
@@ -680,12 +705,12 @@ class EmulatorApp:
     def _authenticate(self, request: HttpRequest, call: SlsCall) -> None:
         if not self.keys:
             return  # no keys configured: any signature, or none, is accepted
-        key_id = signing_key_id(request.header("Authorization"))
-        self.credentials.check(key_id, request.header(SECURITY_TOKEN_HEADER))
+        authorization = request.header("Authorization")
+        self.credentials.check(signing_key_id(authorization), request.header(SECURITY_TOKEN_HEADER))
         signed = SignedRequest(
             request.method, request.path, call.params, request.headers, call.body
         )
-        verify_signature(self.keys, signed, now=self.state.wall_clock())
+        _verify(self.keys, signed, authorization, self.state.wall_clock())
 
     # --- admin endpoints (unsigned, never faulted, not counted) ---------------------------
 

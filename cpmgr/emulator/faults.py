@@ -107,12 +107,17 @@ class FaultSettings:
     late: Mapping[str, LateLanding] = field(default_factory=_empty_late)
     # The APIs ("GetCursor", "UpdateCheckPoint", ...) every knob applies to; None: all of them.
     apis: frozenset[str] | None = None
+    # No knob is on: every request passes untouched (worked out once, not per request).
+    quiet: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         problems = _rate_problems(self) + _latency_problems(self.latency_ms)
         problems += _late_problems(self.late_rate, self.late_ms)
         if problems:
             raise ConfigError(problems)
+        quiet = not (self.error_rate or self.throttle_rate or self.reset_rate or self.late_rate > 0)
+        quiet = quiet and self.latency_ms[1] <= 0 and not self.force and not self.late
+        object.__setattr__(self, "quiet", quiet)
 
     def merged(self, update: Mapping[str, object]) -> FaultSettings:
         """A copy with the fields of `update` (the admin endpoint's JSON) applied.
@@ -333,7 +338,10 @@ class FaultInjector:
         settings = self.settings
         if settings.apis is not None and api not in settings.apis:
             return _UNTOUCHED
+        # Drawn even with every knob off, so that a seed draws the same faults once knobs are on.
         roll = self._rng.random()
+        if settings.quiet:
+            return _UNTOUCHED
         low, high = settings.latency_ms
         delay = self._rng.uniform(low, high) / 1000.0 if high > 0 else 0.0
         if can_land_late and group_key is not None and group_key in settings.late:

@@ -95,21 +95,49 @@ class _Head:
 
 
 def _parse_head(text: str, max_body: int) -> _Head:
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
+    request_line, *lines = text.split("\r\n")
+    parts = request_line.split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
-        raise BadRequest(f"malformed request line {lines[0][:80]!r}")
+        raise BadRequest(f"malformed request line {request_line[:80]!r}")
     headers: dict[str, str] = {}
-    for line in lines[1:]:
+    known = _HEADER_NAMES
+    for line in lines:
         name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
-            raise BadRequest(f"malformed header line {line[:80]!r}")
-        headers[name.lower()] = value.strip()
+        lowered = known.get(name)
+        if lowered is None or not colon:
+            lowered = _header_name(line, name, colon)
+        headers[lowered] = value.strip()
     connection = headers.get("connection", "").lower()
     keep_alive = connection != "close" if parts[2] != "HTTP/1.0" else connection == "keep-alive"
     chunked = "chunked" in headers.get("transfer-encoding", "").lower()
     length = None if chunked else _content_length(headers.get("content-length", "0"))
     return _Head(parts[0], parts[1], keep_alive, headers, length, (length or 0) > max_body)
+
+
+# Header names as sent -> lower-cased, for names already found valid: clients send the same
+# names on every request, so most lines cost one lookup. Bounded, so odd names cannot grow it.
+_HEADER_NAMES: dict[str, str] = {}
+_HEADER_NAMES_KEPT: Final = 256
+
+
+def _header_name(line: str, name: str, colon: str) -> str:
+    """The lower-cased name of header `line`; raises BadRequest if the line is malformed."""
+    if not colon or not name or name != name.strip():
+        raise BadRequest(f"malformed header line {line[:80]!r}")
+    lowered = name.lower()
+    if len(_HEADER_NAMES) < _HEADER_NAMES_KEPT:
+        _HEADER_NAMES[name] = lowered
+    return lowered
+
+
+@functools.lru_cache(maxsize=256)
+def _split_target(target: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The percent-decoded path and query parameters of a request target.
+
+    Cached: a client sends the same few targets over and over (one per consumer group).
+    """
+    path, _, query = target.partition("?")
+    return unquote(path), tuple(_query_params(query).items())
 
 
 def _query_params(query: str) -> dict[str, str]:
@@ -207,7 +235,7 @@ class _ServerConnection(asyncio.BufferedProtocol):
                 if len(buffer) > MAX_HEAD_BYTES:
                     raise BadRequest("request head too large")
                 return None
-            text = bytes(buffer[:end]).decode("latin-1")
+            text = buffer[:end].decode("latin-1")
             del buffer[: end + 4]
             self._head = _parse_head(text, self._server.max_body)
             if self._head.headers.get("expect", "").lower() == "100-continue":
@@ -260,11 +288,11 @@ class _ServerConnection(asyncio.BufferedProtocol):
 
     def _request(self, head: _Head, body: bytes, *, too_large: bool = False) -> HttpRequest:
         assert self._transport is not None
-        path, _, query = head.target.partition("?")
+        path, query = _split_target(head.target)
         return HttpRequest(
             method=head.method,
-            path=unquote(path),
-            query=_query_params(query),
+            path=path,
+            query=dict(query),
             headers=head.headers,
             body=body,
             transport=self._transport,

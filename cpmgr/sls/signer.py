@@ -8,7 +8,7 @@ the Authorization value.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import functools
 import hashlib
 import hmac
@@ -16,8 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
+
+if TYPE_CHECKING:
+    from _hashlib import HASH
 
 SignatureVersion = Literal["v1", "v4"]
 
@@ -63,18 +66,70 @@ def v1_string_to_sign(
     method: str, path: str, params: Mapping[str, str], headers: Mapping[str, str]
 ) -> str:
     """The v1 string-to-sign. `x-log-date` is left out: the SDKs add it after signing."""
-    # One pass lower-cases every name (this runs for every request the emulator verifies):
-    # it collects the signed x-log-/x-acs- headers and a lower-cased view for the lookups.
+    # This runs for every request the emulator verifies, whose clients send the same header
+    # names call after call: where each header goes is worked out once per set of names.
+    layout = _v1_layout(tuple(headers))
+    if layout is None:
+        return _v1_string_to_sign_scanned(method, path, params, headers)
+    signed, md5_key, type_key, date_key = layout
+    canonical_headers = "".join([f"{name}:{headers[key]}\n" for name, key in signed])
+    return (
+        f"{method.upper()}\n"
+        f"{headers[md5_key] if md5_key else ''}\n"
+        f"{headers[type_key] if type_key else ''}\n"
+        f"{headers[date_key] if date_key else ''}\n"
+        f"{canonical_headers}{v1_resource(path, params)}"
+    )
+
+
+# Signed headers as (canonical name, key), sorted; then the keys of Content-MD5, Content-Type
+# and Date ("" if absent).
+_V1Layout = tuple[tuple[tuple[str, str], ...], str, str, str]
+
+
+@functools.lru_cache(maxsize=256)
+def _v1_layout(names: tuple[str, ...]) -> _V1Layout | None:
+    """Where `v1_string_to_sign` takes each part from, for headers with these `names`.
+
+    None when two signed names differ only in case: their order then depends on their values.
+    """
+    signed = [(name.lower(), name) for name in names if _is_v1_signed(name.lower())]
+    if len({lowered for lowered, _ in signed}) != len(signed):
+        return None
+    return (
+        tuple(sorted(signed)),
+        _v1_content_key(names, "Content-MD5"),
+        _v1_content_key(names, "Content-Type"),
+        _v1_content_key(names, "Date"),
+    )
+
+
+def _is_v1_signed(lowered_name: str) -> bool:
+    return (
+        lowered_name.startswith(_LOG_PREFIXES)
+        and lowered_name != "x-log-date"
+        and not lowered_name.startswith("x-log-meta-")
+    )
+
+
+def _v1_content_key(names: tuple[str, ...], name: str) -> str:
+    """The key `_content_header` reads `name` from: `name` itself, else the first in any case."""
+    if name in names:
+        return name
+    wanted = name.lower()
+    return next((key for key in names if key.lower() == wanted), "")
+
+
+def _v1_string_to_sign_scanned(
+    method: str, path: str, params: Mapping[str, str], headers: Mapping[str, str]
+) -> str:
+    """`v1_string_to_sign` for any headers, by one pass over them."""
     log_headers = []
     lowered: dict[str, str] = {}
     for key, value in headers.items():
         name = key.lower()
         lowered.setdefault(name, value)
-        if (
-            name.startswith(_LOG_PREFIXES)
-            and name != "x-log-date"
-            and not name.startswith("x-log-meta-")
-        ):
+        if _is_v1_signed(name):
             log_headers.append((name, value))
     log_headers.sort()
     canonical_headers = "".join([f"{name}:{value}\n" for name, value in log_headers])
@@ -116,9 +171,12 @@ def sign_v1(
 
 def v1_signature(secret: str, string_to_sign: str) -> str:
     """The signature part of a v1 Authorization value: base64 of the HMAC-SHA1."""
-    mac = _keyed_sha1(secret).copy()
-    mac.update(string_to_sign.encode())
-    return base64.b64encode(mac.digest()).decode()
+    inner, outer = _sha1_pads(secret)
+    inner_hash = inner.copy()
+    inner_hash.update(string_to_sign.encode())
+    outer_hash = outer.copy()
+    outer_hash.update(inner_hash.digest())
+    return binascii.b2a_base64(outer_hash.digest(), newline=False).decode()
 
 
 @dataclass(frozen=True)
@@ -162,10 +220,27 @@ class V1Template:
         return f"LOG {creds.access_key_id}:{v1_signature(creds.access_key_secret, message)}"
 
 
+_SHA1_BLOCK_BYTES = 64
+
+
 @functools.lru_cache(maxsize=8)
-def _keyed_sha1(secret: str) -> hmac.HMAC:
-    """An HMAC-SHA1 keyed with `secret` and fed nothing: copying it skips the key setup."""
-    return hmac.new(secret.encode(), digestmod=hashlib.sha1)
+def _sha1_pads(secret: str) -> tuple[HASH, HASH]:
+    """SHA-1 states fed HMAC's inner and outer padded key (RFC 2104) for `secret`.
+
+    Copying them gives the HMAC of a message with two hash copies, without setting up the key
+    (or the `hmac` module's Python wrapper) for every message: half the cost of `hmac.new`.
+    """
+    key = secret.encode()
+    if len(key) > _SHA1_BLOCK_BYTES:
+        key = hashlib.sha1(key).digest()
+    key = key.ljust(_SHA1_BLOCK_BYTES, b"\0")
+    inner = hashlib.sha1(key.translate(_INNER_PAD))
+    outer = hashlib.sha1(key.translate(_OUTER_PAD))
+    return inner, outer
+
+
+_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
+_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
 
 
 def http_date(moment: datetime) -> str:
