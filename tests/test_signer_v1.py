@@ -36,6 +36,7 @@ _NAMES = [
     "x-acs-security-token",
     "X-Acs-Security-Token",
     "x-logs",
+    "x-log-{0}",
     "Authorization",
 ]
 _VALUES = st.sampled_from(["", "0", "0.6.0", "hmac-sha1", "a b", "Z", "application/json"])

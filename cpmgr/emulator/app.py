@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 from cpmgr.emulator.credentials import (
     DEFAULT_LIFETIME,
@@ -114,8 +114,7 @@ def _signature_mismatch(detail: str) -> ApiError:
     return ApiError(401, "SignatureNotMatch", detail)
 
 
-@dataclass(frozen=True)
-class SignedRequest:
+class SignedRequest(NamedTuple):
     """What a signature covers: method, decoded path and query, headers as received, body."""
 
     method: str
@@ -219,8 +218,7 @@ def _verify(
 # --- request parsing ----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SlsCall:
+class SlsCall(NamedTuple):
     """One SLS API request, addressed and read, ready for its handler."""
 
     project: str
@@ -251,8 +249,10 @@ _JSON_DECODER: Final = json.JSONDecoder()
 
 def _json_body(body: bytes) -> object:
     try:
-        # What json.loads(body) does, without its per-call checks of keyword arguments.
-        return _JSON_DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+        # What json.loads(body) does, without its per-call checks of keyword arguments; a body
+        # opening with `{"` is UTF-8 to json.detect_encoding, which is not asked then.
+        encoding = "utf-8" if body.startswith(b'{"') else json.detect_encoding(body)
+        return _JSON_DECODER.decode(body.decode(encoding, "surrogatepass"))
     except (ValueError, RecursionError) as exc:
         raise ApiError(400, "PostBodyInvalid", "the request body is not valid JSON") from exc
 
@@ -470,10 +470,6 @@ _REQUEST_ID_PREFIX: Final = os.urandom(6).hex().upper()
 _request_numbers = itertools.count()
 
 
-def _request_id() -> str:
-    return f"{_REQUEST_ID_PREFIX}{next(_request_numbers):012X}"
-
-
 def _error_answer(error: ApiError) -> HttpAnswer:
     return HttpAnswer.json({"errorCode": error.code, "errorMessage": error.message}, error.status)
 
@@ -481,11 +477,10 @@ def _error_answer(error: ApiError) -> HttpAnswer:
 def _with_request_id(answer: HttpAnswer) -> HttpAnswer:
     if answer.abort:
         return answer
-    return HttpAnswer(answer.status, answer.body, answer.content_type, _id_header())
-
-
-def _id_header() -> dict[str, str]:
-    return {"x-log-requestid": _request_id()}
+    request_id = f"{_REQUEST_ID_PREFIX}{next(_request_numbers):012X}"
+    return HttpAnswer(
+        answer.status, answer.body, answer.content_type, {"x-log-requestid": request_id}
+    )
 
 
 def _abort_connection(request: HttpRequest) -> None:
@@ -603,14 +598,8 @@ class EmulatorApp:
         try:
             params = request.query
             api, handler = _resolve(resource, request.method, params)
-            call = SlsCall(
-                project=project_from_host(request.header("Host")),
-                logstore=logstore,
-                group=group,
-                params=params,
-                body=_read_body(request),
-                shard=shard,
-            )
+            project = project_from_host(request.headers.get("host", ""))
+            call = SlsCall(project, logstore, group, params, _read_body(request), shard)
             decision = self.faults.decide(
                 call.group_key, api=api, can_land_late=api == "UpdateCheckPoint"
             )
@@ -705,11 +694,11 @@ class EmulatorApp:
     def _authenticate(self, request: HttpRequest, call: SlsCall) -> None:
         if not self.keys:
             return  # no keys configured: any signature, or none, is accepted
-        authorization = request.header("Authorization")
-        self.credentials.check(signing_key_id(authorization), request.header(SECURITY_TOKEN_HEADER))
-        signed = SignedRequest(
-            request.method, request.path, call.params, request.headers, call.body
-        )
+        headers = request.headers  # lower-case names
+        authorization = headers.get("authorization", "")
+        token = headers.get(SECURITY_TOKEN_HEADER, "")
+        self.credentials.check(signing_key_id(authorization), token)
+        signed = SignedRequest(request.method, request.path, call.params, headers, call.body)
         _verify(self.keys, signed, authorization, self.state.wall_clock())
 
     # --- admin endpoints (unsigned, never faulted, not counted) ---------------------------

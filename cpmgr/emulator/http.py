@@ -20,8 +20,8 @@ import asyncio
 import functools
 import json
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Final
+from types import MappingProxyType
+from typing import Any, Final, NamedTuple
 from urllib.parse import parse_qsl, unquote
 
 from cpmgr.sls.http import READ_BYTES, parse_chunk_size
@@ -42,8 +42,11 @@ _REASONS: Final = {
 }
 
 
-@dataclass(frozen=True)
-class HttpRequest:
+# The records built for every request are NamedTuples, immutable as frozen dataclasses are but
+# built without an `object.__setattr__` call per field: a tenth of an UpdateCheckPoint's CPU.
+
+
+class HttpRequest(NamedTuple):
     """One request as received: `path` and `query` percent-decoded, header names lower-cased."""
 
     method: str
@@ -59,14 +62,16 @@ class HttpRequest:
         return self.headers.get(name.lower(), "")
 
 
-@dataclass(frozen=True)
-class HttpAnswer:
+_NO_HEADERS: Final[Mapping[str, str]] = MappingProxyType({})
+
+
+class HttpAnswer(NamedTuple):
     """An answer to write; `abort` drops the connection instead (a TCP reset, no answer)."""
 
     status: int
     body: bytes = b""
     content_type: str = ""
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = _NO_HEADERS
     abort: bool = False
 
     @classmethod
@@ -84,8 +89,7 @@ class BadRequest(ValueError):
     """The bytes received are not an HTTP/1.x request this server can read."""
 
 
-@dataclass
-class _Head:
+class _Head(NamedTuple):
     method: str
     target: str
     keep_alive: bool
@@ -310,10 +314,11 @@ class _ServerConnection(asyncio.BufferedProtocol):
         head = f"HTTP/1.1 {answer.status} {reason}\r\nContent-Length: {len(answer.body)}\r\n"
         if answer.content_type:
             head += f"Content-Type: {answer.content_type}\r\n"
-        head += "".join(f"{name}: {value}\r\n" for name, value in answer.headers.items())
+        for name, value in answer.headers.items():
+            head += f"{name}: {value}\r\n"
         if not keep_alive:
             head += "Connection: close\r\n"
-        transport.write(head.encode("latin-1") + b"\r\n" + answer.body)
+        transport.write(f"{head}\r\n".encode("latin-1") + answer.body)
         if not keep_alive:
             self._closing = True
             transport.close()

@@ -26,7 +26,7 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from cpmgr.emulator.lineage import LineageError, ancestors, merge_shards, split_shard
 from cpmgr.emulator.shards import Shard, decode_cursor, encode_cursor, initial_shards
@@ -69,8 +69,9 @@ class OwnershipErrors:
     consumer_not_match: tuple[int, str] = (400, "ConsumerNotMatch")
 
 
-@dataclass(frozen=True)
-class StoredCheckpoint:
+class StoredCheckpoint(NamedTuple):
+    """(A NamedTuple: one is built for every UpdateCheckPoint, see cpmgr.emulator.http.)"""
+
     checkpoint: str
     update_time_us: int
     consumer: str
@@ -396,8 +397,8 @@ class EmulatorState:
         force_success: bool,
     ) -> None:
         """Store a checkpoint as UpdateCheckPoint does; every success is appended to the history."""
-        store = self.logstore(project, logstore)
-        group = _group_of(store, group_name)
+        store = self.logstores.get((project, logstore)) or self.logstore(project, logstore)
+        group = store.groups.get(group_name) or _group_of(store, group_name)
         if not consumer and not force_success:
             raise parameter_invalid("forceSuccess must be true when no consumer is given")
         if not is_valid_checkpoint(checkpoint):

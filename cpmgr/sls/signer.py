@@ -12,7 +12,8 @@ import binascii
 import functools
 import hashlib
 import hmac
-from collections.abc import Mapping
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -67,41 +68,50 @@ def v1_string_to_sign(
 ) -> str:
     """The v1 string-to-sign. `x-log-date` is left out: the SDKs add it after signing."""
     # This runs for every request the emulator verifies, whose clients send the same header
-    # names call after call: where each header goes is worked out once per set of names.
+    # names call after call: the shape of the string is worked out once per set of names.
     layout = _v1_layout(tuple(headers))
     if layout is None:
         return _v1_string_to_sign_scanned(method, path, params, headers)
-    signed, md5_key, type_key, date_key = layout
-    canonical_headers = "".join([f"{name}:{headers[key]}\n" for name, key in signed])
-    return (
-        f"{method.upper()}\n"
-        f"{headers[md5_key] if md5_key else ''}\n"
-        f"{headers[type_key] if type_key else ''}\n"
-        f"{headers[date_key] if date_key else ''}\n"
-        f"{canonical_headers}{v1_resource(path, params)}"
-    )
+    template, values = layout
+    return template.format(method.upper(), *values(headers), v1_resource(path, params))
 
 
-# Signed headers as (canonical name, key), sorted; then the keys of Content-MD5, Content-Type
-# and Date ("" if absent).
-_V1Layout = tuple[tuple[tuple[str, str], ...], str, str, str]
+_HeaderValues = Callable[[Mapping[str, str]], tuple[str, ...]]
+_V1_CONTENT_HEADERS = ("Content-MD5", "Content-Type", "Date")
 
 
 @functools.lru_cache(maxsize=256)
-def _v1_layout(names: tuple[str, ...]) -> _V1Layout | None:
-    """Where `v1_string_to_sign` takes each part from, for headers with these `names`.
+def _v1_layout(names: tuple[str, ...]) -> tuple[str, _HeaderValues] | None:
+    """For headers with these `names`: a template of the string-to-sign (to format with the
+    method, the header values picked by the function that comes with it, and the resource).
 
     None when two signed names differ only in case: their order then depends on their values.
     """
-    signed = [(name.lower(), name) for name in names if _is_v1_signed(name.lower())]
+    signed = sorted((name.lower(), name) for name in names if _is_v1_signed(name.lower()))
     if len({lowered for lowered, _ in signed}) != len(signed):
         return None
-    return (
-        tuple(sorted(signed)),
-        _v1_content_key(names, "Content-MD5"),
-        _v1_content_key(names, "Content-Type"),
-        _v1_content_key(names, "Date"),
-    )
+    content_keys = [
+        _v1_content_key(names, name) for name in ("Content-MD5", "Content-Type", "Date")
+    ]
+    template = "{}\n" + "".join(("{}" if key else "") + "\n" for key in content_keys)
+    template += "".join(f"{_format_literal(lowered)}:{{}}\n" for lowered, _ in signed) + "{}"
+    keys = [key for key in content_keys if key] + [key for _, key in signed]
+    return template, _values_of(keys)
+
+
+def _format_literal(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def _values_of(keys: list[str]) -> _HeaderValues:
+    """A function giving the values of `keys` (in order) from a mapping of headers."""
+    if len(keys) > 1:
+        getter: _HeaderValues = operator.itemgetter(*keys)
+        return getter
+    if keys:
+        only = keys[0]
+        return lambda headers: (headers[only],)
+    return lambda headers: ()
 
 
 def _is_v1_signed(lowered_name: str) -> bool:
@@ -154,7 +164,13 @@ def v1_resource(path: str, params: Mapping[str, str]) -> str:
     """The canonical resource v1 signs: the path, then the parameters sorted by name."""
     if not params:
         return path
-    return path + "?" + "&".join([f"{key}={params[key]}" for key in sorted(params)])
+    return _v1_resource(path, tuple(params.items()))
+
+
+@functools.lru_cache(maxsize=256)
+def _v1_resource(path: str, params: tuple[tuple[str, str], ...]) -> str:
+    # Cached: a client sends the same few resources over and over (one per consumer group).
+    return path + "?" + "&".join([f"{key}={value}" for key, value in sorted(params)])
 
 
 def sign_v1(
