@@ -37,6 +37,7 @@ _NAMES = [
     "X-Acs-Security-Token",
     "x-logs",
     "x-log-{0}",
+    "x-log-%s",
     "Authorization",
 ]
 _VALUES = st.sampled_from(["", "0", "0.6.0", "hmac-sha1", "a b", "Z", "application/json"])

@@ -467,7 +467,7 @@ def _resolve(resource: str, method: str, params: Mapping[str, str]) -> tuple[str
 
 # Request ids: 24 hex digits as SLS's, unique within this process without a syscall per id.
 _REQUEST_ID_PREFIX: Final = os.urandom(6).hex().upper()
-_request_numbers = itertools.count()
+_request_ids: Final = map(f"{_REQUEST_ID_PREFIX}{{:012X}}".format, itertools.count())
 
 
 def _error_answer(error: ApiError) -> HttpAnswer:
@@ -477,10 +477,8 @@ def _error_answer(error: ApiError) -> HttpAnswer:
 def _with_request_id(answer: HttpAnswer) -> HttpAnswer:
     if answer.abort:
         return answer
-    request_id = f"{_REQUEST_ID_PREFIX}{next(_request_numbers):012X}"
-    return HttpAnswer(
-        answer.status, answer.body, answer.content_type, {"x-log-requestid": request_id}
-    )
+    request_id = {"x-log-requestid": next(_request_ids)}
+    return HttpAnswer(answer.status, answer.body, answer.content_type, request_id)
 
 
 def _abort_connection(request: HttpRequest) -> None:

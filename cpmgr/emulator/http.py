@@ -85,6 +85,13 @@ Reply = HttpAnswer | Coroutine[Any, Any, HttpAnswer]
 Responder = Callable[[HttpRequest], Reply]
 
 
+def _status_line(status: int) -> str:
+    return f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+
+
+_STATUS_LINES: Final = {status: _status_line(status) for status in _REASONS}
+
+
 class BadRequest(ValueError):
     """The bytes received are not an HTTP/1.x request this server can read."""
 
@@ -96,13 +103,15 @@ class _Head(NamedTuple):
     headers: dict[str, str]
     length: int | None  # None: chunked
     too_large: bool
+    expects_continue: bool
 
 
 def _parse_head(text: str, max_body: int) -> _Head:
-    request_line, *lines = text.split("\r\n")
-    parts = request_line.split(" ")
+    lines = text.split("\r\n")
+    parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
-        raise BadRequest(f"malformed request line {request_line[:80]!r}")
+        raise BadRequest(f"malformed request line {lines[0][:80]!r}")
+    del lines[0]
     headers: dict[str, str] = {}
     known = _HEADER_NAMES
     for line in lines:
@@ -111,11 +120,19 @@ def _parse_head(text: str, max_body: int) -> _Head:
         if lowered is None or not colon:
             lowered = _header_name(line, name, colon)
         headers[lowered] = value.strip()
-    connection = headers.get("connection", "").lower()
-    keep_alive = connection != "close" if parts[2] != "HTTP/1.0" else connection == "keep-alive"
-    chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+    connection = headers.get("connection")  # mostly absent: no calls for it then
+    if connection is None:
+        keep_alive = parts[2] != "HTTP/1.0"
+    else:
+        connection = connection.lower()
+        keep_alive = connection != "close" if parts[2] != "HTTP/1.0" else connection == "keep-alive"
+    encoding = headers.get("transfer-encoding")
+    chunked = encoding is not None and "chunked" in encoding.lower()
     length = None if chunked else _content_length(headers.get("content-length", "0"))
-    return _Head(parts[0], parts[1], keep_alive, headers, length, (length or 0) > max_body)
+    expect = headers.get("expect")
+    expects_continue = expect is not None and expect.lower() == "100-continue"
+    too_large = (length or 0) > max_body
+    return _Head(parts[0], parts[1], keep_alive, headers, length, too_large, expects_continue)
 
 
 # Header names as sent -> lower-cased, for names already found valid: clients send the same
@@ -201,7 +218,8 @@ class _ServerConnection(asyncio.BufferedProtocol):
             self._serve_buffered()
 
     def _serve_buffered(self) -> None:
-        while self._task is None and not self._closing:
+        # Without bytes no request can complete (a body of 0 bytes completes with its head).
+        while self._buffer and self._task is None and not self._closing:
             try:
                 request = self._next_request()
             except BadRequest as exc:
@@ -242,10 +260,9 @@ class _ServerConnection(asyncio.BufferedProtocol):
             text = buffer[:end].decode("latin-1")
             del buffer[: end + 4]
             self._head = _parse_head(text, self._server.max_body)
-            if self._head.headers.get("expect", "").lower() == "100-continue":
+            if self._head.expects_continue and not self._head.too_large:
                 assert self._transport is not None
-                if not self._head.too_large:
-                    self._transport.write(_CONTINUE)
+                self._transport.write(_CONTINUE)
         head = self._head
         if head.too_large:
             return self._request(head, b"", too_large=True)
@@ -310,8 +327,8 @@ class _ServerConnection(asyncio.BufferedProtocol):
         if answer.abort:
             self.abort()
             return
-        reason = _REASONS.get(answer.status, "Unknown")
-        head = f"HTTP/1.1 {answer.status} {reason}\r\nContent-Length: {len(answer.body)}\r\n"
+        status_line = _STATUS_LINES.get(answer.status) or _status_line(answer.status)
+        head = f"{status_line}Content-Length: {len(answer.body)}\r\n"
         if answer.content_type:
             head += f"Content-Type: {answer.content_type}\r\n"
         for name, value in answer.headers.items():

@@ -73,7 +73,7 @@ def v1_string_to_sign(
     if layout is None:
         return _v1_string_to_sign_scanned(method, path, params, headers)
     template, values = layout
-    return template.format(method.upper(), *values(headers), v1_resource(path, params))
+    return template % (method.upper(), *values(headers), v1_resource(path, params))
 
 
 _HeaderValues = Callable[[Mapping[str, str]], tuple[str, ...]]
@@ -93,14 +93,14 @@ def _v1_layout(names: tuple[str, ...]) -> tuple[str, _HeaderValues] | None:
     content_keys = [
         _v1_content_key(names, name) for name in ("Content-MD5", "Content-Type", "Date")
     ]
-    template = "{}\n" + "".join(("{}" if key else "") + "\n" for key in content_keys)
-    template += "".join(f"{_format_literal(lowered)}:{{}}\n" for lowered, _ in signed) + "{}"
+    template = "%s\n" + "".join(("%s" if key else "") + "\n" for key in content_keys)
+    template += "".join(f"{_format_literal(lowered)}:%s\n" for lowered, _ in signed) + "%s"
     keys = [key for key in content_keys if key] + [key for _, key in signed]
     return template, _values_of(keys)
 
 
 def _format_literal(text: str) -> str:
-    return text.replace("{", "{{").replace("}", "}}")
+    return text.replace("%", "%%")
 
 
 def _values_of(keys: list[str]) -> _HeaderValues:
