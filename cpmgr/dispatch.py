@@ -437,7 +437,7 @@ class Dispatcher:
             answer(ProtocolError("UnknownGroup", f"unknown group {group!r}"))
         else:
             # Checked before they were written, and reserved since (see _admit_single).
-            self._store.accept_checked(group, chunk.items)
+            self._store.accept_checked(group, _last_of_each_shard(chunk.items))
             self._received[group] = self._received.get(group, 0) + len(chunk.items)
             answer(None)
 
@@ -818,6 +818,23 @@ async def _flush_each(committer: CommitterLike, groups: list[str], timeout: floa
 
 def _failure(group: str, shard: int, code: str, message: str, dropped: bool) -> Fields:
     return {"group": group, "shard": shard, "code": code, "message": message, "dropped": dropped}
+
+
+def _last_of_each_shard(items: ItemColumns) -> ItemColumns:
+    """The last value of each shard among `items` (all newer than the ones before them): what
+    applying every value in turn leaves, as the journal applies a run. The values before it,
+    replaced within the same call, were never seen by anyone."""
+    last = dict(zip(items.shards, range(len(items)), strict=True))
+    if len(last) == len(items):
+        return items
+    kept = list(last.values())
+    return ItemColumns(
+        list(last),
+        [items.checkpoints[i] for i in kept],
+        [items.numbers[i] for i in kept],
+        [items.consumers[i] for i in kept],
+        distinct=True,
+    )
 
 
 def _not_journaled(error: CpmgrError) -> ProtocolError:
