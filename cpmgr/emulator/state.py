@@ -410,7 +410,8 @@ class EmulatorState:
             self._check_owner(group, shard, consumer)
         update_time = int(self.wall_clock() * 1_000_000)
         group.checkpoints[shard] = StoredCheckpoint(checkpoint, update_time, consumer)
-        self.history[checkpoint_key(project, logstore, group_name, shard)].append(checkpoint)
+        key = f"{project}/{logstore}/{group_name}/{shard}"  # checkpoint_key(), inline
+        self.history[key].append(checkpoint)
         if found.read_only and shard not in group.finished and _at(checkpoint, found.end):
             group.finished.add(shard)
             self._shard_event(
