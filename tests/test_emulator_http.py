@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import logging
+import re
 import socket
 import ssl
 import sys
@@ -681,6 +682,45 @@ async def test_chunked_body_and_expect_continue_are_understood(
     assert await read_answers(reader, 1) == [(200, b"")]
     writer.close()
     assert open_emulator.state.snapshot()["checkpoints"] == {f"{P}/{L}/{G}/2": CP}
+
+
+async def test_answers_are_written_byte_for_byte(open_emulator: EmulatorHandle) -> None:
+    """The exact bytes of a success, an error and a last answer (the same before and after the
+    server's answer writing was made cheaper)."""
+    reader, writer = await asyncio.open_connection(open_emulator.host, open_emulator.port)
+    writer.write(raw_commit(0) + raw_commit(7) + raw_commit(1, extra="Connection: close\r\n"))
+    received = await asyncio.wait_for(reader.read(), 10)  # up to the close after the third
+    writer.close()
+    error = b'{"errorCode": "ShardNotExist", "errorMessage": "shard 7 not exist"}'
+    request_id = rb"x-log-requestid: [0-9A-F]{24}\r\n"
+    expected = b"".join(
+        [
+            rb"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + request_id + rb"\r\n",
+            rb"HTTP/1.1 404 Not Found\r\nContent-Length: " + str(len(error)).encode() + rb"\r\n",
+            rb"Content-Type: application/json; charset=utf-8\r\n" + request_id + rb"\r\n",
+            re.escape(error),
+            rb"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n" + request_id,
+            rb"Connection: close\r\n\r\n",
+        ]
+    )
+    assert re.fullmatch(expected, received), received
+
+
+async def test_a_known_header_name_without_its_colon_is_still_unreadable(
+    open_emulator: EmulatorHandle,
+) -> None:
+    """Header names are remembered once seen valid; a line with that name and no colon, or
+    with space around the name, is still refused."""
+    for request_bytes in (
+        b"GET / HTTP/1.1\r\nHost\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+        b"GET / HTTP/1.1\r\n Host: x\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection(open_emulator.host, open_emulator.port)
+        writer.write(raw_commit(0) + request_bytes)
+        [(first, _), (status, body)] = await read_answers(reader, 2)
+        writer.close()
+        assert (first, status, json.loads(body)["errorCode"]) == (200, 400, "ParameterInvalid")
 
 
 @pytest.mark.parametrize(
