@@ -86,9 +86,8 @@ class JournalLike(Protocol):
         consumers: Sequence[str | None],
     ) -> asyncio.Future[CpmgrError | None]:
         """What `record_accepted` does for entries of one group given as columns, without a
-        coroutine: the future
-        resolves to None once they are persisted, or to the error refusing them (raising
-        refuses them at once). Callers must not cancel it."""
+        coroutine: the future resolves to None once they are persisted, or to the error
+        refusing them (raising refuses them at once). Callers must not cancel it."""
         ...
 
 

@@ -109,8 +109,11 @@ class Journal:
     """Append-only, checksummed, compacted log of accepted checkpoints in one directory.
 
     `open()` (sync, before the socket opens) locks the directory and replays it; `start()`
-    starts the writer thread (the first record starts it too). Call `record_accepted` before
-    acknowledging a commit and `record_committed` once SLS took one. Every mode writes a
+    starts the writer thread (the first record starts it too). Call `record_accepted` (or
+    `accept_run`, its form for a chunk of one group without a coroutine) before acknowledging
+    a commit and `record_committed` once SLS took one. Records are numbered and the accepted
+    ones encoded on the event loop; the writer thread applies them to its state per shard
+    (which compaction writes out) and does the I/O. Every mode writes a
     record before its writer returns, so a process crash loses nothing acknowledged. With
     `always`, no writer returns before the fsync that covers its record; `batch` fsyncs at most
     `fsync_interval` after a write (a power loss costs at most that window); `never` leaves it

@@ -86,7 +86,7 @@ class Scan:
 
 
 # --- encoding: by hand, byte for byte what json.dumps(separators=(",", ":")) writes, at a
-# third of its cost (the writer thread holds the GIL while it encodes) -------------------------
+# third of its cost (whichever thread encodes holds the GIL meanwhile) -------------------------
 
 
 def _frame(body: str) -> bytes:

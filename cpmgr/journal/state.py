@@ -30,10 +30,11 @@ class ShardRecord:
 Shard = tuple[str, int, str, str | None, str | None, int]
 """A shard's state in memory: its ShardRecord's fields (group, shard, latest, consumer,
 committed) plus `seq`, the sequence number of the record that set `latest` (or, for a
-snapshot's shards, of the snapshot). A plain tuple: the writer thread makes one per accepted
-record while it holds the GIL, and the garbage collector stops tracking a tuple of strings and
-numbers, while it tracks a NamedTuple (a tuple subclass) for good: 100,000 of those made every
-full collection, which holds the event loop too, take tens of milliseconds longer."""
+snapshot's shards, of the snapshot). A plain tuple: the writer thread makes one per shard of
+every run of accepted records while it holds the GIL, and the garbage collector stops tracking
+a tuple of strings and numbers, while it tracks a NamedTuple (a tuple subclass) for good:
+100,000 of those made every full collection, which holds the event loop too, take tens of
+milliseconds longer."""
 GROUP: Final = 0
 SHARD: Final = 1
 LATEST: Final = 2
