@@ -468,7 +468,7 @@ def _resolve(resource: str, method: str, params: Mapping[str, str]) -> tuple[str
 
 # Request ids: 24 hex digits as SLS's, unique within this process without a syscall per id.
 _REQUEST_ID_PREFIX: Final = os.urandom(6).hex().upper()
-_request_ids: Final = map(f"{_REQUEST_ID_PREFIX}{{:012X}}".format, itertools.count())
+_request_ids: Final = map(f"{_REQUEST_ID_PREFIX}%012X".__mod__, itertools.count())
 
 
 def _error_answer(error: ApiError) -> HttpAnswer:

@@ -70,7 +70,7 @@ class OwnershipErrors:
 
 
 class StoredCheckpoint(NamedTuple):
-    """(A NamedTuple: one is built for every UpdateCheckPoint, see cpmgr.emulator.http.)"""
+    """One is built per UpdateCheckPoint: a NamedTuple, cheaper to build than a dataclass."""
 
     checkpoint: str
     update_time_us: int

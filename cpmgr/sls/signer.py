@@ -237,6 +237,9 @@ class V1Template:
 
 
 _SHA1_BLOCK_BYTES = 64
+# bytes.translate tables XOR-ing every byte with HMAC's inner and outer pad.
+_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
+_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
 
 
 @functools.lru_cache(maxsize=8)
@@ -253,10 +256,6 @@ def _sha1_pads(secret: str) -> tuple[HASH, HASH]:
     inner = hashlib.sha1(key.translate(_INNER_PAD))
     outer = hashlib.sha1(key.translate(_OUTER_PAD))
     return inner, outer
-
-
-_INNER_PAD = bytes(byte ^ 0x36 for byte in range(256))
-_OUTER_PAD = bytes(byte ^ 0x5C for byte in range(256))
 
 
 def http_date(moment: datetime) -> str:
