@@ -552,7 +552,7 @@ async def test_limiter_survives_a_waiter_cancelled_as_its_slot_frees() -> None:
 
 async def test_a_cycle_of_many_shards_runs_on_a_bounded_pool_of_workers() -> None:
     clock = FakeClock()
-    # Not spread (commit.spread 0): the cycle goes as fast as the pool allows.
+    # Not spread (commit.spread 0, the default): the cycle goes as fast as the pool allows.
     config = make_config(groups={"orders": "ls/cg"}, interval="5s", max_in_flight=4, spread=0)
     async with committer_env(config, clock=clock, logstores=(f"{PROJECT}/ls:500",)) as env:
         for shard in range(500):
@@ -733,7 +733,9 @@ async def test_a_large_cycle_is_spread_over_its_share_of_the_interval() -> None:
     # 200 dirty shards, an 800 ms interval and spread 0.25: the cycle's requests start evenly
     # over about 200 ms, a steady 1 per ms, instead of in one burst of the whole pool.
     clock = FakeClock()
-    config = make_config(groups={"orders": "ls/cg"}, interval="800ms", max_in_flight=32)
+    config = make_config(
+        groups={"orders": "ls/cg"}, interval="800ms", max_in_flight=32, spread=0.25
+    )
     async with committer_env(config, clock=clock, logstores=(f"{PROJECT}/ls:200",)) as env:
         for shard in range(200):
             env.store.accept("orders", shard, cursor(shard + 1))
@@ -757,7 +759,7 @@ async def test_a_flush_right_after_a_cycle_ended_is_not_left_waiting() -> None:
     # is spread over the hour's interval (a 15-minute spread would time out here): a cycle of
     # one round of the pool has nothing to spread, and a flush never is.
     clock = FakeClock()
-    config = make_config(groups={"orders": "ls/cg"}, interval="1h", max_in_flight=32)
+    config = make_config(groups={"orders": "ls/cg"}, interval="1h", max_in_flight=32, spread=0.25)
     async with committer_env(config, clock=clock, logstores=(f"{PROJECT}/ls:200",)) as env:
         for shard in range(32):
             env.store.accept("orders", shard, cursor(shard + 1))
