@@ -12,9 +12,9 @@ records of one event-loop turn to one writer thread in one write (log) or one tr
 (SQLite), so they differ only in what that thread does. Prints records/s and the fsyncs (log)
 or transactions (SQLite: one WAL fsync each with `synchronous=FULL`, none with `OFF`).
 `--compaction` fills a journal with `shards` shards, then measures how late a 1 ms probe task
-wakes while the writer thread writes the snapshot. `--writer` measures the work per record without the
-event loop (for the log: encoding, the state per shard and the write): appends to the log
-against SQLite upserts.
+wakes while the writer thread writes the snapshot. `--writer` measures the work per record
+without the event loop (for the log: encoding, the state per shard and the write): appends to
+the log against SQLite upserts.
 """
 
 from __future__ import annotations
