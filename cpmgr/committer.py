@@ -9,10 +9,10 @@ to the store, the observer and any `wait`/`flush` caller. The store guarantees o
 flight per shard; nothing here is proportional to the number of shards in one loop turn except
 sorting a group's dirty set at cycle start.
 
-Workers settle answers a few per loop turn (limiter.TurnBudget), and with `commit.spread` a
-cycle of more shards than `max_in_flight` starts them evenly over that share of the interval,
-so commits do not hold the loop the consumers share in bursts (docs/design.md, "The worker
-pool").
+Workers settle answers a few per loop turn (limiter.TurnBudget), and a cycle of more shards
+than `max_in_flight` starts them evenly over `commit.spread` of the interval, so commits take a
+steady share of the loop (and of the machine) the consumers share, not bursts (docs/design.md,
+"The worker pool").
 
 Work is taken in this order: retries whose backoff elapsed, then `wait`/`flush` work, then
 timer cycles, so a caller waiting for one shard is not queued behind a 100,000-shard cycle.

@@ -144,9 +144,9 @@ class CommitConfig:
     retry: RetryConfig = RetryConfig()
     shutdown_timeout: float = 20.0
     wait_timeout: float = 30.0
-    spread: float = 0.0
+    spread: float = 0.4
     """A timer cycle of more shards than `max_in_flight` starts them evenly over this share of
-    the interval; 0 (the default) sends them as fast as `max_in_flight` allows."""
+    the interval; 0 sends them as fast as `max_in_flight` allows."""
 
 
 @dataclass(frozen=True)

@@ -552,7 +552,7 @@ async def test_limiter_survives_a_waiter_cancelled_as_its_slot_frees() -> None:
 
 async def test_a_cycle_of_many_shards_runs_on_a_bounded_pool_of_workers() -> None:
     clock = FakeClock()
-    # Not spread (commit.spread 0, the default): the cycle goes as fast as the pool allows.
+    # Not spread (commit.spread 0): the cycle goes as fast as the pool allows.
     config = make_config(groups={"orders": "ls/cg"}, interval="5s", max_in_flight=4, spread=0)
     async with committer_env(config, clock=clock, logstores=(f"{PROJECT}/ls:500",)) as env:
         for shard in range(500):

@@ -56,7 +56,7 @@ def test_defaults_follow_the_contract() -> None:
     assert cfg.commit.retry.initial_backoff == pytest.approx(0.2)
     assert cfg.commit.shutdown_timeout == 20.0
     assert cfg.commit.wait_timeout == 30.0
-    assert cfg.commit.spread == 0.0
+    assert cfg.commit.spread == 0.4
     assert cfg.state.fsync == "batch"
     assert cfg.state.fsync_interval == pytest.approx(0.1)
     assert cfg.sls.signature_version == "v1"
