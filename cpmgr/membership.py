@@ -338,6 +338,8 @@ class Membership:
             log.exception("group %s: heartbeat loop of %s failed", member.group.name, member.name)
 
     async def _sleep_until(self, member: Member, when: float) -> None:
+        if member.ending:
+            return
         member.wake.clear()
         delay = when - self._clock()
         if delay > 0:
@@ -828,16 +830,31 @@ class Membership:
         member.ending = True
         for shard in list(member.shards):
             self._forget(member, shard)
-        if member.task is not None and member.task is not asyncio.current_task():
-            member.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await member.task
-        await self._final_heartbeat(member, timeout or self._final_timeout(member))
+        timeout = timeout or self._final_timeout(member)
+        # Both within `timeout`: a heartbeat in flight gets at most half of it.
+        started = self._clock()
+        await self._stop_loop(member, timeout / 2)
+        await self._final_heartbeat(member, max(timeout / 2, timeout - (self._clock() - started)))
         key = (member.group.name, member.name)
         if self._members.get(key) is member:
             del self._members[key]
         member.ended.set()
         log.info("group %s: %s left", member.group.name, member.name)
+
+    async def _stop_loop(self, member: Member, timeout: float) -> None:
+        """End the member's heartbeat loop, letting a heartbeat in flight get its answer first
+        (within `timeout`): cancelled, it could still reach SLS after the final empty one and
+        register the member again, holding shards until its timeout."""
+        task = member.task
+        if task is None or task is asyncio.current_task():
+            return
+        member.wake.set()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _final_timeout(self, member: Member) -> float:
         return min(self._request_timeout, member.settings.heartbeat_interval)
