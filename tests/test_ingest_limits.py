@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -198,18 +200,34 @@ async def test_commits_beyond_max_shards_are_refused_whole(sock_dir: Path) -> No
     assert store.shard_view("orders", 2).pending == cp(1)  # type: ignore[union-attr]
 
 
-async def test_concurrent_journaled_commits_cannot_overshoot_max_shards(
+@asynccontextmanager
+async def journaled_limit_of_5(
     sock_dir: Path, tmp_path: Path
-) -> None:
+) -> AsyncIterator[tuple[CheckpointStore, GatedFsync, str]]:
+    """A daemon with a journal whose fsync the test holds, and `orders` limited to 5 shards:
+    (store, fsync gate, socket path)."""
     config = with_groups(make_config(sock_dir / "s"), orders={"max_shards": 5})
     store = CheckpointStore(g.name for g in config.groups)
     fsync = GatedFsync()
     async with (
         started_journal(tmp_path / "state", fsync) as journal,
         running(config, store, journal=journal) as server,
-        connect(server.path) as peer,
     ):
-        lines = [json.dumps(commit(shard=s, number=1, id=s)).encode() + b"\n" for s in range(8)]
+        yield store, fsync, server.path
+
+
+def numbered_commits(count: int) -> list[bytes]:
+    return [json.dumps(commit(shard=s, number=1, id=s)).encode() + b"\n" for s in range(count)]
+
+
+async def test_concurrent_journaled_commits_cannot_overshoot_max_shards(
+    sock_dir: Path, tmp_path: Path
+) -> None:
+    async with (
+        journaled_limit_of_5(sock_dir, tmp_path) as (store, fsync, path),
+        connect(path) as peer,
+    ):
+        lines = numbered_commits(8)
         await peer.send(b"".join(lines))
         await asyncio.to_thread(fsync.entered.wait, 10)  # written, their fsync held
         fsync.gate.set()
@@ -222,16 +240,12 @@ async def test_concurrent_journaled_commits_cannot_overshoot_max_shards(
 async def test_new_shards_held_by_one_connection_count_against_another(
     sock_dir: Path, tmp_path: Path
 ) -> None:
-    config = with_groups(make_config(sock_dir / "s"), orders={"max_shards": 5})
-    store = CheckpointStore(g.name for g in config.groups)
-    fsync = GatedFsync()
     async with (
-        started_journal(tmp_path / "state", fsync) as journal,
-        running(config, store, journal=journal) as server,
-        connect(server.path) as first,
-        connect(server.path) as second,
+        journaled_limit_of_5(sock_dir, tmp_path) as (store, fsync, path),
+        connect(path) as first,
+        connect(path) as second,
     ):
-        lines = [json.dumps(commit(shard=s, number=1, id=s)).encode() + b"\n" for s in range(6)]
+        lines = numbered_commits(6)
         await first.send(b"".join(lines[:3]))
         await asyncio.to_thread(fsync.entered.wait, 10)  # its 3 new shards held, not yet stored
         await second.send(b"".join(lines[3:]))
