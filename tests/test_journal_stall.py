@@ -58,7 +58,9 @@ async def replay(directory: Path) -> dict[tuple[str, int], ShardRecord]:
 
 async def test_a_stalled_write_is_refused_after_the_timeout_and_taken_back(tmp_path: Path) -> None:
     disk = StallableDisk()
-    journal = Journal(tmp_path, fsync="always", write_fn=disk, write_timeout=0.2)
+    # The write after the stall waits behind the take-back (a rewrite with fsyncs): a bound of
+    # 0.2 s was too tight for that on a loaded machine.
+    journal = Journal(tmp_path, fsync="always", write_fn=disk, write_timeout=0.5)
     journal.open()
     await journal.start()
     try:
@@ -68,9 +70,9 @@ async def test_a_stalled_write_is_refused_after_the_timeout_and_taken_back(tmp_p
         stalled = asyncio.create_task(journal.record_accepted([("g", 1, "refused", None)]))
         await disk.wait_held()
         queued = asyncio.create_task(journal.record_accepted([("g", 2, "refused", None)]))
-        with pytest.raises(JournalError, match=r"within 0\.2s"):
+        with pytest.raises(JournalError, match=r"within 0\.5s"):
             await stalled
-        with pytest.raises(JournalError, match=r"within 0\.2s"):
+        with pytest.raises(JournalError, match=r"within 0\.5s"):
             await queued
         assert not journal.writable
         journal.record_committed("g", 0, "kept")  # queued, written once the disk moves
