@@ -36,7 +36,7 @@ from cpmgr.config import CommitConfig, Config, GroupConfig
 from cpmgr.errors import SLSError
 from cpmgr.limiter import ConcurrencyLimiter, TurnBudget
 from cpmgr.outcomes import TIMED_OUT, CommitOutcome, FlushResult, ShardFailure
-from cpmgr.sls.client import RemoteCheckpoint
+from cpmgr.sls.client import CheckpointReads, RemoteCheckpoint
 from cpmgr.store import Attempt, CheckpointStore, ErrorInfo
 
 __all__ = [
@@ -65,7 +65,7 @@ _COMMITTED: Final = CommitOutcome(ok=True)
 _NEXT_SHARDS_PER_TURN: Final = 8
 
 
-class CheckpointAPI(Protocol):
+class CheckpointAPI(CheckpointReads, Protocol):
     """The part of the SLS client the committer uses."""
 
     async def update_checkpoint(
@@ -81,17 +81,6 @@ class CheckpointAPI(Protocol):
         endpoint: str | None = None,
         region: str | None = None,
     ) -> None: ...
-
-    async def get_checkpoint(
-        self,
-        project: str,
-        logstore: str,
-        group: str,
-        shard: int | None = None,
-        *,
-        endpoint: str | None = None,
-        region: str | None = None,
-    ) -> list[RemoteCheckpoint]: ...
 
 
 class CommitObserver(Protocol):

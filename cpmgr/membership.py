@@ -42,7 +42,11 @@ from cpmgr.errors import ProtocolError, SLSError
 from cpmgr.outcomes import CommitOutcome
 from cpmgr.requests import RequestError, decode_cursor
 from cpmgr.shard_ends import EndUnknown, ShardEnds
-from cpmgr.sls.client import ConsumerGroup, RemoteCheckpoint, ShardInfo
+from cpmgr.sls.client import (
+    CheckpointReads,
+    ConsumerGroup,
+    ShardReads,
+)
 from cpmgr.store import CheckpointStore
 
 __all__ = ["EventSink", "Member", "Membership", "MembershipAPI"]
@@ -62,7 +66,7 @@ class EventSink(Protocol):
     def send_event(self, fields: Mapping[str, object]) -> None: ...
 
 
-class MembershipAPI(Protocol):
+class MembershipAPI(CheckpointReads, ShardReads, Protocol):
     """The SLS calls membership makes, on a client of its own (never behind commits)."""
 
     async def heartbeat(
@@ -77,35 +81,9 @@ class MembershipAPI(Protocol):
         region: str | None = None,
     ) -> list[int]: ...
 
-    async def get_checkpoint(
-        self,
-        project: str,
-        logstore: str,
-        group: str,
-        shard: int | None = None,
-        *,
-        endpoint: str | None = None,
-        region: str | None = None,
-    ) -> list[RemoteCheckpoint]: ...
-
-    async def get_cursor(
-        self,
-        project: str,
-        logstore: str,
-        shard: int,
-        start: Literal["begin", "end"] | int,
-        *,
-        endpoint: str | None = None,
-        region: str | None = None,
-    ) -> str: ...
-
     async def list_consumer_groups(
         self, project: str, logstore: str, *, endpoint: str | None = None, region: str | None = None
     ) -> list[ConsumerGroup]: ...
-
-    async def list_shards(
-        self, project: str, logstore: str, *, endpoint: str | None = None, region: str | None = None
-    ) -> list[ShardInfo]: ...
 
     async def create_consumer_group(
         self,

@@ -20,34 +20,14 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
 
 from cpmgr.config import GroupConfig
 from cpmgr.errors import SLSError
-from cpmgr.sls.client import ShardInfo
+from cpmgr.sls.client import ShardReads
 
-__all__ = ["EndUnknown", "ShardEnds", "ShardListAPI"]
+__all__ = ["EndUnknown", "ShardEnds"]
 
 log = logging.getLogger(__name__)
-
-
-class ShardListAPI(Protocol):
-    """The two SLS reads this needs (cpmgr.sls.client.SLSClient fits)."""
-
-    async def list_shards(
-        self, project: str, logstore: str, *, endpoint: str | None = None, region: str | None = None
-    ) -> list[ShardInfo]: ...
-
-    async def get_cursor(
-        self,
-        project: str,
-        logstore: str,
-        shard: int,
-        start: Literal["begin", "end"] | int,
-        *,
-        endpoint: str | None = None,
-        region: str | None = None,
-    ) -> str: ...
 
 
 class EndUnknown(LookupError):
@@ -69,7 +49,7 @@ class ShardEnds:
     def __init__(
         self,
         *,
-        api: ShardListAPI,
+        api: ShardReads,
         cursor_calls: asyncio.Semaphore,
         on_read_only: Callable[[str, Mapping[int, str]], None],
         clock: Callable[[], float] = time.monotonic,

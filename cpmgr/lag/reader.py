@@ -45,7 +45,7 @@ from cpmgr.lag.model import (
     cursor_at,
     cursor_position,
 )
-from cpmgr.sls.client import CursorStart, RemoteCheckpoint, ShardInfo
+from cpmgr.sls.client import CheckpointReads, CursorStart, RemoteCheckpoint, ShardReads
 
 __all__ = ["LagAPI", "LagObserver", "LagReader"]
 
@@ -65,34 +65,8 @@ CLAMPED_REFRESH: Final = 300.0
 LOG_EVERY: Final = 600.0
 
 
-class LagAPI(Protocol):
+class LagAPI(CheckpointReads, ShardReads, Protocol):
     """The SLS calls lag makes, on a client of its own."""
-
-    async def get_checkpoint(
-        self,
-        project: str,
-        logstore: str,
-        group: str,
-        shard: int | None = None,
-        *,
-        endpoint: str | None = None,
-        region: str | None = None,
-    ) -> list[RemoteCheckpoint]: ...
-
-    async def list_shards(
-        self, project: str, logstore: str, *, endpoint: str | None = None, region: str | None = None
-    ) -> list[ShardInfo]: ...
-
-    async def get_cursor(
-        self,
-        project: str,
-        logstore: str,
-        shard: int,
-        start: CursorStart,
-        *,
-        endpoint: str | None = None,
-        region: str | None = None,
-    ) -> str: ...
 
     async def get_cursor_time(
         self,

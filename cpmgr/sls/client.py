@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
 from types import TracebackType
-from typing import Final, Literal, TypeGuard, TypeVar
+from typing import Final, Literal, Protocol, TypeGuard, TypeVar
 from urllib.parse import quote
 
 from cpmgr import __version__
@@ -361,6 +361,41 @@ class _DateCache:
         if second != self._second:
             self._second, self._text = second, http_date(now)
         return self._text
+
+
+class CheckpointReads(Protocol):
+    """GetCheckPoint as SLSClient makes it: the part the committer, membership and lag share."""
+
+    async def get_checkpoint(
+        self,
+        project: str,
+        logstore: str,
+        group: str,
+        shard: int | None = None,
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> list[RemoteCheckpoint]: ...
+
+
+class ShardReads(Protocol):
+    """ListShards and GetCursor as SLSClient makes them: what shard ends, membership and lag
+    read."""
+
+    async def list_shards(
+        self, project: str, logstore: str, *, endpoint: str | None = None, region: str | None = None
+    ) -> list[ShardInfo]: ...
+
+    async def get_cursor(
+        self,
+        project: str,
+        logstore: str,
+        shard: int,
+        start: CursorStart,
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+    ) -> str: ...
 
 
 class SLSClient:
