@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cpmgr import protocol
 from cpmgr.errors import ProtocolError
 from cpmgr.protocol import (
     MAX_DEPTH,
@@ -643,6 +644,60 @@ requests: st.SearchStrategy[Request] = st.one_of(
 @given(requests)
 def test_valid_requests_round_trip(request: Request) -> None:
     assert parse_request(encode_request(request)) == request
+
+
+# The single commit's fast reading (protocol._plain_commit) against the general builder, on
+# objects near its shape: right and wrong types, values out of range, extra fields.
+EDGES = [-1, 0, MAX_SHARD, MAX_SHARD + 1, True, 1.0, None, [], {}, "", "commit", "ping", "g"]
+EDGES += ["MTUy", "MTUy=", "YQ==", "YR==", " MTUy", "c", 1.5, float(MAX_SHARD)]
+near_plain_values = st.sampled_from(EDGES) | json_scalars | checkpoints
+near_plain = st.dictionaries(
+    st.sampled_from(["op", "group", "shard", "checkpoint", "id", "consumer", "force"]),
+    near_plain_values,
+    min_size=3,
+    max_size=6,
+)
+plain_commits = st.fixed_dictionaries(
+    {"op": st.just("commit"), "group": st.text(max_size=10), "shard": shards},
+    optional={"id": st.integers() | st.text(max_size=8)},
+).flatmap(lambda obj: checkpoints.map(lambda cp: {**obj, "checkpoint": cp}))
+
+# A valid single commit with one field changed or one added: the shapes closest to the fast one.
+one_off_plain = st.tuples(
+    plain_commits,
+    st.sampled_from(["op", "group", "shard", "checkpoint", "id", "consumer", "force"]),
+    st.sampled_from(EDGES) | json_values,
+).map(lambda change: {**change[0], change[1]: change[2]})
+
+
+def general_reading(raw: bytes) -> Request | ProtocolError:
+    """What the general builder makes of a line, or the error it raises."""
+    obj = protocol._load_object(raw)
+    try:
+        return protocol._build(obj, protocol._request_id(obj))
+    except ProtocolError as exc:
+        return exc
+
+
+@settings(FAST, max_examples=1500)
+@given(near_plain | plain_commits | one_off_plain)
+def test_the_fast_single_commit_reads_what_the_general_builder_reads(obj: dict[str, Any]) -> None:
+    raw = json.dumps(obj).encode()
+    fast = protocol._plain_commit(protocol._load_object(raw))
+    if fast is None:
+        return  # the general builder reads it, as before
+    general = general_reading(raw)
+    assert isinstance(general, CommitRequest)
+    assert fast == general
+    assert [item.number for item in fast.items] == [item.number for item in general.items]
+    assert fast.request_id == general.request_id
+    assert parse_request(raw) == general
+
+
+@FAST
+@given(plain_commits)
+def test_every_valid_single_commit_takes_the_fast_reading(obj: dict[str, Any]) -> None:
+    assert protocol._plain_commit(protocol._load_object(json.dumps(obj).encode())) is not None
 
 
 def dumped(answer: dict[str, Any]) -> bytes:
