@@ -171,11 +171,14 @@ _UNSEEN: Final = -1  # not a cursor (they are >= 0): a shard not yet met in a ch
 @dataclass(eq=False, slots=True)
 class _PlainChunk:
     """Single commits to one group without force, all admitted, and the keys they reserved.
-    Their items as columns: a chunk waits for the journal, and an object per commit kept
-    alive that long made the garbage collector run every few hundred commits."""
+    Of their items only the last value of each shard, as columns: the values before it are
+    replaced within the same chunk, before anyone is answered, so neither the journal nor
+    the store needs them (and a chunk waits for the journal: an object per commit kept alive
+    that long made the garbage collector run every few hundred commits)."""
 
     group: str
-    items: ItemColumns
+    latest: ItemColumns
+    count: int  # commits in the chunk
     keys: list[tuple[str, int]]
 
 
@@ -405,9 +408,9 @@ class Dispatcher:
             return False
         assert self._journal is not None
         try:
-            items = chunk.items
+            latest = chunk.latest
             written = self._journal.accept_run(
-                chunk.group, items.shards, items.checkpoints, items.consumers
+                chunk.group, latest.shards, latest.checkpoints, latest.consumers
             )
         except CpmgrError as exc:
             self._unreserve(chunk.keys)
@@ -436,8 +439,8 @@ class Dispatcher:
             answer(ProtocolError("UnknownGroup", f"unknown group {group!r}"))
         else:
             # Checked before they were written, and reserved since (see _admit_single).
-            self._store.accept_checked(group, _last_of_each_shard(chunk.items))
-            self._received[group] = self._received.get(group, 0) + len(chunk.items)
+            self._store.accept_checked(group, chunk.latest)
+            self._received[group] = self._received.get(group, 0) + chunk.count
             answer(None)
 
     def _admit_plain(self, requests: Sequence[CommitRequest]) -> _PlainChunk | None:
@@ -485,8 +488,8 @@ class Dispatcher:
             floors[shard] = number
         if fresh and not self._room_for(group, len(fresh)):
             return None
-        items = ItemColumns(shards, checkpoints, numbers, consumers)
-        return _PlainChunk(group, items, self._reserve_floors(group, floors, fresh))
+        latest = _last_of_each_shard(ItemColumns(shards, checkpoints, numbers, consumers))
+        return _PlainChunk(group, latest, len(requests), self._reserve_floors(group, floors, fresh))
 
     def _room_for(self, group: str, new: int) -> bool:
         limit = self._max_shards.get(group)
