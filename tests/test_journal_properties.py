@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from cpmgr.journal import LOG_NAME, Journal, ShardRecord
 from cpmgr.journal.format import encode_accepted, encode_accepted_block
+from cpmgr.journal.state import Committed, Shard, apply, public
 from cpmgr.protocol import decode_cursor
 
 Key = tuple[str, int]
@@ -194,6 +195,15 @@ def test_damaged_records_never_leave_a_value_older_than_a_committed_one_pending(
         for i, (kind, _, s, checkpoint, _) in enumerate(ops):
             if kind == "c" and s == shard and i not in damaged:
                 assert pending >= int(base64.b64decode(checkpoint)), (record, ops)
+
+
+def test_a_commit_older_than_a_lost_value_does_not_stand_in_for_it() -> None:
+    # accept(1) accept(2) commit(1) commit(2), both accepts damaged (found by the test above):
+    # the first commit names the lost accept(2) as newer; the second commits that value.
+    shards: dict[tuple[str, int], Shard] = {}
+    apply(shards, Committed(3, "g", 0, cursor(1), older_than=2))
+    apply(shards, Committed(4, "g", 0, cursor(2), latest_seq=2))
+    assert public(shards[("g", 0)]) == ShardRecord("g", 0, cursor(2), None, cursor(2))
 
 
 @given(

@@ -154,10 +154,23 @@ def _committed(prev: Shard | None, rec: Committed) -> Shard:
         # Replay lacks the record that held the latest value when this one was written, so
         # what it has instead may be older than the committed value, and committing that
         # would move SLS backwards: the committed value is the baseline.
-        seq = rec.latest_seq if rec.latest_seq is not None else rec.seq
-        return (rec.group, rec.shard, rec.checkpoint, None, rec.checkpoint, seq)
+        return (rec.group, rec.shard, rec.checkpoint, None, rec.checkpoint, _baseline_seq(rec))
     group, shard, latest, consumer, _committed, seq = prev
     return (group, shard, latest, consumer, rec.checkpoint, seq)
+
+
+def _baseline_seq(rec: Committed) -> int:
+    """The seq of a shard whose latest value replay takes from `rec`'s committed value. With
+    `l`, that value is the one record `latest_seq` set. With `o`, record `older_than` set a
+    newer one, which replay lacks: the seq stays below it, so a later `c` record written
+    against that lost value (naming it with `l` or `o`) still finds it lost, instead of
+    taking the older baseline for it (which left the older value pending under a newer
+    committed one)."""
+    if rec.latest_seq is not None:
+        return rec.latest_seq
+    if rec.older_than is not None:
+        return rec.older_than - 1
+    return rec.seq
 
 
 def _lost_newer_than(prev: Shard, rec: Committed) -> bool:
