@@ -306,7 +306,10 @@ class Membership:
             await self._commit_leftovers(member)
             while not member.ending:
                 sent = self._clock()
-                await self._heartbeat(member, sent)
+                if self._takes_new(member) or member.shards:
+                    await self._heartbeat(member, sent)
+                # else: an empty heartbeat now would already be a leave to SLS, and the final
+                # empty one (_end) would then register the member again, with every shard.
                 self._check_heartbeat_lost(member)
                 self._list_shards_when_due(member)
                 await self._sleep_until(member, sent + member.settings.heartbeat_interval)
@@ -361,8 +364,11 @@ class Membership:
         # A member leaving or being torn down, or any member once shutdown revoked everything,
         # takes nothing new: SLS goes on assigning a released shard to a consumer that
         # heartbeats.
-        if self.accepting and not (member.ending or member.leaving or member.disconnected):
+        if self._takes_new(member):
             self._apply_assignment(member, set(assigned))
+
+    def _takes_new(self, member: Member) -> bool:
+        return self.accepting and not (member.ending or member.leaving or member.disconnected)
 
     async def _prepare_group(self, group: GroupConfig) -> None:
         settings = group.membership

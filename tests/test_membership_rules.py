@@ -4,6 +4,7 @@ after it, against daemons in this process and the in-process emulator."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,40 @@ async def test_shutdown_refuses_joins_revokes_everything_then_sends_empty_heartb
             assert released == {"ok": True, "checkpoint": cursor(5)}
             assert await stopping == 0
         assert heartbeats.calls[-1] == ("pod-a", [])
+        assert emu.state.assignments(PROJECT, LOGSTORE, CONSUMER_GROUP) == {}
+
+
+async def test_a_member_that_released_everything_at_shutdown_sends_one_empty_heartbeat(
+    sock_dir: Path,
+) -> None:
+    # Between the last release and the final empty heartbeat the daemon flushes; a regular
+    # heartbeat meanwhile, empty too, was already a leave to SLS, and the final one then
+    # registered the member again with every shard, until its timeout.
+    async with emulator() as emu:
+        heartbeats = Heartbeats(emu)
+        data = member_config(sock_dir / "a.sock", emu.url, shutdown_timeout="4s")
+        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
+            await join(peer, "pod-a")
+            await assigned(peer, 8)
+            committer = daemon.daemon.committer
+            flush = committer.flush
+
+            async def flush_after_a_heartbeat_interval(**options: Any) -> Any:
+                # The final flush outlasts several heartbeat intervals (200 ms).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(heartbeats.of("pod-a", 2), 1.0)
+                return await flush(**options)
+
+            committer.flush = flush_after_a_heartbeat_interval  # type: ignore[method-assign]
+            stopping = asyncio.create_task(daemon.shut_down())
+            for _ in range(8):
+                shard = (await peer.event("revoked"))["shard"]
+                released = await peer.ask({"op": "release", "group": "orders", "shard": shard})
+                assert released["ok"], released
+            released_at = len(heartbeats.calls)
+            assert await stopping == 0
+        after = [body for name, body in heartbeats.calls[released_at:] if name == "pod-a"]
+        assert after.count([]) == 1, after
         assert emu.state.assignments(PROJECT, LOGSTORE, CONSUMER_GROUP) == {}
 
 
