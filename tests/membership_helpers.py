@@ -218,11 +218,14 @@ async def emulator_process(*arguments: str) -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def one_member(
-    sock_dir: Path, **membership: object
+    sock_dir: Path, *, options: dict[str, Any] | None = None, **membership: object
 ) -> AsyncIterator[tuple[EmulatorHandle, RunningDaemon, Consumer]]:
-    """An emulator, a daemon, and a consumer joined as `pod-a` holding all 8 shards."""
+    """An emulator, a daemon (with `options` of daemon_config), and a consumer joined as
+    `pod-a` holding all 8 shards."""
     async with emulator() as emu:
-        data = member_config(sock_dir / "a.sock", emu.url, membership=membership or None)
+        data = member_config(
+            sock_dir / "a.sock", emu.url, membership=membership or None, **(options or {})
+        )
         async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
             await join(peer, "pod-a")
             await assigned(peer, 8)

@@ -124,25 +124,21 @@ async def test_rule_journal_replay_commits_as_the_journaled_member_before_its_he
 async def test_shutdown_refuses_joins_revokes_everything_then_sends_empty_heartbeats(
     sock_dir: Path,
 ) -> None:
-    async with emulator() as emu:
+    async with one_member(sock_dir, options={"shutdown_timeout": "4s"}) as (emu, daemon, peer):
         heartbeats = Heartbeats(emu)
-        data = member_config(sock_dir / "a.sock", emu.url, shutdown_timeout="4s")
-        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
-            await join(peer, "pod-a")
-            await assigned(peer, 8)
-            stopping = asyncio.create_task(daemon.shut_down())
-            revoked = [await peer.event("revoked") for _ in range(8)]
-            # deadline = min(release_timeout 1 s, shutdown_timeout / 2 = 2 s)
-            assert {(e["reason"], e["deadline"]) for e in revoked} == {("shutdown", 1.0)}
-            async with consumer(daemon.socket_path) as late:
-                refused = await late.ask({"op": "join", "group": "orders", "consumer": "late"})
-                assert refused["error"]["code"] == "ShuttingDown"
-            # Commits and releases of revoked shards still work while draining.
-            commit = {"op": "commit", "group": "orders", "shard": 0, "checkpoint": cursor(5)}
-            assert await peer.ask(commit) == {"ok": True}
-            released = await peer.ask({"op": "release", "group": "orders", "shard": 0})
-            assert released == {"ok": True, "checkpoint": cursor(5)}
-            assert await stopping == 0
+        stopping = asyncio.create_task(daemon.shut_down())
+        revoked = [await peer.event("revoked") for _ in range(8)]
+        # deadline = min(release_timeout 1 s, shutdown_timeout / 2 = 2 s)
+        assert {(e["reason"], e["deadline"]) for e in revoked} == {("shutdown", 1.0)}
+        async with consumer(daemon.socket_path) as late:
+            refused = await late.ask({"op": "join", "group": "orders", "consumer": "late"})
+            assert refused["error"]["code"] == "ShuttingDown"
+        # Commits and releases of revoked shards still work while draining.
+        commit = {"op": "commit", "group": "orders", "shard": 0, "checkpoint": cursor(5)}
+        assert await peer.ask(commit) == {"ok": True}
+        released = await peer.ask({"op": "release", "group": "orders", "shard": 0})
+        assert released == {"ok": True, "checkpoint": cursor(5)}
+        assert await stopping == 0
         assert heartbeats.calls[-1] == ("pod-a", [])
         assert emu.state.assignments(PROJECT, LOGSTORE, CONSUMER_GROUP) == {}
 
@@ -153,29 +149,25 @@ async def test_a_member_that_released_everything_at_shutdown_sends_one_empty_hea
     # Between the last release and the final empty heartbeat the daemon flushes; a regular
     # heartbeat meanwhile, empty too, was already a leave to SLS, and the final one then
     # registered the member again with every shard, until its timeout.
-    async with emulator() as emu:
+    async with one_member(sock_dir, options={"shutdown_timeout": "4s"}) as (emu, daemon, peer):
         heartbeats = Heartbeats(emu)
-        data = member_config(sock_dir / "a.sock", emu.url, shutdown_timeout="4s")
-        async with running_daemon(data) as daemon, consumer(daemon.socket_path) as peer:
-            await join(peer, "pod-a")
-            await assigned(peer, 8)
-            committer = daemon.daemon.committer
-            flush = committer.flush
+        committer = daemon.daemon.committer
+        flush = committer.flush
 
-            async def flush_after_a_heartbeat_interval(**options: Any) -> Any:
-                # The final flush outlasts several heartbeat intervals (200 ms).
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(heartbeats.of("pod-a", 2), 1.0)
-                return await flush(**options)
+        async def flush_after_a_heartbeat_interval(**options: Any) -> Any:
+            # The final flush outlasts several heartbeat intervals (200 ms).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(heartbeats.of("pod-a", 2), 1.0)
+            return await flush(**options)
 
-            committer.flush = flush_after_a_heartbeat_interval  # type: ignore[method-assign]
-            stopping = asyncio.create_task(daemon.shut_down())
-            for _ in range(8):
-                shard = (await peer.event("revoked"))["shard"]
-                released = await peer.ask({"op": "release", "group": "orders", "shard": shard})
-                assert released["ok"], released
-            released_at = len(heartbeats.calls)
-            assert await stopping == 0
+        committer.flush = flush_after_a_heartbeat_interval  # type: ignore[method-assign]
+        stopping = asyncio.create_task(daemon.shut_down())
+        for _ in range(8):
+            shard = (await peer.event("revoked"))["shard"]
+            released = await peer.ask({"op": "release", "group": "orders", "shard": shard})
+            assert released["ok"], released
+        released_at = len(heartbeats.calls)
+        assert await stopping == 0
         after = [body for name, body in heartbeats.calls[released_at:] if name == "pod-a"]
         assert after.count([]) == 1, after
         assert emu.state.assignments(PROJECT, LOGSTORE, CONSUMER_GROUP) == {}
