@@ -157,6 +157,8 @@ class Member:
     leaving: bool = False  # `leave` is releasing its shards: it takes nothing new
     disconnected: bool = False  # its connection closed: being torn down
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    # The last heartbeat sent `[]` and SLS answered `[]`: the member holds nothing there.
+    released_at_sls: bool = False
     # Checks of shards SLS left out (they may have ended) and commits of end cursors: new
     # `assigned` events wait for them.
     endings: set[asyncio.Task[None]] = field(default_factory=set)
@@ -306,10 +308,7 @@ class Membership:
             await self._commit_leftovers(member)
             while not member.ending:
                 sent = self._clock()
-                if self._takes_new(member) or member.shards:
-                    await self._heartbeat(member, sent)
-                # else: an empty heartbeat now would already be a leave to SLS, and the final
-                # empty one (_end) would then register the member again, with every shard.
+                await self._heartbeat(member, sent)
                 self._check_heartbeat_lost(member)
                 self._list_shards_when_due(member)
                 await self._sleep_until(member, sent + member.settings.heartbeat_interval)
@@ -341,13 +340,15 @@ class Membership:
         group = member.group
         if group.name not in self._prepared:
             await self._prepare_group(group)
+        body = member.body()
+        member.released_at_sls = False
         try:
             assigned = await self._api.heartbeat(
                 group.project,
                 group.logstore,
                 group.consumer_group,
                 member.name,
-                member.body(),
+                body,
                 endpoint=group.endpoint,
                 region=group.region,
             )
@@ -359,16 +360,14 @@ class Membership:
                 member.wake.set()
             return
         member.last_good = sent
+        member.released_at_sls = not body and not assigned
         member.last_heartbeat_wall = self._wall_clock()
         self._observer.heartbeat_finished(group.name, "OK", member.last_heartbeat_wall)
         # A member leaving or being torn down, or any member once shutdown revoked everything,
         # takes nothing new: SLS goes on assigning a released shard to a consumer that
         # heartbeats.
-        if self._takes_new(member):
+        if self.accepting and not (member.ending or member.leaving or member.disconnected):
             self._apply_assignment(member, set(assigned))
-
-    def _takes_new(self, member: Member) -> bool:
-        return self.accepting and not (member.ending or member.leaving or member.disconnected)
 
     async def _prepare_group(self, group: GroupConfig) -> None:
         settings = group.membership
@@ -818,7 +817,12 @@ class Membership:
         # Both within `timeout`: a heartbeat in flight gets at most half of it.
         started = self._clock()
         await self._stop_loop(member, timeout / 2)
-        await self._final_heartbeat(member, max(timeout / 2, timeout - (self._clock() - started)))
+        if not member.released_at_sls:
+            # Not when the loop's last heartbeat already sent `[]` and got `[]`: the member
+            # holds nothing at SLS (to the emulator that `[]` was its leave), and another `[]`
+            # would register it again, with every free shard, until its timeout.
+            remaining = max(timeout / 2, timeout - (self._clock() - started))
+            await self._final_heartbeat(member, remaining)
         key = (member.group.name, member.name)
         if self._members.get(key) is member:
             del self._members[key]
