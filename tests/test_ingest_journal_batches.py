@@ -36,6 +36,15 @@ class CountingJournal:
     def accept_run(self, group: str, *columns: Any) -> asyncio.Future[CpmgrError | None]:
         return run_outcome(self.record_accepted, group, *columns)
 
+    def entries(self) -> list[Entry]:
+        """Every entry journaled, in order."""
+        return [entry for call in self.calls for entry in call]
+
+
+def last_values(entries: Sequence[Entry]) -> dict[int, str]:
+    """Each shard's last journaled checkpoint."""
+    return {shard: value for _group, shard, value, _consumer in entries}
+
 
 @dataclass
 class GatedJournal:
@@ -87,9 +96,8 @@ async def test_a_burst_of_commits_is_one_journal_write(config: Config) -> None:
     assert all(a["ok"] for a in answers)
     assert len(journal.calls) < 5, f"{len(journal.calls)} journal writes for one burst"
     # A shard's values replaced within the write are not written: its newest one is.
-    journaled = [entry for call in journal.calls for entry in call]
-    newest = {n % 8: cp(n) for n in range(92, 100)}
-    assert {shard: value for _group, shard, value, _consumer in journaled} == newest
+    journaled = journal.entries()
+    assert last_values(journaled) == {n % 8: cp(n) for n in range(92, 100)}
     assert len(journaled) <= 8 * len(journal.calls)
 
 
@@ -113,7 +121,7 @@ async def test_each_commit_of_a_burst_keeps_its_own_answer_and_place(config: Con
     codes = [a["error"]["code"] if not a["ok"] else "ok" for a in answers]
     assert codes == ["ok", "CheckpointRegression", "BadRequest", "ok", "UnknownGroup", "ok", "ok"]
     assert answers[5]["shards"][0]["pending"] == cp(11)  # sees every commit before it
-    assert [e[2] for c in journal.calls for e in c] == [cp(10), cp(11), cp(8)]
+    assert [e[2] for e in journal.entries()] == [cp(10), cp(11), cp(8)]
     assert store.shard_view("orders", 1).pending == cp(8)  # type: ignore[union-attr]
 
 
@@ -160,8 +168,8 @@ async def test_a_burst_of_commits_to_one_group_leaves_each_shard_its_newest_valu
     assert refused["error"]["code"] == "CheckpointRegression"
     views = {v.shard: v.pending for v in store.shard_views("orders")}
     assert views == {s: cp(36 + s) for s in range(4)}
-    journaled = [entry for call in journal.calls for entry in call]
-    assert {shard: value for _group, shard, value, _consumer in journaled} == views
+    journaled = journal.entries()
+    assert last_values(journaled) == views
     assert {value for _group, _shard, value, _consumer in journaled} <= {cp(n) for n in range(40)}
 
 
@@ -176,5 +184,5 @@ async def test_an_unexpected_journal_error_answers_internal_error_and_holds_noth
         assert [a["error"]["code"] for a in answers] == ["InternalError"] * 3
         # Nothing was accepted, so nothing stays reserved: an older value is no regression.
         assert await peer.ask(commit(shard=1, number=5)) == {"ok": True}
-    assert [e[2] for c in journal.calls for e in c] == [cp(5)]
+    assert [e[2] for e in journal.entries()] == [cp(5)]
     assert store.tracked_count("orders") == 1
